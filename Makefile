@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?= data/mnist
+
+.PHONY: demo test bench clean-venv
+
+# torch first, pinned: it is the only pair that imports together on these machines.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+demo: $(STAMP)
+	test -f $(DATA)/manifest.json || $(BIN)/ganpipe prepare --source mnist --out $(DATA) --holdout 1000
+	$(BIN)/ganpipe verify $(DATA)
+
+bench: $(STAMP)
+	$(BIN)/ganpipe bench loader
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,233 @@
+"""Typed configuration: nested dataclasses, YAML deltas over their defaults, dotted overrides.
+
+    cfg = load_config("configs/mnist_dcgan.yaml", ["data.batch_size=32", "seed=1"])
+
+Every field has a default and a one-line comment giving its unit. Constraints live in the field's
+metadata (`min`, `max`, `choices`), so one validator serves every section and every error names
+the dotted key and what is allowed. Later stages add their sections to `Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the dotted key and the remedy."""
+
+
+def opt(default: Any, *, min: float | None = None, max: float | None = None,
+        choices: Iterable[Any] | Callable[[], Iterable[Any]] | None = None) -> Any:
+    """A dataclass field with range/choice constraints checked by `validate`."""
+    meta = {"min": min, "max": max, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    path: str = opt("")                 # prepared shard directory (has manifest.json), or a URL pattern
+    split: str = opt("train")           # manifest split to stream from a prepared directory
+    batch_size: int = opt(64, min=1)    # global batch in images per optimizer step, all processes together
+    num_workers: int = opt(2, min=0)    # loader worker processes per training process
+    shuffle_buffer: int = opt(1000, min=0)  # samples held for shuffling per stream (0 = no shuffle)
+    hflip: bool = opt(False)            # random horizontal flip, probability 0.5
+    max_bad_fraction: float = opt(0.05, min=0.0, max=1.0)  # bad samples per shard pass above this are an error
+    require_labels: bool = opt(False)   # a sample without a label is bad (conditional models set this)
+    resolution: int = opt(0, min=0)     # expected image side in pixels for URL patterns (0 = from manifest)
+    channels: int = opt(0, choices=(0, 1, 3))  # expected channels for URL patterns (0 = from manifest)
+
+
+@dataclass
+class Config:
+    seed: int = opt(0, min=0)           # global seed; ranks and loader streams derive theirs from it
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building typed configs from plain data.
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; allow int -> float and nothing else implicit."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}'; allowed keys here: "
+                          f"{', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def validate(obj: Any, prefix: str = "") -> None:
+    """Check every field's `min`/`max`/`choices`; raise ConfigError naming the first bad key."""
+    for f in dataclasses.fields(obj):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, key)
+            continue
+        choices = f.metadata.get("choices")
+        if choices is not None:
+            allowed = list(choices() if callable(choices) else choices)
+            if value not in allowed:
+                raise ConfigError(f"{key}: {value!r} is not allowed; choose one of "
+                                  f"{', '.join(map(str, allowed))}")
+        lo, hi = f.metadata.get("min"), f.metadata.get("max")
+        if lo is not None and value is not None and value < lo:
+            raise ConfigError(f"{key}: {value!r} is below the minimum {lo}")
+        if hi is not None and value is not None and value > hi:
+            raise ConfigError(f"{key}: {value!r} is above the maximum {hi}")
+
+
+def _merge(base: dict, delta: dict, prefix: str = "") -> dict:
+    out = dict(base)
+    for k, v in delta.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v, f"{prefix}{k}.")
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=VALUE` -> {'a': {'b': {'c': VALUE}}}; VALUE is parsed as YAML (1, 0.5, true, [1,2])."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. data.batch_size=32)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+    out: dict = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def from_dict(data: dict, overrides: Iterable[str] = ()) -> Config:
+    merged = dict(data or {})
+    for text in overrides:
+        merged = _merge(merged, parse_override(text))
+    cfg = _build(Config, merged, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (a delta), then `key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (see configs/ for the catalogue)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    try:
+        return from_dict(data, overrides)
+    except ConfigError as exc:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{exc}{where}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_hash(cfg: Config) -> str:
+    """Short stable hash of the resolved config, for snapshot and metric records."""
+    blob = json.dumps(to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def diff_configs(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                out.update(flat(v, key + "."))
+            else:
+                out[key] = v
+        return out
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))

@@ -1,0 +1,372 @@
+"""Endless, deterministic, resumable streaming of shard batches to every rank and worker.
+
+    loader = StreamLoader.from_config(cfg.data, batch_size=32, rank=0, world_size=1, seed=cfg.seed)
+    for images, labels in loader:        # images float [-1, 1] NCHW, labels int64 (-1 = none)
+        ...
+    state = loader.state_dict()          # exact position of every stream; load_state_dict resumes
+
+How the stream is split. There are S = world_size x num_workers streams; stream s belongs to
+rank s // W, worker s % W. Every epoch, one permutation of the shards (seeded by seed and epoch,
+the same on every rank) is dealt out round-robin: stream s reads positions s, s+S, s+2S, ... So
+within an epoch the streams read disjoint shards that together cover all of them, and over epochs
+every stream sees every shard (the stream never ends: "resampled" by epoch-wise reshuffling).
+With fewer shards than streams, each shard is split into k = ceil(S / num_shards) parts by sample
+index (part r keeps samples i with i % k == r), so the dealing still covers every sample once per
+epoch without overlap.
+
+Each stream reads its shards sequentially (webdataset's `gopen`, so `pipe:` URLs work), decodes
+and checks each sample, feeds a shuffle buffer, and emits whole batches. Every batch carries the
+stream's state after it: epoch, shard position, sample index, RNG state, the (shard, index)
+references of what is in the shuffle buffer, and bad-sample counters. The main process keeps the
+newest state per stream; restoring re-reads exactly the buffered samples, so a resumed stream
+continues with the very batches the uninterrupted one would have produced.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.data.manifest import (BadSample, decode_image, decode_label, iter_tar_samples,
+                                    read_manifest)
+
+class DataError(RuntimeError):
+    """Data that cannot be trained on; names the shard and what to do."""
+
+
+@dataclass
+class ShardSet:
+    """Resolved input: shard URLs plus the shape every sample must have."""
+    urls: list[str]
+    num_samples: list[int | None]   # per shard, from the manifest (None for bare URL patterns)
+    resolution: int
+    channels: int
+    num_classes: int                # 0 = unlabelled or unknown
+
+    @staticmethod
+    def resolve(path: str, split: str = "train", resolution: int = 0, channels: int = 0) -> "ShardSet":
+        """A prepared directory (manifest.json) or a URL pattern with brace expansion ('::' joins lists)."""
+        if not path:
+            raise DataError("data.path is empty: set it to a directory made by `ganpipe prepare` "
+                            "or to a shard URL pattern like 'shards/train-{000000..000009}.tar'")
+        p = Path(path).expanduser()
+        if p.is_dir():
+            m = read_manifest(p)
+            if split not in m["splits"]:
+                raise DataError(f"{p}: no split '{split}' in the manifest (has: {', '.join(m['splits'])}); "
+                                "set data.split")
+            shards = m["splits"][split]["shards"]
+            return ShardSet([str(p / s["name"]) for s in shards], [s["num_samples"] for s in shards],
+                            m["resolution"], m["channels"], m["num_classes"])
+        from webdataset.shardlists import expand_urls
+
+        urls = expand_urls(path)
+        if not path.startswith("pipe:"):
+            missing = [u for u in urls if not u.startswith(("http:", "https:", "gs:", "s3:")) and
+                       not Path(u.removeprefix("file:")).exists()]
+            if missing:
+                raise DataError(f"data.path '{path}': {len(missing)} of {len(urls)} shards do not exist "
+                                f"(first: {missing[0]}); point it at a prepared directory or existing shards")
+        if not resolution or not channels:
+            raise DataError(f"data.path '{path}' is a URL pattern without a manifest: set data.resolution "
+                            "and data.channels to the shape of its images")
+        return ShardSet(list(urls), [None] * len(urls), resolution, channels, 0)
+
+
+def epoch_assignment(num_shards: int, num_streams: int, seed: int, epoch: int, stream: int
+                     ) -> list[tuple[int, int, int]]:
+    """(shard, part, num_parts) read by `stream` in `epoch`: disjoint across streams, covering all."""
+    parts = max(1, math.ceil(num_streams / num_shards))
+    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_shards * parts)
+    return [(int(v) % num_shards, int(v) // num_shards, parts) for v in order[stream::num_streams]]
+
+
+def _collate_identity(batch):
+    return batch
+
+
+class ShardStreamDataset(IterableDataset):
+    """The per-worker half: one stream per (rank, worker), yielding numpy batches plus state."""
+
+    def __init__(self, shards: ShardSet, *, batch_size: int, seed: int, rank: int, world_size: int,
+                 num_workers: int, shuffle_buffer: int, hflip: bool, require_labels: bool,
+                 max_bad_fraction: float, resume: dict[int, dict] | None = None, worker_offset: int = 0):
+        self.shards = shards
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.workers = max(1, num_workers)
+        self.shuffle_buffer = shuffle_buffer
+        self.hflip = hflip
+        self.require_labels = require_labels
+        self.max_bad_fraction = max_bad_fraction
+        self.resume = resume or {}
+        self.worker_offset = worker_offset
+        self.last_error = ""
+
+    @property
+    def num_streams(self) -> int:
+        return self.world_size * self.workers
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        local = (worker + self.worker_offset) % self.workers
+        yield from self.stream(self.rank * self.workers + local)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _read(self, shard: int, start: int, part: int, parts: int, counts: Counter
+              ) -> Iterator[tuple[int, np.ndarray | None, int]]:
+        """(index, CHW uint8, label) for samples i >= start with i % parts == part, in file order.
+
+        A bad sample comes out with image None (and is counted by kind), so callers can still
+        advance their position past it. A truncated or corrupt tar ends the shard early: counted as
+        `read_error`, its message kept in `self.last_error`.
+        """
+        from webdataset.gopen import gopen
+
+        url = self.shards.urls[shard]
+        index = -1
+        try:
+            for index, (key, files) in enumerate(iter_tar_samples(gopen(url, "rb"))):
+                if index < start or index % parts != part:
+                    continue
+                try:
+                    data = files.get("png") or files.get("jpg")
+                    if data is None:
+                        raise BadSample(f"no image entry (has {', '.join(sorted(files))})")
+                    image = decode_image(data, self.shards.channels, self.shards.resolution)
+                    label = decode_label(files.get("cls"), self.shards.num_classes, self.require_labels)
+                except BadSample as exc:
+                    counts[exc.kind] += 1
+                    yield index, None, -1
+                    continue
+                yield index, image, label
+        except Exception as exc:  # tarfile.ReadError, EOFError, a failed pipe: skip the rest, go on
+            counts["read_error"] += 1
+            self.last_error = f"{url}: {type(exc).__name__}: {exc} (after sample {index})"
+
+    def _fetch(self, refs: np.ndarray) -> list[tuple[int, int, np.ndarray, int]]:
+        """Re-read the samples named by (shard, index) refs, in ref order (buffer restore)."""
+        found: dict[tuple[int, int], tuple[np.ndarray, int]] = {}
+        for shard in sorted({int(s) for s in refs[:, 0]}):
+            wanted = {int(i) for s, i in refs if s == shard}
+            for index, image, label in self._read(shard, min(wanted), 0, 1, Counter()):
+                if index in wanted and image is not None:
+                    found[(shard, index)] = (image, label)
+                    wanted.discard(index)
+                    if not wanted:
+                        break
+        missing = [(int(s), int(i)) for s, i in refs if (int(s), int(i)) not in found]
+        if missing:
+            s, i = missing[0]
+            raise DataError(f"resume: sample {i} of shard {self.shards.urls[s]} can no longer be read "
+                            f"({len(missing)} buffered samples missing); the shards changed since the "
+                            "checkpoint; restore them or start a new run")
+        return [(int(s), int(i), *found[(int(s), int(i))]) for s, i in refs]
+
+    def _check_pass(self, shard: int, part: int, parts: int, start: int, seen: int, good: int,
+                    pass_counts: Counter) -> None:
+        """Count samples a truncated shard lost; fail when a shard pass is too bad to train on."""
+        expected = self.shards.num_samples[shard]
+        decoded_bad = seen - good
+        if expected is not None:
+            total = len([i for i in range(part, expected, parts) if i >= start])
+            missing = total - seen
+            if missing > 0:
+                pass_counts["truncated"] += missing
+        else:
+            total, missing = seen, 0
+        bad = decoded_bad + max(missing, 0)
+        if total and bad / total > self.max_bad_fraction:
+            detail = f"; {self.last_error}" if pass_counts["read_error"] else ""
+            raise DataError(
+                f"shard {self.shards.urls[shard]}: {bad} of {total} samples bad ({dict(pass_counts)}{detail}), "
+                f"above data.max_bad_fraction={self.max_bad_fraction}; run `ganpipe verify` on the data, "
+                "re-prepare it, or raise data.max_bad_fraction")
+
+    def stream(self, sid: int) -> Iterator[dict]:
+        """Endless batches of stream `sid`, each with the stream's state after it."""
+        n_shards = len(self.shards.urls)
+        st = self.resume.get(sid)
+        rng = np.random.default_rng([self.seed, sid, 0xB0F])
+        counts: Counter = Counter()
+        epoch, pos, start = 0, 0, 0
+        buffer: list[tuple[int, int, np.ndarray, int]] = []   # (shard, index, image, label)
+        if st is not None:
+            epoch, pos, start = st["epoch"], st["pos"], st["next_index"]
+            rng.bit_generator.state = st["rng"]
+            counts.update(st["counts"])
+            if len(st["buffer"]):
+                buffer = self._fetch(np.asarray(st["buffer"]).reshape(-1, 2))
+
+        def samples() -> Iterator[tuple[int, int, np.ndarray, int]]:
+            nonlocal epoch, pos, start
+            while True:
+                full_epoch, good_this_epoch = pos == 0 and start == 0, 0
+                plan = epoch_assignment(n_shards, self.num_streams, self.seed, epoch, sid)
+                while pos < len(plan):
+                    shard, part, parts = plan[pos]
+                    pass_counts: Counter = Counter()
+                    pass_start, seen, good = start, 0, 0
+                    for index, image, label in self._read(shard, start, part, parts, pass_counts):
+                        seen += 1
+                        start = index + 1
+                        if image is not None:
+                            good += 1
+                            yield shard, index, image, label
+                    self._check_pass(shard, part, parts, pass_start, seen, good, pass_counts)
+                    counts.update(pass_counts)
+                    good_this_epoch += good
+                    pos, start = pos + 1, 0
+                if full_epoch and good_this_epoch == 0:
+                    raise DataError(f"stream {sid} read a whole epoch of shards without one usable sample "
+                                    f"(first shard: {self.shards.urls[0]}); check data.path and run `ganpipe verify`")
+                epoch, pos = epoch + 1, 0
+
+        source = samples()
+        while len(buffer) < self.shuffle_buffer:
+            buffer.append(next(source))
+        batches = 0 if st is None else st["batches"]
+        while True:
+            images, labels, refs = [], [], []
+            for _ in range(self.batch_size):
+                item = next(source)
+                if self.shuffle_buffer:
+                    j = int(rng.integers(len(buffer)))
+                    item, buffer[j] = buffer[j], item
+                shard, index, image, label = item
+                if self.hflip and rng.random() < 0.5:
+                    image = image[:, :, ::-1]
+                images.append(image)
+                labels.append(label)
+                refs.append((shard, index))
+            batches += 1
+            yield {
+                "images": np.stack(images),
+                "labels": np.asarray(labels, dtype=np.int64),
+                "refs": np.asarray(refs, dtype=np.int64),
+                "state": {
+                    "stream": sid, "epoch": epoch, "pos": pos, "next_index": start, "batches": batches,
+                    "rng": rng.bit_generator.state, "counts": dict(counts),
+                    "buffer": np.asarray([(s, i) for s, i, _, _ in buffer], dtype=np.int64).reshape(-1, 2),
+                },
+            }
+
+
+class StreamLoader:
+    """The main-process half: a DataLoader over the streams of one rank, with resumable state."""
+
+    def __init__(self, shards: ShardSet, *, batch_size: int, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, num_workers: int = 0, shuffle_buffer: int = 1000,
+                 hflip: bool = False, require_labels: bool = False, max_bad_fraction: float = 0.05,
+                 device: torch.device | str | None = None):
+        if rank is None or world_size is None:
+            rank, world_size = _dist_rank_world()
+        if require_labels and shards.num_classes == 0:
+            raise DataError(f"labels are required but the data ({shards.urls[0]} ...) has no classes; "
+                            "prepare labelled data or train an unconditional model")
+        self.shards = shards
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.options = dict(shuffle_buffer=shuffle_buffer, hflip=hflip, require_labels=require_labels,
+                            max_bad_fraction=max_bad_fraction)
+        self.device = torch.device(device) if device is not None else None
+        self.streams: dict[int, dict] = {}     # newest state per stream of this rank
+        self.next_local = 0                    # local stream the next batch comes from
+        self.last_refs: np.ndarray | None = None
+        self.last_stream: int | None = None
+        self._iter: Iterator[dict] | None = None
+
+    @classmethod
+    def from_config(cls, data_cfg, *, batch_size: int, seed: int, rank: int | None = None,
+                    world_size: int | None = None, device=None) -> "StreamLoader":
+        shards = ShardSet.resolve(data_cfg.path, data_cfg.split, data_cfg.resolution, data_cfg.channels)
+        return cls(shards, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                   num_workers=data_cfg.num_workers, shuffle_buffer=data_cfg.shuffle_buffer,
+                   hflip=data_cfg.hflip, require_labels=data_cfg.require_labels,
+                   max_bad_fraction=data_cfg.max_bad_fraction, device=device)
+
+    def _start(self) -> Iterator[dict]:
+        dataset = ShardStreamDataset(
+            self.shards, batch_size=self.batch_size, seed=self.seed, rank=self.rank,
+            world_size=self.world_size, num_workers=self.num_workers, resume=dict(self.streams),
+            worker_offset=self.next_local, **self.options)
+        if self.num_workers == 0:
+            return iter(dataset)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            collate_fn=_collate_identity, pin_memory=bool(self.device and self.device.type == "cuda"),
+                            prefetch_factor=2, persistent_workers=False)
+        return iter(loader)
+
+    def next_raw(self) -> dict:
+        """The next batch as produced by its stream (uint8 images, numpy), recording its state."""
+        if self._iter is None:
+            self._iter = self._start()
+        batch = next(self._iter)
+        st = batch["state"]
+        self.streams[st["stream"]] = st
+        workers = max(1, self.num_workers)
+        self.next_local = (st["stream"] - self.rank * workers + 1) % workers
+        self.last_refs, self.last_stream = batch["refs"], st["stream"]
+        return batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next()
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.next_raw()
+        images = torch.from_numpy(batch["images"])
+        labels = torch.from_numpy(batch["labels"])
+        if self.device is not None:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+        # uint8 travels from the worker; the float conversion happens here (on the device if given).
+        return images.float().div_(127.5).sub_(1.0), labels
+
+    # -- counters and state ----------------------------------------------------------------------
+
+    def bad_counts(self) -> dict[str, int]:
+        """Bad samples skipped so far by this rank's streams, by kind (undecodable, truncated, ...)."""
+        total: Counter = Counter()
+        for st in self.streams.values():
+            total.update(st["counts"])
+        return dict(total)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "num_workers": self.num_workers, "rank": self.rank,
+                "seed": self.seed, "num_shards": len(self.shards.urls), "next_local": self.next_local,
+                "streams": {int(k): v for k, v in self.streams.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state_dict()`; only exact when world size, workers, seed and shards match."""
+        same = (state["world_size"] == self.world_size and state["num_workers"] == self.num_workers
+                and state["seed"] == self.seed and state["num_shards"] == len(self.shards.urls))
+        if not same:
+            raise DataError(
+                "loader state was saved with world_size={world_size}, num_workers={num_workers}, seed={seed}, "
+                "{num_shards} shards; this run has a different layout, so the stream position cannot be "
+                "restored exactly; start a fresh stream (load no loader state)".format(**state))
+        self.streams = {int(k): v for k, v in state["streams"].items()}
+        self.next_local = state["next_local"]
+        self._iter = None
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
