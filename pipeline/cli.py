@@ -20,6 +20,7 @@ from pipeline.config import ConfigError
 COMMANDS = {
     "prepare": ("pipeline.data.prepare", "turn an image collection into webdataset shards + manifest"),
     "verify": ("pipeline.data.verify", "re-hash and decode every shard of a prepared directory"),
+    "config": ("pipeline.config", "print the resolved config of a YAML file plus key=value overrides"),
     "bench": ("pipeline.bench", "run a benchmark and print its measurements as JSON"),
 }
 

@@ -48,10 +48,49 @@ class DataConfig:
     channels: int = opt(0, choices=(0, 1, 3))  # expected channels for URL patterns (0 = from manifest)
 
 
+def _network_names() -> list[str]:
+    from pipeline.networks import NETWORKS  # lazy: the registries import this module
+    return NETWORKS.keys()
+
+
+def _loss_names() -> list[str]:
+    from pipeline.losses import LOSSES
+    return LOSSES.keys()
+
+
+def _penalty_names() -> list[str]:
+    from pipeline.losses import PENALTIES
+    return ["none", *PENALTIES.keys()]
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("dcgan", choices=_network_names)  # network family (mlp, dcgan, resnet, stylegan2)
+    z_dim: int = opt(0, min=0)          # latent numbers per sample (0 = family default: 100 mlp/dcgan, 128 resnet, 512 stylegan2)
+    g_width: float = opt(1.0, min=1e-3)  # multiplier on G's published layer widths (feature maps or units)
+    d_width: float = opt(1.0, min=1e-3)  # multiplier on D's published layer widths (feature maps or units)
+    conditional: bool = opt(False)      # class-conditional G and D; needs labelled data
+    spectral_norm: bool | None = opt(None)  # spectral norm on D's layers (null = family default: on for resnet only)
+    w_dim: int = opt(512, min=1)        # stylegan2: numbers in the intermediate latent w
+    mapping_layers: int = opt(8, min=1)  # stylegan2: fully connected layers in the mapping network
+    mbstd_group: int = opt(4, min=0)    # stylegan2: samples per minibatch-stddev group (0 = no mbstd layer)
+
+
+@dataclass
+class LossConfig:
+    name: str = opt("nonsaturating", choices=_loss_names)  # adversarial loss (minimax, nonsaturating, hinge, wasserstein, lsgan)
+    clip: float = opt(0.0, min=0.0)     # WGAN weight clipping: D parameters kept in [-clip, clip] (0 = off; wasserstein only)
+    penalty: str = opt("none", choices=_penalty_names)  # gradient penalty on D (wgan-gp, r1, r2) or none
+    penalty_weight: float = opt(10.0, min=0.0)  # lambda for wgan-gp, gamma for r1/r2 (gamma/2 * E|grad D|^2)
+    penalty_interval: int = opt(1, min=1)  # D steps between penalty evaluations; the penalty is scaled by it
+
+
 @dataclass
 class Config:
     seed: int = opt(0, min=0)           # global seed; ranks and loader streams derive theirs from it
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,3 +270,17 @@ def diff_configs(a: Config, b: Config) -> list[str]:
         return out
     fa, fb = flat(to_dict(a)), flat(to_dict(b))
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
+# ----------------------------------------------------------------------------------------------
+# `ganpipe config [--config FILE] [key=value ...]`: print the resolved config (a dry run).
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", default=None, help="YAML file from configs/ (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=32")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0

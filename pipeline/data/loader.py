@@ -138,7 +138,7 @@ class ShardStreamDataset(IterableDataset):
         url = self.shards.urls[shard]
         index = -1
         try:
-            for index, (key, files) in enumerate(iter_tar_samples(gopen(url, "rb"))):
+            for index, (key, files) in enumerate(iter_tar_samples(gopen(url, "rb"), url)):
                 if index < start or index % parts != part:
                     continue
                 try:
@@ -152,9 +152,9 @@ class ShardStreamDataset(IterableDataset):
                     yield index, None, -1
                     continue
                 yield index, image, label
-        except Exception as exc:  # tarfile.ReadError, EOFError, a failed pipe: skip the rest, go on
+        except Exception as exc:  # TruncatedTar, a failed pipe or file: skip the rest, go on
             counts["read_error"] += 1
-            self.last_error = f"{url}: {type(exc).__name__}: {exc} (after sample {index})"
+            self.last_error = f"{type(exc).__name__}: {exc} (after sample {index})"
 
     def _fetch(self, refs: np.ndarray) -> list[tuple[int, int, np.ndarray, int]]:
         """Re-read the samples named by (shard, index) refs, in ref order (buffer restore)."""

@@ -1,0 +1,283 @@
+"""Adversarial losses and gradient penalties on D's logits, by config name.
+
+    loss = build_loss(cfg.loss)                    # LOSSES[cfg.loss.name]
+    penalty = build_penalty(cfg.loss)              # PENALTIES[cfg.loss.penalty], or None
+    d_loss = loss.d_loss(D(real, y), D(fake.detach(), y))
+    if penalty is not None and penalty.due(d_step):
+        reg, stats = penalty(D, real, fake, y, scaler=scaler)   # already x weight x interval
+        d_loss = d_loss + reg
+    ...; clip_weights(D, cfg.loss.clip) after D's optimizer step (original WGAN only)
+    g_loss = loss.g_loss(D(G(z, y), y))
+
+Losses are means over the batch, written on logits with softplus (log sigmoid(t) = -softplus(-t)),
+never as sigmoid followed by log, so they stay finite for any logit. A penalty takes D as an
+argument and owns no optimizer (StyleGAN2-ADA's phases, EDM's losses).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.config import ConfigError
+from pipeline.registry import Registry
+
+LOSSES = Registry("loss")
+PENALTIES = Registry("penalty")
+
+
+# ----------------------------------------------------------------------------------------------
+# Adversarial losses. D minimises d_loss, G minimises g_loss.
+
+class AdversarialLoss:
+    name: ClassVar[str]
+
+    def d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def g_loss(self, fake_logits: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class _LogisticD(AdversarialLoss):
+    """D of Goodfellow et al. (2014), Eq. 1: maximise log D(x) + log(1 - D(G(z))), D = sigmoid(logit).
+
+    -log sigmoid(t) = softplus(-t) and -log(1 - sigmoid(t)) = softplus(t).
+    """
+
+    def d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+@LOSSES.register("minimax")
+class Minimax(_LogisticD):
+    """G minimises log(1 - D(G(z))) = -softplus(t): the original, saturating game of Eq. 1."""
+
+    name = "minimax"
+
+    def g_loss(self, fake_logits: Tensor) -> Tensor:
+        return -F.softplus(fake_logits).mean()
+
+
+@LOSSES.register("nonsaturating")
+class NonSaturating(_LogisticD):
+    """G minimises -log D(G(z)) = softplus(-t) (Goodfellow et al. 2014, Sec. 3: strong early gradients)."""
+
+    name = "nonsaturating"
+
+    def g_loss(self, fake_logits: Tensor) -> Tensor:
+        return F.softplus(-fake_logits).mean()
+
+
+@LOSSES.register("hinge")
+class Hinge(AdversarialLoss):
+    """Lim & Ye (2017), as used by SNGAN (Miyato et al. 2018):
+    D: E[relu(1 - D(x))] + E[relu(1 + D(G(z)))]; G: -E[D(G(z))]."""
+
+    name = "hinge"
+
+    def d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+    def g_loss(self, fake_logits: Tensor) -> Tensor:
+        return -fake_logits.mean()
+
+
+@LOSSES.register("wasserstein")
+class Wasserstein(AdversarialLoss):
+    """Arjovsky et al. (2017), Eq. 3: the critic maximises E[D(x)] - E[D(G(z))]; G: -E[D(G(z))].
+
+    D must be kept Lipschitz: weight clipping (`loss.clip`, the original WGAN; `clip_weights`) or
+    a gradient penalty (`loss.penalty=wgan-gp`).
+    """
+
+    name = "wasserstein"
+
+    def d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        return fake_logits.mean() - real_logits.mean()
+
+    def g_loss(self, fake_logits: Tensor) -> Tensor:
+        return -fake_logits.mean()
+
+
+@LOSSES.register("lsgan")
+class LeastSquares(AdversarialLoss):
+    """Mao et al. (2017), Eq. 2 with the 0-1 coding of Eq. 9 (a=0 fake, b=1 real, c=1 G's target):
+    D: 1/2 E[(D(x) - b)^2] + 1/2 E[(D(G(z)) - a)^2]; G: 1/2 E[(D(G(z)) - c)^2]; D(.) is the raw logit.
+    """
+
+    name = "lsgan"
+
+    def __init__(self, a: float = 0.0, b: float = 1.0, c: float = 1.0):
+        self.a, self.b, self.c = a, b, c
+
+    def d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        return 0.5 * (real_logits - self.b).square().mean() + 0.5 * (fake_logits - self.a).square().mean()
+
+    def g_loss(self, fake_logits: Tensor) -> Tensor:
+        return 0.5 * (fake_logits - self.c).square().mean()
+
+    def __repr__(self) -> str:
+        return f"LeastSquares(a={self.a}, b={self.b}, c={self.c})"
+
+
+def build_loss(loss_cfg) -> AdversarialLoss:
+    """The adversarial loss named by `loss_cfg.name` (a `LossConfig`); checks `loss_cfg.clip`."""
+    if loss_cfg.clip > 0 and loss_cfg.name != "wasserstein":
+        raise ConfigError(f"loss.clip: weight clipping belongs to the original WGAN; it needs "
+                          f"loss.name=wasserstein, not {loss_cfg.name} (or set loss.clip=0)")
+    return LOSSES.get(loss_cfg.name)()
+
+
+@torch.no_grad()
+def clip_weights(D: nn.Module, c: float) -> None:
+    """Clamp every parameter of D to [-c, c] after each D step (Arjovsky et al. 2017, Alg. 1; c=0.01 there).
+
+    c <= 0 does nothing, so the trainer can call it unconditionally with `cfg.loss.clip`.
+    """
+    if c > 0:
+        for p in D.parameters():
+            p.clamp_(-c, c)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient penalties on D's input gradient.
+
+def input_gradients(logits: Tensor, x: Tensor, scaler=None) -> Tensor:
+    """d(sum of logits)/dx in fp32, kept in the graph so the penalty can be backpropagated.
+
+    Under fp16 with a GradScaler this is PyTorch's AMP gradient-penalty recipe: differentiate the
+    scaled output so small gradients survive fp16, then unscale by ordinary division (these
+    gradients belong to no optimizer, so `scaler.unscale_` does not apply). An overflow leaves
+    inf/NaN here; the penalty then comes out non-finite and `scaler.step` skips the D step and
+    lowers the scale, exactly as for an overflow in the main loss. bf16 and fp32 need no scaler.
+    """
+    out = logits.float().sum()
+    scaled = scaler is not None and scaler.is_enabled()
+    if scaled:
+        out = scaler.scale(out)
+    # autograd.grad, never backward(create_graph=True): DDP does not reduce gradients of gradients,
+    # and backward(create_graph=True) leaks memory (pytorch #47562, #63812).
+    (grad,) = torch.autograd.grad(out, x, create_graph=True)
+    grad = grad.float()
+    if scaled:
+        grad = grad * (1.0 / scaler.get_scale())
+    return grad
+
+
+def _norm_sq(grad: Tensor) -> Tensor:
+    """Per-sample squared L2 norm, in fp32 whatever autocast is active."""
+    with torch.autocast(grad.device.type, enabled=False):
+        return grad.float().flatten(1).square().sum(1)
+
+
+class Penalty:
+    """A gradient penalty applied lazily: every `interval` D steps, its loss multiplied by `interval`.
+
+    Call `penalty(D, real, fake, labels, scaler=...)` under the same autocast as D's main loss and
+    add the returned loss to D's loss before its one ordinary backward. Labels condition D for the
+    real, the fake and the interpolated points alike (the trainer draws fake labels = real labels).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, weight: float = 10.0, interval: int = 1):
+        if weight < 0 or interval < 1:
+            raise ConfigError(f"penalty {self.name}: need weight >= 0 and interval >= 1, "
+                              f"got weight={weight}, interval={interval}")
+        self.weight, self.interval = float(weight), int(interval)
+
+    def due(self, d_step: int) -> bool:
+        """Whether the penalty runs at D step `d_step` (counted from 0: the first step has it)."""
+        return d_step % self.interval == 0
+
+    def points(self, real: Tensor | None, fake: Tensor | None) -> Tensor:
+        """Where the gradient is taken."""
+        raise NotImplementedError
+
+    def per_sample(self, grad_norm_sq: Tensor) -> Tensor:
+        """The unweighted penalty of each sample from its squared gradient norm."""
+        raise NotImplementedError
+
+    def __call__(self, D: nn.Module, real: Tensor | None, fake: Tensor | None,
+                 labels: Tensor | None = None, *, scaler=None) -> tuple[Tensor, dict[str, Tensor]]:
+        """(loss, stats): loss = weight x interval x mean penalty, ready to add to D's loss.
+
+        stats holds detached values named for reporting: `Loss/D/<name>` (the unweighted mean
+        penalty) and `Grad/D/<name>_norm` (mean ||grad_x D||).
+        """
+        x = self.points(real, fake).detach().requires_grad_(True)
+        logits = D(x, labels)
+        norm_sq = _norm_sq(input_gradients(logits, x, scaler))
+        value = self.per_sample(norm_sq).mean()
+        # 0 * logits puts every D parameter into this loss's graph (the last layer's bias, for one,
+        # does not reach the input gradient), so under DDP every parameter gets a gradient in the
+        # backward and the reducer never waits for a missing one (StyleGAN2-ADA does the same).
+        loss = value * (self.weight * self.interval) + 0 * logits.float().sum()
+        stats = {f"Loss/D/{self.name}": value.detach(),
+                 f"Grad/D/{self.name}_norm": norm_sq.detach().sqrt().mean()}
+        return loss, stats
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(weight={self.weight}, interval={self.interval})"
+
+
+@PENALTIES.register("wgan-gp")
+class WGANGP(Penalty):
+    """Gulrajani et al. (2017), Eq. 3 and Alg. 1: lambda E[(||grad D(x_hat)||_2 - 1)^2] at
+    x_hat = eps x + (1 - eps) x_fake, eps ~ U[0, 1] per sample."""
+
+    name = "wgan-gp"
+
+    def points(self, real: Tensor | None, fake: Tensor | None) -> Tensor:
+        if real is None or fake is None:
+            raise ValueError("wgan-gp needs both real and fake samples")
+        eps = torch.rand([real.shape[0]] + [1] * (real.dim() - 1), device=real.device, dtype=real.dtype)
+        return torch.lerp(fake.detach().to(real.dtype), real.detach(), eps)
+
+    def per_sample(self, grad_norm_sq: Tensor) -> Tensor:
+        # The tiny epsilon keeps sqrt differentiable at a zero gradient (pytorch #2534).
+        return ((grad_norm_sq + 1e-12).sqrt() - 1).square()
+
+
+@PENALTIES.register("r1")
+class R1(Penalty):
+    """Mescheder et al. (2018), Eq. 9: gamma/2 E_{x ~ data}[||grad D(x)||^2]."""
+
+    name = "r1"
+
+    def points(self, real: Tensor | None, fake: Tensor | None) -> Tensor:
+        if real is None:
+            raise ValueError("r1 needs real samples")
+        return real
+
+    def per_sample(self, grad_norm_sq: Tensor) -> Tensor:
+        return 0.5 * grad_norm_sq
+
+
+@PENALTIES.register("r2")
+class R2(Penalty):
+    """Mescheder et al. (2018), Eq. 10: gamma/2 E_{x ~ G}[||grad D(x)||^2]."""
+
+    name = "r2"
+
+    def points(self, real: Tensor | None, fake: Tensor | None) -> Tensor:
+        if fake is None:
+            raise ValueError("r2 needs fake samples")
+        return fake
+
+    def per_sample(self, grad_norm_sq: Tensor) -> Tensor:
+        return 0.5 * grad_norm_sq
+
+
+def build_penalty(loss_cfg) -> Penalty | None:
+    """The penalty named by `loss_cfg.penalty` with its weight and interval, or None for "none"."""
+    if loss_cfg.penalty == "none":
+        return None
+    return PENALTIES.get(loss_cfg.penalty)(loss_cfg.penalty_weight, loss_cfg.penalty_interval)

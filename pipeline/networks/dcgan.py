@@ -1,0 +1,81 @@
+"""`dcgan`: Radford et al. (2016), generalised to 28, 32, 64, 128 and 256 pixels.
+
+G: z -> (transposed conv, BatchNorm, ReLU) blocks doubling the side -> Tanh. D: strided convs with
+LeakyReLU(0.2), optional spectral norm. D has no BatchNorm: it would couple the samples of a batch,
+which breaks the per-sample gradient penalties (WGAN-GP paper, Sec. 4) and DDP with two forwards.
+Widths follow the paper (64 feature maps at the image side, doubling per halving, at most 512),
+times `model.g_width`/`model.d_width`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipeline.networks.layers import (Network, check_resolution, projection, resolution_plan,
+                                      scaled, sn)
+
+RESOLUTIONS = (28, 32, 64, 128, 256)
+BASE, MAX_MULT = 64, 8
+Z_DIM = 100
+
+
+def _widths(steps: int, base: int) -> list[int]:
+    """Feature maps at each side from the start side up to half the image side."""
+    return [base * min(MAX_MULT, 2 ** (steps - 1 - i)) for i in range(steps)]
+
+
+class Generator(Network):
+    def __init__(self, *, resolution: int, channels: int, z_dim: int = Z_DIM, num_classes: int = 0,
+                 base: int = BASE):
+        super().__init__()
+        check_resolution("dcgan", resolution, RESOLUTIONS)
+        self.z_dim, self.num_classes, self.resolution, self.channels = z_dim, num_classes, resolution, channels
+        start, steps = resolution_plan(resolution)
+        widths = _widths(steps, base)
+        self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
+        z_in = z_dim * (2 if num_classes else 1)
+        # The first transposed conv maps the 1x1 latent to start x start: the paper's "projection".
+        layers: list[nn.Module] = [nn.ConvTranspose2d(z_in, widths[0], start, 1, 0, bias=False),
+                                   nn.BatchNorm2d(widths[0]), nn.ReLU()]
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+        layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        labels = self._check_labels(z, labels)
+        if labels is not None:
+            z = torch.cat([z, self.embed(labels).to(z.dtype)], 1)
+        return self.net(z[:, :, None, None])
+
+
+class Discriminator(Network):
+    def __init__(self, *, resolution: int, channels: int, num_classes: int = 0, base: int = BASE,
+                 spectral_norm: bool = False):
+        super().__init__()
+        check_resolution("dcgan", resolution, RESOLUTIONS)
+        self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
+        start, steps = resolution_plan(resolution)
+        widths = list(reversed(_widths(steps, base)))
+        layers: list[nn.Module] = []
+        c_in = channels
+        for c_out in widths:
+            layers += [sn(nn.Conv2d(c_in, c_out, 4, 2, 1), spectral_norm), nn.LeakyReLU(0.2)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.out = sn(nn.Conv2d(c_in, 1, start, 1, 0), spectral_norm)
+        self.embed = sn(nn.Embedding(num_classes, c_in), spectral_norm) if num_classes else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        labels = self._check_labels(x, labels)
+        h = self.features(x)
+        return self.out(h).flatten() + projection(h.sum((2, 3)), self.embed, labels)
+
+
+def build(cfg, *, resolution: int, channels: int, num_classes: int) -> tuple[Generator, Discriminator]:
+    G = Generator(resolution=resolution, channels=channels, z_dim=cfg.z_dim or Z_DIM,
+                  num_classes=num_classes, base=scaled(BASE, cfg.g_width))
+    D = Discriminator(resolution=resolution, channels=channels, num_classes=num_classes,
+                      base=scaled(BASE, cfg.d_width), spectral_norm=bool(cfg.spectral_norm))
+    return G, D

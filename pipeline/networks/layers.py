@@ -1,0 +1,76 @@
+"""Pieces shared by the network families: parameter counts, resolution plans, conditioning."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from pipeline.config import ConfigError
+
+
+def param_count(module: nn.Module) -> int:
+    """Trainable numbers in `module` (spectral norm's u/v vectors are buffers, so not counted)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+class Network(nn.Module):
+    """Base of every G and D: attributes the trainer reads, and `num_params()`."""
+
+    z_dim: int = 0
+    num_classes: int = 0        # 0 = unconditional
+    resolution: int = 0         # image side in pixels; 0 = flat vectors of `channels` numbers
+    channels: int = 0
+
+    def num_params(self) -> int:
+        return param_count(self)
+
+    def _check_labels(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+        """Labels for a conditional network; an unconditional one ignores them (data may be labelled)."""
+        if not self.num_classes:
+            return None
+        if labels is None:
+            raise ValueError(f"{type(self).__module__}.{type(self).__name__} is class-conditional "
+                             f"({self.num_classes} classes): pass labels")
+        if labels.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
+        return labels.long()
+
+
+def sn(module: nn.Module, enabled: bool) -> nn.Module:
+    """torch's own spectral norm (Miyato et al. 2018), one power iteration per training forward."""
+    return spectral_norm(module) if enabled else module
+
+
+def check_resolution(family: str, resolution: int, allowed: tuple[int, ...]) -> None:
+    if resolution not in allowed:
+        what = "flat (vector) data" if resolution == 0 else f"resolution {resolution}"
+        raise ConfigError(f"model.name: {family} does not support {what}; supported resolutions: "
+                          f"{', '.join(map(str, allowed))} (prepare the data at one of these sizes, "
+                          f"or choose another model.name)")
+
+
+def resolution_plan(resolution: int) -> tuple[int, int]:
+    """(start side, number of 2x steps): 28 = 7·2², so MNIST needs no padding; others start at 4."""
+    start = 7 if resolution % 7 == 0 else 4
+    steps = round(math.log2(resolution / start))
+    assert start * 2 ** steps == resolution, resolution
+    return start, steps
+
+
+def scaled(width: int, multiplier: float) -> int:
+    """A published layer width times the config's width multiplier, at least 1."""
+    return max(1, round(width * multiplier))
+
+
+def projection(h: torch.Tensor, embed: nn.Module, labels: torch.Tensor | None) -> torch.Tensor | float:
+    """Projection discriminator term <embed(y), h> (Miyato & Koyama 2018); 0 if unconditional.
+
+    Used by every family's D: it conditions D through a label embedding without widening its input,
+    and the gradient penalties stay per-sample.
+    """
+    if labels is None:
+        return 0.0
+    return (embed(labels) * h).sum(1)

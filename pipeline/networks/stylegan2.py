@@ -1,0 +1,274 @@
+"""`stylegan2`: Karras et al., "Analyzing and Improving the Image Quality of StyleGAN" (CVPR 2020).
+
+Written from the paper (config E/F of Table 1: skip G, residual D), not from NVlabs code:
+- mapping network: z normalised to unit second moment, 8 fully connected layers, learning-rate
+  multiplier 0.01 (StyleGAN 2019, Sec. 2), a running mean of w for the truncation trick;
+- modulated convolution (Sec. 2.2, Eq. 1): w'_ijk = s_i * w_ijk; demodulation (Eq. 3):
+  w''_ijk = w'_ijk / sqrt(sum_{i,k} w'_ijk^2 + eps);
+- per-pixel noise inputs with a learned per-layer strength; a learned constant 4x4 input;
+- skip generator (Fig. 7b): each resolution adds its tRGB output to the upsampled image;
+- residual discriminator (Fig. 7c) with the minibatch standard deviation layer of ProGAN (Sec. 3);
+- equalized learning rate everywhere: weights stored as N(0, 1) and scaled by He's constant per call.
+Up/downsampling use the separable [1, 3, 3, 1] filter the paper uses ("bilinear").
+
+Training mode returns the generator's raw output as the paper does (a clamp would stop gradients
+of saturated pixels); eval mode clamps it to [-1, 1], the range every G in ganpipe promises.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import ConfigError
+from pipeline.networks.layers import Network, check_resolution, resolution_plan, scaled
+
+RESOLUTIONS = (28, 32, 64, 128, 256, 512, 1024)
+Z_DIM = 512
+CHANNEL_BASE, CHANNEL_MAX = 16384, 512      # maps at side s: min(base / s, max), as in the paper's configs
+LRELU_GAIN = math.sqrt(2.0)                 # keeps the activations' second moment through leaky ReLU
+
+
+def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    return x * (x.square().mean(1, keepdim=True) + eps).rsqrt()
+
+
+def upsample(x: torch.Tensor) -> torch.Tensor:
+    """2x up with the [1, 3, 3, 1] filter, which is what bilinear interpolation with half-pixel
+    centres computes (edges aside: it repeats the border instead of padding with zeros)."""
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def downsample(x: torch.Tensor) -> torch.Tensor:
+    """Blur with the separable [1, 3, 3, 1] filter and keep every second pixel."""
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device)
+    k = (k[:, None] * k[None, :] / 64).to(x.dtype).expand(x.shape[1], 1, 4, 4)
+    return F.conv2d(x, k, stride=2, padding=1, groups=x.shape[1])
+
+
+class EqualLinear(nn.Module):
+    def __init__(self, c_in: int, c_out: int, *, bias_init: float = 0.0, lr_mul: float = 1.0,
+                 act: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in) / lr_mul)
+        self.bias = nn.Parameter(torch.full((c_out,), bias_init / lr_mul))
+        self.weight_gain, self.lr_mul, self.act = lr_mul / math.sqrt(c_in), lr_mul, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.linear(x, self.weight * self.weight_gain, self.bias * self.lr_mul)
+        return F.leaky_relu(x, 0.2) * LRELU_GAIN if self.act else x
+
+
+class EqualConv2d(nn.Module):
+    def __init__(self, c_in: int, c_out: int, k: int, *, bias: bool = True, act: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
+        self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
+        self.weight_gain, self.act = 1 / math.sqrt(c_in * k * k), act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.weight.shape[-1] // 2)
+        return F.leaky_relu(x, 0.2) * LRELU_GAIN if self.act else x
+
+
+class ModulatedConv2d(nn.Module):
+    """Modulation as scaling the input maps and demodulation as scaling the output maps.
+
+    conv(x * s, w) * d equals conv(x, w'') with the per-sample weights of Eq. 1 and 3, because both
+    scalings are per channel; it avoids one grouped convolution with N weight copies (the paper's
+    implementation), which is slow on CPUs and in fp16.
+    """
+
+    def __init__(self, c_in: int, c_out: int, k: int, w_dim: int, *, demodulate: bool = True,
+                 up: bool = False):
+        super().__init__()
+        self.affine = EqualLinear(w_dim, c_in, bias_init=1.0)   # styles start at 1: plain conv at init
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
+        self.weight_gain, self.demodulate, self.up = 1 / math.sqrt(c_in * k * k), demodulate, up
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        styles = self.affine(w)                                  # s_i, (N, c_in)
+        weight = self.weight * self.weight_gain
+        x = x * styles[:, :, None, None]
+        if self.up:
+            x = upsample(x)
+        x = F.conv2d(x, weight, padding=weight.shape[-1] // 2)
+        if self.demodulate:
+            # sum_{i,k} (s_i w_ijk)^2 = sum_i s_i^2 (sum_k w_ijk^2): one small matmul per sample,
+            # in fp32 even under autocast (eps = 1e-8 vanishes in fp16).
+            with torch.autocast(x.device.type, enabled=False):
+                sigma_sq = styles.float().square() @ weight.float().square().sum((2, 3)).t()
+            x = x * (sigma_sq + 1e-8).rsqrt().to(x.dtype)[:, :, None, None]
+        return x
+
+
+class SynthesisLayer(nn.Module):
+    def __init__(self, c_in: int, c_out: int, w_dim: int, side: int, up: bool = False):
+        super().__init__()
+        self.conv = ModulatedConv2d(c_in, c_out, 3, w_dim, up=up)
+        self.noise_strength = nn.Parameter(torch.zeros([]))
+        self.bias = nn.Parameter(torch.zeros(c_out))
+        self.register_buffer("noise_const", torch.randn(1, 1, side, side))  # for repeatable samples
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str) -> torch.Tensor:
+        x = self.conv(x, w)
+        if noise_mode == "random":
+            x = x + torch.randn_like(x[:, :1]) * self.noise_strength
+        elif noise_mode == "const":
+            x = x + self.noise_const.to(x.dtype) * self.noise_strength
+        elif noise_mode != "none":
+            raise ValueError(f"noise_mode must be random, const or none, got {noise_mode!r}")
+        return F.leaky_relu(x + self.bias[None, :, None, None], 0.2) * LRELU_GAIN
+
+
+class ToRGB(nn.Module):
+    def __init__(self, c_in: int, channels: int, w_dim: int):
+        super().__init__()
+        # No demodulation: the output's scale is the image's scale (paper, Sec. 2.2).
+        self.conv = ModulatedConv2d(c_in, channels, 1, w_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.conv(x, w) + self.bias[None, :, None, None]
+
+
+class MappingNetwork(nn.Module):
+    def __init__(self, z_dim: int, w_dim: int, num_classes: int, layers: int = 8, lr_mul: float = 0.01,
+                 w_avg_beta: float = 0.995):
+        super().__init__()
+        # Labels enter like StyleGAN2-ADA's conditional networks: a normalised embedding next to z.
+        self.embed = nn.Embedding(num_classes, w_dim) if num_classes else None
+        dims = [z_dim + (w_dim if num_classes else 0)] + [w_dim] * layers
+        self.net = nn.Sequential(*(EqualLinear(a, b, lr_mul=lr_mul, act=True) for a, b in zip(dims[:-1], dims[1:])))
+        self.w_avg_beta = w_avg_beta
+        self.register_buffer("w_avg", torch.zeros(w_dim))
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                truncation_psi: float = 1.0) -> torch.Tensor:
+        x = normalize_2nd_moment(z)
+        if labels is not None:
+            x = torch.cat([x, normalize_2nd_moment(self.embed(labels)).to(x.dtype)], 1)
+        w = self.net(x)
+        if self.training:
+            with torch.no_grad():
+                self.w_avg.lerp_(w.detach().float().mean(0), 1 - self.w_avg_beta)
+        if truncation_psi != 1:
+            # Truncation trick (StyleGAN 2019, Eq. 3): w' = w_avg + psi (w - w_avg).
+            w = self.w_avg.to(w.dtype).lerp(w, truncation_psi)
+        return w
+
+
+class SynthesisNetwork(nn.Module):
+    def __init__(self, *, resolution: int, channels: int, w_dim: int, width: float):
+        super().__init__()
+        start, steps = resolution_plan(resolution)
+        sides = [start * 2 ** i for i in range(steps + 1)]
+        ch = {s: scaled(min(CHANNEL_BASE // s, CHANNEL_MAX), width) for s in sides}
+        self.const = nn.Parameter(torch.randn(ch[start], start, start))
+        self.convs = nn.ModuleList([SynthesisLayer(ch[start], ch[start], w_dim, start)])
+        self.to_rgbs = nn.ModuleList([ToRGB(ch[start], channels, w_dim)])
+        for prev, side in zip(sides[:-1], sides[1:]):
+            self.convs.append(SynthesisLayer(ch[prev], ch[side], w_dim, side, up=True))
+            self.convs.append(SynthesisLayer(ch[side], ch[side], w_dim, side))
+            self.to_rgbs.append(ToRGB(ch[side], channels, w_dim))
+        # One w per conv; each tRGB shares its w with the next block's first conv.
+        self.num_ws = len(self.convs) + 1
+
+    def forward(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+        """ws: (N, num_ws, w_dim); different rows per layer give style mixing."""
+        x = self.const.expand(ws.shape[0], *self.const.shape)
+        x = self.convs[0](x, ws[:, 0], noise_mode)
+        img = self.to_rgbs[0](x, ws[:, 1])
+        for b, to_rgb in enumerate(self.to_rgbs[1:], start=1):
+            x = self.convs[2 * b - 1](x, ws[:, 2 * b - 1], noise_mode)
+            x = self.convs[2 * b](x, ws[:, 2 * b], noise_mode)
+            img = upsample(img) + to_rgb(x, ws[:, 2 * b + 1])
+        return img
+
+
+class Generator(Network):
+    def __init__(self, *, resolution: int, channels: int, z_dim: int = Z_DIM, num_classes: int = 0,
+                 w_dim: int = 512, mapping_layers: int = 8, width: float = 1.0):
+        super().__init__()
+        check_resolution("stylegan2", resolution, RESOLUTIONS)
+        self.z_dim, self.num_classes, self.resolution, self.channels = z_dim, num_classes, resolution, channels
+        self.w_dim = w_dim
+        self.mapping = MappingNetwork(z_dim, w_dim, num_classes, mapping_layers)
+        self.synthesis = SynthesisNetwork(resolution=resolution, channels=channels, w_dim=w_dim, width=width)
+        self.num_ws = self.synthesis.num_ws
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None, *, truncation_psi: float = 1.0,
+                noise_mode: str = "random") -> torch.Tensor:
+        labels = self._check_labels(z, labels)
+        w = self.mapping(z, labels, truncation_psi)
+        img = self.synthesis(w[:, None].expand(-1, self.num_ws, -1), noise_mode)
+        return img if self.training else img.clamp(-1, 1)
+
+
+def minibatch_stddev(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Append the mean over features of the per-group standard deviation as one more map (ProGAN Sec. 3)."""
+    n, c, h, w = x.shape
+    g = math.gcd(group, n)                  # a group size that divides the batch
+    y = x.float().view(g, n // g, c, h, w)  # sample k*(n/g)+m is in group m
+    y = (y.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))   # (n/g,)
+    y = y.view(-1, 1, 1, 1).repeat(g, 1, h, w).to(x.dtype)
+    return torch.cat([x, y], 1)
+
+
+class DBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv0 = EqualConv2d(c_in, c_in, 3)
+        self.conv1 = EqualConv2d(c_in, c_out, 3)
+        self.skip = EqualConv2d(c_in, c_out, 1, bias=False, act=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(downsample(self.conv0(x)))
+        # 1/sqrt(2) keeps the variance of the sum equal to that of each branch.
+        return (self.skip(downsample(x)) + h) * math.sqrt(0.5)
+
+
+class Discriminator(Network):
+    def __init__(self, *, resolution: int, channels: int, num_classes: int = 0, width: float = 1.0,
+                 mbstd_group: int = 4):
+        super().__init__()
+        check_resolution("stylegan2", resolution, RESOLUTIONS)
+        self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
+        start, steps = resolution_plan(resolution)
+        sides = [resolution // 2 ** i for i in range(steps + 1)]
+        ch = {s: scaled(min(CHANNEL_BASE // s, CHANNEL_MAX), width) for s in sides}
+        self.from_rgb = EqualConv2d(channels, ch[resolution], 1)
+        self.blocks = nn.Sequential(*(DBlock(ch[a], ch[b]) for a, b in zip(sides[:-1], sides[1:])))
+        self.mbstd_group = mbstd_group
+        c = ch[start]
+        self.conv = EqualConv2d(c + (1 if mbstd_group else 0), c, 3)
+        self.fc = EqualLinear(c * start * start, c, act=True)
+        # With classes D outputs a vector and the logit is its projection on the label's embedding.
+        self.out = EqualLinear(c, c if num_classes else 1)
+        self.embed = nn.Embedding(num_classes, c) if num_classes else None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        labels = self._check_labels(x, labels)
+        h = self.blocks(self.from_rgb(x))
+        if self.mbstd_group:
+            h = minibatch_stddev(h, self.mbstd_group)
+        out = self.out(self.fc(self.conv(h).flatten(1)))
+        if labels is None:
+            return out.squeeze(1)
+        cmap = self.embed(labels)
+        return (out * cmap).sum(1) / math.sqrt(cmap.shape[1])
+
+
+def build(cfg, *, resolution: int, channels: int, num_classes: int) -> tuple[Generator, Discriminator]:
+    if cfg.spectral_norm:
+        raise ConfigError("model.spectral_norm: stylegan2 does not use spectral norm (its D relies on "
+                          "R1 instead); leave it unset or choose model.name=resnet")
+    G = Generator(resolution=resolution, channels=channels, z_dim=cfg.z_dim or Z_DIM,
+                  num_classes=num_classes, w_dim=cfg.w_dim, mapping_layers=cfg.mapping_layers,
+                  width=cfg.g_width)
+    D = Discriminator(resolution=resolution, channels=channels, num_classes=num_classes,
+                      width=cfg.d_width, mbstd_group=cfg.mbstd_group)
+    return G, D

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny prepared datasets and a helper to run the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# Two cores: one torch thread per test process keeps parallel work from oversubscribing.
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600
+        ) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline ARGS` and return the completed process (stdout+stderr text)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ganpipe {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def make_npz(path: Path, n: int, res: int, channels: int = 3, classes: int = 4, seed: int = 0) -> Path:
+    """Random uint8 images with labels; each image's first pixel row encodes its index (for tracing)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, res, res, channels), dtype=np.uint8)
+    np.savez(path, images=images, labels=np.arange(n) % classes)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    """The bundled MNIST, prepared once per session through the real CLI."""
+    out = tmp_path_factory.mktemp("mnist") / "data"
+    cli("prepare", "--source", "mnist", "--out", str(out), "--holdout", "1000", "--no-progress")
+    return out
+
+
+@pytest.fixture
+def small_dir(tmp_path) -> Path:
+    """80 random 8x8 RGB images in 8 shards of 10, 4 classes (fresh per test: tests may corrupt it)."""
+    from pipeline.data.prepare import prepare
+
+    npz = make_npz(tmp_path / "src.npz", 80, 8)
+    out = tmp_path / "small"
+    prepare(f"npz:{npz}", out, shard_size=10, workers=1, progress=False)
+    return out

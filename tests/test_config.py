@@ -1,0 +1,50 @@
+"""Config: YAML deltas over typed defaults, dotted overrides, errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import cli
+from pipeline.config import ConfigError, config_hash, diff_configs, dump_config, load_config
+
+
+def test_defaults_yaml_and_overrides_compose(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 3\ndata:\n  batch_size: 16\n  hflip: true\n")
+    cfg = load_config(f, ["data.batch_size=32", "data.max_bad_fraction=0"])
+    assert (cfg.seed, cfg.data.batch_size, cfg.data.hflip, cfg.data.num_workers) == (3, 32, True, 2)
+    assert cfg.data.max_bad_fraction == 0.0 and isinstance(cfg.data.max_bad_fraction, float)
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    assert diff_configs(cfg, load_config(None)) == ["data.batch_size", "data.hflip", "data.max_bad_fraction", "seed"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_sise=3", "unknown config key 'data.batch_sise'; allowed keys here: batch_size"),
+    ("dta.path=x", "unknown config key 'dta'; allowed keys here: data"),
+    ("data.batch_size=ten", "data.batch_size: expected int, got 'ten'"),
+    ("data.hflip=1", "data.hflip: expected bool"),
+    ("data.batch_size=0", "data.batch_size: 0 is below the minimum 1"),
+    ("data.max_bad_fraction=1.5", "data.max_bad_fraction: 1.5 is above the maximum 1.0"),
+    ("data.channels=2", "data.channels: 2 is not allowed; choose one of 0, 1, 3"),
+    ("data.batch_size", "is not of the form key=value"),
+])
+def test_bad_keys_and_values_name_themselves(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert message in str(exc.value)
+
+
+def test_bad_key_in_a_yaml_file_names_key_and_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("data:\n  shuffle_bufer: 10\n")
+    with pytest.raises(ConfigError, match=r"data\.shuffle_bufer.*shuffle_buffer.*bad\.yaml"):
+        load_config(f)
+
+
+def test_cli_prints_resolved_config_and_rejects_bad_keys():
+    out = cli("config", "data.batch_size=48", "seed=7")
+    assert "batch_size: 48" in out.stdout and "seed: 7" in out.stdout
+    bad = cli("config", "data.nope=1", check=False)
+    assert bad.returncode == 2 and "unknown config key 'data.nope'" in bad.stderr

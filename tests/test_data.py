@@ -1,0 +1,288 @@
+"""Shards: prepare, verify and the streaming loader, run for real on tiny data."""
+
+from __future__ import annotations
+
+import filecmp
+import io
+import json
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import cli, make_npz
+from pipeline.data.loader import DataError, ShardSet, StreamLoader, epoch_assignment
+from pipeline.data.manifest import TruncatedTar, decode_image, iter_tar_samples, read_manifest
+from pipeline.data.prepare import prepare
+
+
+def loader(path, **kw) -> StreamLoader:
+    opts = dict(batch_size=5, seed=0, rank=0, world_size=1, num_workers=0, shuffle_buffer=0)
+    opts.update(kw)
+    return StreamLoader(ShardSet.resolve(str(path)), **opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare and verify
+
+def test_prepare_verify_round_trip(mnist_dir):
+    m = read_manifest(mnist_dir)
+    assert (m["source"], m["resolution"], m["channels"], m["num_classes"]) == ("mnist", 28, 1, 10)
+    assert m["splits"]["train"]["num_samples"] == 4000 and m["splits"]["test"]["num_samples"] == 1000
+    for split in m["splits"].values():
+        assert sum(s["num_samples"] for s in split["shards"]) == split["num_samples"]
+        for s in split["shards"]:
+            assert (mnist_dir / s["name"]).stat().st_size == s["bytes"] and len(s["sha256"]) == 64
+    out = cli("verify", str(mnist_dir), "--quiet")
+    assert "OK, 5 shards, 5000 samples verified" in out.stdout
+    # Every sample decodes to the stated shape with a label; classes are balanced-ish after the shuffle.
+    key, files = next(iter_tar_samples(open(mnist_dir / "train-000000.tar", "rb")))
+    assert decode_image(files["png"], 1, 28).shape == (1, 28, 28) and 0 <= int(files["cls"]) < 10
+    assert min(m["splits"]["train"]["class_counts"]) > 300
+
+
+def test_two_prepares_are_byte_identical(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    cli("prepare", "--source", "digits", "--out", str(a), "--holdout", "97", "--shard-size", "500",
+        "--resolution", "16", "--no-progress")
+    cli("prepare", "--source", "digits", "--out", str(b), "--holdout", "97", "--shard-size", "500",
+        "--resolution", "16", "--no-progress", "--workers", "1")
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()) and "manifest.json" in names and len(names) == 6
+    match, mismatch, errors = filecmp.cmpfiles(a, b, names, shallow=False)
+    assert mismatch == [] and errors == [] and len(match) == len(names)
+    m = read_manifest(a)
+    assert m["resolution"] == 16 and m["splits"]["test"]["num_samples"] == 97
+
+
+def test_verify_catches_a_flipped_byte(small_dir):
+    assert cli("verify", str(small_dir), "--quiet").returncode == 0
+    shard = small_dir / "train-000003.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0x01                       # inside the first sample's PNG payload
+    shard.write_bytes(bytes(data))
+    out = cli("verify", str(small_dir), "--quiet", check=False)
+    assert out.returncode == 1
+    assert "train-000003.tar: sha256" in out.stdout
+    assert out.stdout.count("PROBLEM") >= 1 and "train-000002.tar" not in out.stdout
+
+
+def test_prepare_refuses_to_overwrite_and_explains_bad_sources(tmp_path, small_dir):
+    out = cli("prepare", "--source", "digits", "--out", str(small_dir), check=False)
+    assert out.returncode == 2 and "never overwritten" in out.stderr
+    out = cli("prepare", "--source", f"folder:{tmp_path / 'nope'}", "--out", str(tmp_path / "o"), check=False)
+    assert out.returncode == 2 and "does not exist" in out.stderr and "folder:PATH" in out.stderr
+    (tmp_path / "empty").mkdir()
+    out = cli("prepare", "--source", f"folder:{tmp_path / 'empty'}", "--out", str(tmp_path / "o"), check=False)
+    assert out.returncode == 2 and "no images found" in out.stderr
+    out = cli("prepare", "--source", "imagenet", "--out", str(tmp_path / "o"), check=False)
+    assert out.returncode == 2 and "mnist" in out.stderr and "folder" in out.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_folder_source_skips_unreadable_images(tmp_path):
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for cls, n in (("cat", 3), ("dog", 4)):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):   # non-square sizes: resized and centre-cropped
+            Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    (root / "dog" / "broken.jpg").write_bytes(b"definitely not a jpeg")
+    out = cli("prepare", "--source", f"folder:{root}", "--out", str(tmp_path / "o"), "--resolution", "16",
+              "--no-progress")
+    assert "skipped unreadable image dog/broken.jpg" in out.stdout
+    m = read_manifest(tmp_path / "o")
+    assert m["classes"] == ["cat", "dog"] and m["splits"]["train"]["num_samples"] == 7
+    assert m["skipped"]["count"] == 1 and m["skipped"]["files"][0]["path"] == "dog/broken.jpg"
+    assert m["splits"]["train"]["class_counts"] == [3, 4]
+    assert cli("verify", str(tmp_path / "o"), "--quiet").returncode == 0
+    # Missing resolution for a folder is a clear error.
+    out = cli("prepare", "--source", f"folder:{root}", "--out", str(tmp_path / "o2"), check=False)
+    assert out.returncode == 2 and "--resolution" in out.stderr
+
+
+def test_npz_nchw_and_unlabelled_folder(tmp_path):
+    imgs = np.random.default_rng(1).integers(0, 255, (6, 3, 12, 12), dtype=np.uint8)
+    np.savez(tmp_path / "a.npz", images=imgs)
+    m = prepare(f"npz:{tmp_path / 'a.npz'}", tmp_path / "o", workers=1, progress=False)
+    assert (m["channels"], m["resolution"], m["num_classes"]) == (3, 12, 0)
+    x, y = loader(tmp_path / "o", batch_size=6).next()
+    assert (y == -1).all()
+    # Lossless: the shards hold exactly the input pixels (as a set; order is shuffled).
+    got = sorted(((x + 1) * 127.5).round().to(torch.uint8).numpy().reshape(6, -1).tolist())
+    assert got == sorted(imgs.reshape(6, -1).tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# the streaming loader
+
+def test_batches_have_the_contract_shape_and_range(mnist_dir):
+    x, y = loader(mnist_dir, batch_size=16, shuffle_buffer=50).next()
+    assert x.shape == (16, 1, 28, 28) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and y.min() >= 0 and y.max() <= 9
+    assert x.min() >= -1 and x.max() <= 1 and x.min() == -1 and x.max() == 1
+
+
+def stream_draws(path, world, workers, batches_per_stream, batch_size, seed=0):
+    """Run every rank's loader; return {stream: [(shard, index), ...]} in the order drawn."""
+    drawn = defaultdict(list)
+    for rank in range(world):
+        ld = loader(path, batch_size=batch_size, rank=rank, world_size=world, num_workers=workers, seed=seed)
+        for _ in range(batches_per_stream * max(workers, 1)):
+            ld.next_raw()
+            drawn[ld.last_stream].extend(map(tuple, ld.last_refs.tolist()))
+    return drawn
+
+
+def test_two_ranks_two_workers_draw_disjoint_streams_covering_every_shard(small_dir):
+    # 8 shards x 10 samples over 2 ranks x 2 workers: each stream reads 2 shards per epoch.
+    drawn = stream_draws(small_dir, world=2, workers=2, batches_per_stream=4, batch_size=5)
+    assert sorted(drawn) == [0, 1, 2, 3]
+    shard_sets = [{s for s, _ in refs} for refs in drawn.values()]
+    assert all(len(s) == 2 for s in shard_sets)
+    assert set().union(*shard_sets) == set(range(8))                   # together: every shard
+    assert sum(len(s) for s in shard_sets) == 8                        # pairwise disjoint
+    every = [r for refs in drawn.values() for r in refs]
+    assert len(every) == len(set(every)) == 80                         # every sample exactly once
+    # The plan the streams followed is the documented one.
+    for sid, refs in drawn.items():
+        in_order = list(dict.fromkeys(shard for shard, _ in refs))
+        assert in_order == [shard for shard, _, _ in epoch_assignment(8, 4, 0, 0, sid)]
+
+
+def test_fewer_shards_than_streams_split_samples_without_overlap(tmp_path):
+    make_npz(tmp_path / "s.npz", 20, 8)
+    prepare(f"npz:{tmp_path / 's.npz'}", tmp_path / "d", shard_size=10, workers=1, progress=False)
+    drawn = stream_draws(tmp_path / "d", world=2, workers=2, batches_per_stream=1, batch_size=5)
+    every = [r for refs in drawn.values() for r in refs]
+    assert len(every) == len(set(every)) == 20
+
+
+def test_stream_is_deterministic_and_seed_dependent(small_dir):
+    def first(seed):
+        ld = loader(small_dir, batch_size=8, seed=seed, num_workers=2, shuffle_buffer=20, hflip=True)
+        return [ld.next()[0] for _ in range(6)]
+    a, b, c = first(3), first(3), first(4)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not all(torch.equal(u, v) for u, v in zip(a, c))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_with_the_same_batches(small_dir, workers):
+    ld = loader(small_dir, batch_size=7, seed=5, num_workers=workers, shuffle_buffer=25, hflip=True)
+    for _ in range(9):                       # past the first epoch boundary of some streams
+        ld.next()
+    state = ld.state_dict()
+    expected = [ld.next() for _ in range(12)]
+    again = loader(small_dir, batch_size=7, seed=5, num_workers=workers, shuffle_buffer=25, hflip=True)
+    again.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(expected, (again.next() for _ in range(12))):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    wrong = loader(small_dir, batch_size=7, seed=5, num_workers=1)
+    with pytest.raises(DataError, match="num_workers=2|num_workers=0"):
+        wrong.load_state_dict(state)
+
+
+def test_hflip_mirrors_some_samples_and_leaves_others(small_dir):
+    ld = loader(small_dir, batch_size=40, hflip=True)
+    x, _ = ld.next()
+    refs = ld.last_refs
+    plain = loader(small_dir, batch_size=80)
+    originals = {}
+    for _ in range(2):
+        xb, _ = plain.next()
+        for img, (s, i) in zip(xb, plain.last_refs.tolist()):
+            originals[(s, i)] = img
+    flipped = [torch.equal(img, originals[tuple(r)].flip(-1)) for img, r in zip(x, refs.tolist())]
+    same = [torch.equal(img, originals[tuple(r)]) for img, r in zip(x, refs.tolist())]
+    assert all(f or s for f, s in zip(flipped, same))
+    assert 5 < sum(flipped) < 35
+
+
+def _rewrite_sample(shard: Path, position: int, png: bytes | None = None, drop_label: bool = False):
+    """Rewrite one sample of a shard in place (keeps the other samples byte-for-byte)."""
+    samples = list(iter_tar_samples(open(shard, "rb")))
+    key, files = samples[position]
+    if png is not None:
+        files["png"] = png
+    if drop_label:
+        files.pop("cls", None)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for k, fs in samples:
+            for ext, data in sorted(fs.items()):
+                info = tarfile.TarInfo(f"{k}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    shard.write_bytes(buf.getvalue())
+
+
+def test_truncated_tar_and_corrupt_png_are_skipped_and_counted(small_dir):
+    _rewrite_sample(small_dir / "train-000001.tar", 4, png=b"\x89PNG\r\n\x1a\n broken")
+    t = small_dir / "train-000005.tar"
+    t.write_bytes(t.read_bytes()[:12000])   # cut mid-sample: half the shard is lost
+    ld = loader(small_dir, batch_size=9, max_bad_fraction=0.8, num_workers=2)
+    seen = set()
+    for _ in range(10):                      # 90 samples: more than one epoch of the 73 readable
+        x, _ = ld.next()
+        assert x.shape == (9, 3, 8, 8) and torch.isfinite(x).all()
+        seen.update(map(tuple, ld.last_refs.tolist()))
+    readable = 0
+    with pytest.raises(TruncatedTar):
+        for _ in iter_tar_samples(open(t, "rb")):
+            readable += 1
+    counts = ld.bad_counts()    # 90 draws > 73 readable: some shards were read twice
+    assert counts["undecodable"] in (1, 2) and counts["read_error"] in (1, 2)
+    assert 3 <= 10 - readable and counts["truncated"] == counts["read_error"] * (10 - readable)
+    assert (1, 4) not in seen and all(s != 5 or i < readable for s, i in seen)
+    # verify reports both, with shard and key
+    out = cli("verify", str(small_dir), "--quiet", check=False)
+    assert out.returncode == 1
+    assert "train-000001.tar key train000000014: undecodable image" in out.stdout
+    assert "train-000005.tar: unreadable tar" in out.stdout
+
+
+def test_too_many_bad_samples_is_an_error_naming_the_shard(small_dir):
+    t = small_dir / "train-000002.tar"
+    t.write_bytes(t.read_bytes()[:3000])
+    ld = loader(small_dir, batch_size=10, max_bad_fraction=0.2)
+    with pytest.raises(DataError, match=r"shard .*train-000002\.tar: \d+ of 10 samples bad.*max_bad_fraction"):
+        for _ in range(20):
+            ld.next()
+
+
+def test_missing_label_is_bad_only_when_labels_are_required(small_dir):
+    _rewrite_sample(small_dir / "train-000000.tar", 2, drop_label=True)
+    relaxed = loader(small_dir, batch_size=80)
+    _, y = relaxed.next()
+    assert (y == -1).sum() == 1 and relaxed.bad_counts() == {}
+    strict = loader(small_dir, batch_size=79, require_labels=True, max_bad_fraction=0.2)
+    _, y = strict.next()
+    assert (y >= 0).all() and strict.bad_counts() == {"missing_label": 1}
+
+
+def test_url_patterns_and_pipe_urls(small_dir):
+    pattern = f"pipe:cat {small_dir}/train-{{000000..000007}}.tar"
+    shards = ShardSet.resolve(pattern, resolution=8, channels=3)
+    assert len(shards.urls) == 8 and shards.urls[0] == f"pipe:cat {small_dir}/train-000000.tar"
+    ld = StreamLoader(shards, batch_size=16, seed=0, rank=0, world_size=1, num_workers=1, shuffle_buffer=0)
+    x, y = ld.next()
+    direct = loader(small_dir, batch_size=16, num_workers=1)
+    assert torch.equal(x, direct.next()[0])
+    with pytest.raises(DataError, match="data.resolution"):
+        ShardSet.resolve(f"{small_dir}/train-{{000000..000007}}.tar")
+    with pytest.raises(DataError, match="do not exist"):
+        ShardSet.resolve(f"{small_dir}/nope-{{000000..000001}}.tar", resolution=8, channels=3)
+    with pytest.raises(FileNotFoundError, match="ganpipe prepare"):
+        ShardSet.resolve(str(small_dir.parent))
+
+
+def test_manifest_json_is_plain_and_complete(small_dir):
+    m = json.loads((small_dir / "manifest.json").read_text())
+    for key in ("format", "format_version", "source", "resolution", "channels", "classes", "splits"):
+        assert key in m
+    assert [s["name"] for s in m["splits"]["train"]["shards"]] == [f"train-{i:06d}.tar" for i in range(8)]
