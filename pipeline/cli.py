@@ -20,6 +20,9 @@ from pipeline.config import ConfigError
 COMMANDS = {
     "prepare": ("pipeline.data.prepare", "turn an image collection into webdataset shards + manifest"),
     "verify": ("pipeline.data.verify", "re-hash and decode every shard of a prepared directory"),
+    "refstats": ("pipeline.metrics.refstats", "compute and cache reference feature statistics of a data split"),
+    "eval": ("pipeline.metrics.evaluate", "score snapshots of a run (FID/KID) and record the protocol"),
+    "watch": ("pipeline.metrics.watch", "score each new snapshot of a run once, until training finishes"),
     "config": ("pipeline.config", "print the resolved config of a YAML file plus key=value overrides"),
     "bench": ("pipeline.bench", "run a benchmark and print its measurements as JSON"),
 }

@@ -128,7 +128,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return build_dataclass(tp, value, key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -146,7 +146,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -218,7 +218,7 @@ def from_dict(data: dict, overrides: Iterable[str] = ()) -> Config:
     merged = dict(data or {})
     for text in overrides:
         merged = _merge(merged, parse_override(text))
-    cfg = _build(Config, merged, "")
+    cfg = build_dataclass(Config, merged, "")
     validate(cfg)
     return cfg
 
