@@ -15,21 +15,20 @@ import importlib
 import sys
 
 from pipeline.config import ConfigError
+from pipeline.errors import DataError, TrainingError, UserError
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS = {
     "prepare": ("pipeline.data.prepare", "turn an image collection into webdataset shards + manifest"),
     "verify": ("pipeline.data.verify", "re-hash and decode every shard of a prepared directory"),
+    "train": ("pipeline.training.command", "train a GAN (resumes RUN automatically); see configs/"),
+    "sample": ("pipeline.training.sample", "write images or a grid from a snapshot"),
     "refstats": ("pipeline.metrics.refstats", "compute and cache reference feature statistics of a data split"),
     "eval": ("pipeline.metrics.evaluate", "score snapshots of a run (FID/KID) and record the protocol"),
     "watch": ("pipeline.metrics.watch", "score each new snapshot of a run once, until training finishes"),
     "config": ("pipeline.config", "print the resolved config of a YAML file plus key=value overrides"),
     "bench": ("pipeline.bench", "run a benchmark and print its measurements as JSON"),
 }
-
-
-class UserError(Exception):
-    """Bad input from the user; printed as one line without a traceback."""
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -50,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(command).parse_args(argv)
     try:
         status = importlib.import_module(args._module).run(args)
-    except (UserError, ConfigError, FileNotFoundError, FileExistsError) as exc:
+    except (UserError, ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
         print(f"ganpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:
+        print(f"ganpipe {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return int(status or 0)
 
 

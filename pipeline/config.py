@@ -86,11 +86,37 @@ class LossConfig:
 
 
 @dataclass
+class TrainConfig:
+    total_kimg: float = opt(100.0, min=0.0)      # training length in thousands of real images shown to D
+    tick_kimg: float = opt(4.0, min=1e-6)        # kimg between status lines / stats.jsonl rows / sample grids
+    snapshot_kimg: float = opt(20.0, min=0.0)    # kimg between EMA-G snapshots for eval (0 = only at the end)
+    checkpoint_kimg: float = opt(20.0, min=0.0)  # kimg between full resumable checkpoints (0 = only at the end)
+    keep_checkpoints: int = opt(3, min=1)        # newest full checkpoints kept on disk
+    batch_per_process: int = opt(0, min=0)       # images per process per forward (0 = data.batch_size / processes)
+    g_lr: float = opt(2e-4, min=0.0)             # Adam learning rate of G
+    d_lr: float = opt(2e-4, min=0.0)             # Adam learning rate of D
+    g_betas: list[float] = opt([0.5, 0.999])     # Adam (beta1, beta2) of G
+    d_betas: list[float] = opt([0.5, 0.999])     # Adam (beta1, beta2) of D
+    lazy_adjust: bool = opt(True)                # scale D's lr and betas by k/(k+1) for a penalty every k steps (StyleGAN2)
+    n_critic: int = opt(1, min=1)                # D steps per G step (5 for WGAN)
+    ema_halflife_kimg: float = opt(10.0, min=0.0)  # half-life of G's EMA in kimg (0 = EMA is a plain copy)
+    ema_rampup: float = opt(0.05, min=0.0)       # EMA half-life at most this x kimg seen (0 = no ramp-up)
+    mixed_precision: str = opt("auto", choices=("auto", "no", "bf16", "fp16"))  # autocast dtype (auto: bf16 on capable GPUs, fp32 on CPU)
+    augment: str = opt("")                       # DiffAugment policy, comma-separated: color, translation, cutout ("" = off)
+    max_nonfinite_steps: int = opt(10, min=1)    # consecutive skipped (inf/NaN) steps that stop the run
+    inject_nan_steps: list[int] = opt([])        # testing aid: D steps whose loss is replaced by NaN
+    grid_size: int = opt(64, min=1)              # images in the fixed-z sample grid
+    threads: int = opt(0, min=0)                 # torch CPU threads per process (0 = cores / local processes)
+    progress: bool = opt(True)                   # progress bar on rank 0 (status lines are printed either way)
+
+
+@dataclass
 class Config:
     seed: int = opt(0, min=0)           # global seed; ranks and loader streams derive theirs from it
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,12 +35,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.errors import DataError
 from pipeline.data.manifest import (BadSample, decode_image, decode_label, iter_tar_samples,
                                     read_manifest)
-
-class DataError(RuntimeError):
-    """Data that cannot be trained on; names the shard and what to do."""
-
 
 @dataclass
 class ShardSet:

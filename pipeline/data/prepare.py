@@ -25,7 +25,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from pipeline import __version__
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 from pipeline.data.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, encode_png, sha256_file,
                                     write_json_atomic)
 from pipeline.data.sources import SOURCES, SourceError, parse_source
