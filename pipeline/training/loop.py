@@ -65,13 +65,18 @@ def crossed(prev_nimg: int, cur_nimg: int, every_kimg: float) -> bool:
     return math.floor(cur_nimg / every) > math.floor(prev_nimg / every)
 
 
+def _digest(module: torch.nn.Module) -> torch.Tensor:
+    """Per-tensor (sum, sum of squares) in float64: equal across ranks iff DDP kept them in sync."""
+    return torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                        for p in module.parameters()])
+
+
 def check_ranks_identical(named_modules: dict[str, torch.nn.Module], device: torch.device) -> None:
     """Raise if any rank holds different parameters (sum and sum of squares per tensor, exact)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
     for name, module in named_modules.items():
-        local = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-                             for p in module.parameters()]).to(device)
+        local = _digest(module).to(device)
         everyone = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(everyone, local)
         for r, other in enumerate(everyone):
@@ -146,14 +151,16 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     ema.model.to(device)
     G, D = acc.prepare(G, D)
     G_, D_ = acc.unwrap_model(G), acc.unwrap_model(D)
-    k = cfg.loss.penalty_interval if (cfg.loss.penalty != "none" and t_cfg.lazy_adjust) else 1
-    ratio = k / (k + 1)                          # StyleGAN2 Appendix B: lazy regularization
+    loss_fn, penalty = build_loss(cfg.loss), build_penalty(cfg.loss)
+    lazy = penalty is not None and penalty.interval > 1
+    # StyleGAN2 (Appendix B): a penalty step every k D steps adds 1 step per k; Adam's lr and betas
+    # are scaled by k / (k + 1) so that D's effective optimisation speed is unchanged.
+    ratio = penalty.interval / (penalty.interval + 1) if lazy and t_cfg.lazy_adjust else 1.0
     opt_G = torch.optim.Adam(G_.parameters(), lr=t_cfg.g_lr, betas=tuple(t_cfg.g_betas))
     opt_D = torch.optim.Adam(D_.parameters(), lr=t_cfg.d_lr * ratio,
                              betas=tuple(b ** ratio for b in t_cfg.d_betas))
     scaler_G = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     scaler_D = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    loss_fn, penalty = build_loss(cfg.loss), build_penalty(cfg.loss)
     policy = parse_policy(t_cfg.augment)
     augment = (lambda x: diff_augment(x, policy)) if policy else (lambda x: x)
     num_classes = G_.num_classes
@@ -217,6 +224,12 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
         z = torch.randn(labels.shape[0] if labels is not None else per_proc, G_.z_dim, device=device)
         return z, labels
 
+    def penalty_loss(real, fake, labels):
+        pen, pen_stats = penalty(D, real, fake, labels, scaler=scaler_D)
+        for name, value in pen_stats.items():
+            stats.report(name, value)
+        return pen
+
     def step(opt, scaler, params, name) -> bool:
         """Unscale, measure, and step unless the gradients are not finite (then skip and count)."""
         nonlocal skipped, consecutive
@@ -239,13 +252,15 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
         # D phase: n_critic steps, each one global batch of real images.
         for _ in range(t_cfg.n_critic):
             opt_D.zero_grad(set_to_none=True)
-            apply_penalty = penalty is not None and penalty.due(d_steps)
+            with_penalty = penalty is not None and not lazy       # every-step penalty joins the main loss
+            micro_batches = []
             for micro in range(accum):
                 real, labels = loader.next()
                 labels = labels if conditional else None
                 z, fake_labels = sample_fakes(labels)
                 with torch.no_grad(), autocast():
                     fake = G(z, fake_labels)
+                micro_batches.append((real, fake, labels))
                 sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(D)
                 with sync:
                     with autocast():
@@ -254,18 +269,24 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                         loss = loss_fn.d_loss(real_logits, fake_logits)
                         if d_steps in inject:
                             loss = loss * float("nan")
-                        total = loss
-                        if apply_penalty:
-                            pen_loss, pen_stats = penalty(D, real_aug, fake_aug, labels, scaler=scaler_D)
-                            total = total + pen_loss
-                            for name, value in pen_stats.items():
-                                stats.report(name, value)
+                        total = loss + (penalty_loss(real_aug, fake_aug, labels) if with_penalty else 0)
                     scaler_D.scale(total / accum).backward()
                 stats.report("Loss/D/main", loss)
                 stats.report("D/real", real_logits.mean())
                 stats.report("D/fake", fake_logits.mean())
             if step(opt_D, scaler_D, D_.parameters(), "D"):
                 clip_weights(D_, cfg.loss.clip)
+
+            # Lazy penalty: its own D step every `interval` D steps, on the same batch, loss x interval.
+            if lazy and penalty.due(d_steps):
+                opt_D.zero_grad(set_to_none=True)
+                for micro, (real, fake, labels) in enumerate(micro_batches):
+                    sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(D)
+                    with sync:
+                        with autocast():
+                            total = penalty_loss(augment(real), augment(fake), labels)
+                        scaler_D.scale(total / accum).backward()
+                step(opt_D, scaler_D, D_.parameters(), "Dreg")
             d_steps += 1
             cur_nimg += batch
 
@@ -299,7 +320,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
             bad_tensor = torch.tensor([float(bad.get(k, 0)) for k in sorted(BAD_KINDS)], device=device)
             if world > 1:
                 dist.all_reduce(bad_tensor)
-            row.update({f"Data/bad_{k}": int(v) for k, v in zip(sorted(BAD_KINDS), bad_tensor.tolist())})
+            row.update({f"Data/skipped_{k}": int(v) for k, v in zip(sorted(BAD_KINDS), bad_tensor.tolist())})
             row.update({
                 "LR/G": opt_G.param_groups[0]["lr"], "LR/D": opt_D.param_groups[0]["lr"],
                 "Steps/skipped_nonfinite": skipped,
@@ -327,7 +348,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                           extra={"config_hash": _config_hash(cfg), "data_path": cfg.data.path})
         if crossed(prev_nimg, cur_nimg, t_cfg.checkpoint_kimg) or done or stop:
             check_ranks_identical({"G": G_, "D": D_}, device)
-            per_rank = {"torch_cpu": torch.get_rng_state(), "loader": loader.state_dict()}
+            per_rank = {"torch_cpu": torch.get_rng_state(), "loader": loader.state_dict(),
+                        "param_digest": {n: _digest(m) for n, m in (("G", G_), ("D", D_))}}
             if device.type == "cuda":
                 per_rank["torch_cuda"] = torch.cuda.get_rng_state(device)
             last_ckpt = save_checkpoint(
