@@ -306,7 +306,10 @@ class StreamLoader:
             return iter(dataset)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             collate_fn=_collate_identity, pin_memory=bool(self.device and self.device.type == "cuda"),
-                            prefetch_factor=2, persistent_workers=False)
+                            prefetch_factor=2, persistent_workers=False,
+                            # Its own generator: starting workers draws a base seed, and drawing it
+                            # from the global RNG would shift training randomness on every resume.
+                            generator=torch.Generator().manual_seed(self.seed))
         return iter(loader)
 
     def next_raw(self) -> dict:

@@ -169,7 +169,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     grid_c = (torch.arange(t_cfg.grid_size) % num_classes).to(device) if num_classes else None
 
     # Resume from the newest complete checkpoint of this run, if any.
-    cur_nimg, d_steps, g_steps, skipped, consecutive = 0, 0, 0, 0, 0
+    cur_nimg, d_steps, g_steps, skipped = 0, 0, 0, 0
+    consecutive: dict[str, int] = {}             # optimizer name -> steps skipped in a row
     loader_state, last_ckpt = None, None
     torch.manual_seed(cfg.seed * 1000 + rank)
     if ckpts := list_checkpoints(run_dir):
@@ -232,7 +233,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
 
     def step(opt, scaler, params, name) -> bool:
         """Unscale, measure, and step unless the gradients are not finite (then skip and count)."""
-        nonlocal skipped, consecutive
+        nonlocal skipped
         scaler.unscale_(opt)
         norm = grad_norm(params)
         stats.report(f"Grad/{name}/norm", norm)
@@ -240,9 +241,10 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
         if ok or scaler.is_enabled():
             scaler.step(opt)        # an enabled scaler skips non-finite steps itself and lowers its scale
         scaler.update()
-        skipped, consecutive = (skipped, 0) if ok else (skipped + 1, consecutive + 1)
-        if consecutive >= t_cfg.max_nonfinite_steps:
-            raise TrainingError(f"{consecutive} consecutive steps with non-finite gradients at kimg "
+        skipped += 0 if ok else 1
+        consecutive[name] = 0 if ok else consecutive.get(name, 0) + 1
+        if consecutive[name] >= t_cfg.max_nonfinite_steps:
+            raise TrainingError(f"{consecutive[name]} consecutive {name} steps with non-finite gradients at kimg "
                                 f"{cur_nimg / 1000:.3f}; last good checkpoint: {last_ckpt or 'none yet'}. "
                                 "Lower the learning rates, use mixed_precision=no/bf16, or check the data")
         return ok

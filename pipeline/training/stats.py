@@ -15,40 +15,41 @@ import torch.distributed as dist
 
 
 class Stats:
+    """Sums and counts per name, kept on the device (no host sync per report). Non-finite values
+    (an fp16 overflow step that the scaler skips) are left out of the means; the skipped steps are
+    counted by the loop."""
+
     def __init__(self, device: torch.device):
         self.device = device
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.acc: dict[str, torch.Tensor] = {}      # name -> tensor([sum, count])
 
     def report(self, name: str, value) -> None:
         v = value.detach().float().mean() if torch.is_tensor(value) else torch.tensor(float(value))
         v = v.to(self.device)
-        if name in self.sums:
-            self.sums[name] += v
-            self.counts[name] += 1
+        finite = torch.isfinite(v)
+        entry = torch.stack([torch.where(finite, v, torch.zeros_like(v)), finite.float()])
+        if name in self.acc:
+            self.acc[name] += entry
         else:
-            self.sums[name] = v.clone()
-            self.counts[name] = 1
+            self.acc[name] = entry
 
     def reduce(self) -> dict[str, float]:
-        """Means over this tick's reports, averaged over ranks; clears the accumulators."""
-        names = sorted(self.sums)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        """Means over this tick's finite reports on all ranks (NaN if none); clears the sums."""
+        names = sorted(self.acc)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
             everyone: list = [None] * dist.get_world_size()
             dist.all_gather_object(everyone, names)
             names = sorted(set().union(*everyone))
-        zero = torch.zeros((), device=self.device)
-        local = torch.stack([self.sums.get(n, zero) / max(self.counts.get(n, 1), 1) for n in names]) \
-            if names else torch.zeros(0, device=self.device)
-        present = torch.tensor([1.0 if n in self.sums else 0.0 for n in names], device=self.device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and names:
-            packed = torch.cat([local, present])
+        if not names:
+            return {}
+        zero = torch.zeros(2, device=self.device)
+        packed = torch.stack([self.acc.get(n, zero) for n in names])
+        if distributed:
             dist.all_reduce(packed)
-            local, present = packed[:len(names)], packed[len(names):]
-        means = (local / present.clamp(min=1)).tolist()
-        self.sums.clear()
-        self.counts.clear()
-        return dict(zip(names, means))
+        sums, counts = packed[:, 0].tolist(), packed[:, 1].tolist()
+        self.acc.clear()
+        return {n: (s / c if c else float("nan")) for n, s, c in zip(names, sums, counts)}
 
 
 class StatsWriter:

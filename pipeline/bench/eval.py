@@ -1,0 +1,142 @@
+"""Snapshot scoring throughput next to clean-fid's own `compute_fid` on the same images and extractor.
+
+    ganpipe bench eval [--num-gen 5000] [--extractor mnist] [--model dcgan] [--data DIR]
+
+Set-up (untimed): the bundled MNIST prepared with `--holdout 1000` into a temporary directory
+(or `--data DIR`), a freshly initialised generator of `--model` saved as a real snapshot and
+loaded back, the reference split exported as PNG files (clean-fid reads folders).
+
+Ours: reference statistics from the shards (`compute_refstats`), then `generated_features`
+(seeded generation, uint8 quantisation, clean resize, features) and the Fréchet distance;
+generation alone and featurisation alone are timed too. clean-fid: `compute_fid(gen=..., fdir2=
+PNG folder, mode="clean", custom_feat_extractor=<the same network>, custom_fn_resize=<the same
+clean resize>)`, where `gen` replays exactly our seeded images, so both score the same images
+with the same extractor: the FIDs must agree, and the time ratio is the honest comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.metrics.features import EXTRACTORS
+
+    p.add_argument("--num-gen", type=int, default=5000, help="generated images scored")
+    p.add_argument("--extractor", default="mnist", choices=EXTRACTORS.keys())
+    p.add_argument("--inception-weights", default=None, help="for --extractor inception")
+    p.add_argument("--model", default="dcgan", help="network family of the (untrained) generator")
+    p.add_argument("--data", type=Path, default=None, help="prepared data dir (default: bundled MNIST)")
+    p.add_argument("--split", default="train", help="reference split")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--cleanfid-workers", type=int, default=0, help="clean-fid's folder DataLoader workers")
+
+
+class Replay:
+    """A `gen` for clean-fid: ignores its z and returns our next seeded images, float [0, 255] RGB."""
+
+    def __init__(self, G, seed: int, device):
+        self.G, self.seed, self.device, self.next = G, seed, device, 0
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        from pipeline.metrics.evaluate import generate
+
+        images = generate(self.G, start=self.next, count=z.shape[0], seed=self.seed, device=self.device)
+        self.next += z.shape[0]
+        x = torch.from_numpy(images).float()
+        return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
+
+
+def run(args: argparse.Namespace) -> dict:
+    from PIL import Image
+    from cleanfid import fid as cleanfid
+
+    from pipeline.config import ModelConfig
+    from pipeline.data.prepare import prepare
+    from pipeline.metrics.evaluate import generate, generated_features
+    from pipeline.metrics.features import get_extractor
+    from pipeline.metrics.fid import feature_stats, frechet_distance
+    from pipeline.metrics.refstats import compute_refstats, default_device, iter_split
+    from pipeline.networks import build_networks
+    from pipeline.training.snapshot import load_snapshot, save_snapshot
+
+    device = default_device(args.device)
+    ext = get_extractor(args.extractor, device, args.inception_weights)
+    n, bs, seed = args.num_gen, args.batch_size, 0
+    with tempfile.TemporaryDirectory(prefix="ganpipe-bench-eval-") as tmp:
+        tmp = Path(tmp)
+        data = args.data
+        if data is None:
+            data = tmp / "mnist"
+            prepare("mnist", data, holdout=1000, workers=1, progress=False)
+        from pipeline.data.manifest import read_manifest
+
+        m = read_manifest(data)
+        torch.manual_seed(0)
+        G, _ = build_networks(ModelConfig(name=args.model), resolution=m["resolution"], channels=m["channels"],
+                              num_classes=m["num_classes"])
+        snap = save_snapshot(G, tmp / "run" / "snapshots", cur_nimg=0, model_cfg=ModelConfig(name=args.model),
+                             resolution=m["resolution"], channels=m["channels"], num_classes=m["num_classes"])
+        G, _ = load_snapshot(snap, device=device)
+
+        # Ours: reference statistics from shards, then generate + featurise + Fréchet distance.
+        t0 = time.perf_counter()
+        ref = compute_refstats(data, args.split, ext, batch_size=bs)
+        refstats_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        feats = generated_features(G, ext, num=n, batch_size=bs, seed=seed)
+        mu, sigma = feature_stats(feats)
+        ours_fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
+        eval_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        images = [generate(G, start=s, count=min(bs, n - s), seed=seed, device=ext.device) for s in range(0, n, bs)]
+        gen_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for batch in images:
+            ext(batch)
+        feat_s = time.perf_counter() - t0
+
+        # clean-fid on the same images (replayed) and the same reference images (as PNG files).
+        t0 = time.perf_counter()
+        png = tmp / "ref_png"
+        png.mkdir()
+        i = 0
+        for batch, _ in iter_split(data, args.split, bs):
+            for img in batch:
+                Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)).save(png / f"{i:06d}.png")
+                i += 1
+        export_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cf_fid = float(cleanfid.compute_fid(
+            gen=Replay(G, seed, ext.device), fdir2=str(png), mode="clean", custom_feat_extractor=ext.net,
+            custom_fn_resize=ext.resizer(), num_gen=n, z_dim=G.z_dim, batch_size=bs, device=ext.device,
+            num_workers=args.cleanfid_workers, verbose=False, use_dataparallel=False))
+        cf_s = time.perf_counter() - t0
+
+    ours_s = refstats_s + eval_s
+    return {
+        "extractor": ext.name, "resize": ext.resize, "feature_dim": ext.dim, "device": str(ext.device),
+        "generator": {"model": args.model, "z_dim": G.z_dim, "resolution": G.resolution, "channels": G.channels},
+        "num_gen": n, "reference": {"data": "bundled mnist" if args.data is None else str(args.data),
+                                    "split": args.split, "num": ref.num},
+        "batch_size": bs,
+        "ours": {
+            "refstats_s": round(refstats_s, 3), "refstats_images_per_s": round(ref.num / refstats_s, 1),
+            "eval_s": round(eval_s, 3), "generated_and_featurised_images_per_s": round(n / eval_s, 1),
+            "generate_only_images_per_s": round(n / gen_s, 1), "featurise_only_images_per_s": round(n / feat_s, 1),
+            "total_s": round(ours_s, 3), "fid": ours_fid,
+        },
+        "cleanfid_compute_fid": {
+            "seconds": round(cf_s, 3), "images_per_s": round((n + ref.num) / cf_s, 1), "fid": cf_fid,
+            "num_workers": args.cleanfid_workers, "png_export_s_untimed": round(export_s, 3),
+        },
+        "ratio_cleanfid_time_to_ours": round(cf_s / ours_s, 3),
+        "fid_abs_diff": abs(cf_fid - ours_fid),
+    }

@@ -1,0 +1,89 @@
+"""FID and KID from feature arrays, computed by clean-fid's own functions.
+
+    mu, sigma = feature_stats(feats)                     # float64, np.cov as clean-fid does
+    fid = frechet_distance(mu_g, sigma_g, mu_r, sigma_r)  # cleanfid.fid.frechet_distance
+    kid = kernel_distance(feats_g, feats_r, seed=0)      # cleanfid.fid.kernel_distance, seeded
+
+Scores are served by name from `METRICS` (the values of `--metrics`); each takes the generated
+features, the reference statistics and a seed, and returns the score plus the protocol facts
+that belong next to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from typing import Any
+
+import numpy as np
+
+from pipeline.registry import Registry
+
+# name -> fn(gen_feats, ref: RefStats, seed) -> (value, extra protocol fields)
+METRICS = Registry("metric")
+
+KID_SUBSETS = 100          # clean-fid's defaults for kernel_distance
+KID_SUBSET_SIZE = 1000
+
+
+def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, covariance) in float64, exactly as clean-fid computes them (np.cov, rowvar=False)."""
+    feats = np.asarray(feats, dtype=np.float64)
+    if feats.ndim != 2 or len(feats) < 2:
+        raise ValueError(f"feature statistics need at least 2 feature vectors, got shape {feats.shape}")
+    return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), by clean-fid (its singular-product fallback included)."""
+    from cleanfid.fid import frechet_distance as cleanfid_frechet
+
+    # clean-fid prints a note when it has to regularise a singular product; keep stdout for our lines.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return float(cleanfid_frechet(mu1, sigma1, mu2, sigma2))
+
+
+def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, *, seed: int, num_subsets: int = KID_SUBSETS,
+                    max_subset_size: int = KID_SUBSET_SIZE) -> float:
+    """KID (cubic polynomial kernel MMD over random subsets) by clean-fid, made deterministic.
+
+    clean-fid draws its subsets from numpy's global RNG; we seed it for the call and restore the
+    previous state afterwards, so the score depends only on `seed` and nobody else's RNG moves.
+    """
+    from cleanfid.fid import kernel_distance as cleanfid_kid
+
+    if min(len(feats1), len(feats2)) < 2:
+        raise ValueError("KID needs at least 2 feature vectors on each side")
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed % 2**32)
+        return float(cleanfid_kid(np.asarray(feats1, np.float64), np.asarray(feats2, np.float64),
+                                  num_subsets=num_subsets, max_subset_size=max_subset_size))
+    finally:
+        np.random.set_state(state)
+
+
+@METRICS.register("fid")
+def fid_metric(gen_feats: np.ndarray, ref: Any, seed: int) -> tuple[float, dict]:
+    mu, sigma = feature_stats(gen_feats)
+    return frechet_distance(mu, sigma, ref.mu, ref.sigma), {}
+
+
+@METRICS.register("kid")
+def kid_metric(gen_feats: np.ndarray, ref: Any, seed: int) -> tuple[float, dict]:
+    value = kernel_distance(ref.feats, gen_feats, seed=seed)   # clean-fid's argument order
+    return value, {"kid_subsets": KID_SUBSETS,
+                   "kid_subset_size": int(min(KID_SUBSET_SIZE, len(gen_feats), len(ref.feats)))}
+
+
+def parse_metrics(text: str) -> list[str]:
+    """'fid,kid' -> ['fid', 'kid'], each checked against METRICS (ConfigError names the choices)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"--metrics is empty; choose from {', '.join(METRICS.keys())}")
+    for name in names:
+        METRICS.get(name)
+    return list(dict.fromkeys(names))
+

@@ -1,0 +1,198 @@
+"""Reference statistics of a prepared data split: feature mean, covariance and KID features.
+
+    ganpipe refstats data/mnist --split train --extractor mnist
+    ganpipe refstats data/ffhq --extractor inception --inception-weights ~/weights/inception-2015-12-05.pt
+
+Computed once and cached beside the data as
+
+    DATA_DIR/refstats/{split}-{extractor}-{resize}-{manifest_sha256[:12]}.npz
+
+(`mu`, `sigma` in float64 as clean-fid computes them, `feats` float32 for KID, `meta` JSON with
+the protocol: N, extractor weights hash, seconds). A new `prepare` changes the manifest hash and
+so the key; a retrained extractor is caught by the weights hash stored inside. The file is written
+atomically (temp file + rename). Where the data directory is read-only the cache goes to
+`$XDG_CACHE_HOME/ganpipe/refstats/` (default `~/.cache`). `ganpipe eval` calls `reference_stats`
+and so computes them on first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from pipeline.data.manifest import (BadSample, TruncatedTar, decode_image, decode_label,
+                                    iter_tar_samples, manifest_hash, read_manifest)
+from pipeline.metrics.features import Extractor
+from pipeline.metrics.fid import feature_stats
+
+CACHE_SUBDIR = "refstats"
+
+
+@dataclass
+class RefStats:
+    mu: np.ndarray          # (D,) float64
+    sigma: np.ndarray       # (D, D) float64
+    feats: np.ndarray       # (N, D) float32, for KID
+    meta: dict              # protocol: data, split, num, extractor, resize, manifest_sha256, seconds
+    path: Path | None = None
+
+    @property
+    def num(self) -> int:
+        return int(self.feats.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a split, in manifest order (every sample once).
+
+def iter_split(data_dir: str | Path, split: str, batch_size: int = 250
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 images (B, C, H, W), int64 labels (B,)) batches of every sample of `split`.
+
+    A bad sample or a truncated shard is an error, not a skip: it would silently change N and
+    the statistics. The message names the shard and what to run.
+    """
+    data_dir = Path(data_dir)
+    m = read_manifest(data_dir)
+    if split not in m["splits"]:
+        from pipeline.cli import UserError
+
+        raise UserError(f"{data_dir}: no split '{split}' in the manifest (has: {', '.join(m['splits'])}); "
+                        "choose --split, or re-prepare with --holdout N for a test split")
+    res, ch, classes = m["resolution"], m["channels"], m["num_classes"]
+    images, labels = [], []
+    for shard in m["splits"][split]["shards"]:
+        path = data_dir / shard["name"]
+        try:
+            for key, files in iter_tar_samples(open(path, "rb"), str(path)):
+                data = files.get("png") or files.get("jpg")
+                if data is None:
+                    raise BadSample(f"no image entry (has {', '.join(sorted(files))})")
+                images.append(decode_image(data, ch, res))
+                labels.append(decode_label(files.get("cls"), classes, False))
+                if len(images) == batch_size:
+                    yield np.stack(images), np.asarray(labels, dtype=np.int64)
+                    images, labels = [], []
+        except (BadSample, TruncatedTar, OSError) as exc:
+            from pipeline.cli import UserError
+
+            raise UserError(f"{path}: {exc}; reference statistics need every sample of the split: "
+                            f"run `ganpipe verify {data_dir}` and re-prepare the data") from None
+    if images:
+        yield np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def read_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every image and label of a (small) split in memory."""
+    parts = list(iter_split(data_dir, split, batch_size=1000))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+# ---------------------------------------------------------------------------------------------
+# Computing and caching.
+
+def cache_name(data_dir: str | Path, split: str, extractor: Extractor) -> str:
+    return f"{split}-{extractor.name}-{extractor.resize}-{manifest_hash(data_dir)[:12]}.npz"
+
+
+def cache_paths(data_dir: str | Path, split: str, extractor: Extractor) -> list[Path]:
+    """Where the stats may live: beside the data first, then the user cache (read-only data)."""
+    name = cache_name(data_dir, split, extractor)
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ganpipe" / CACHE_SUBDIR
+    return [Path(data_dir) / CACHE_SUBDIR / name, user / name]
+
+
+def compute_refstats(data_dir: str | Path, split: str, extractor: Extractor, *, batch_size: int = 250
+                     ) -> RefStats:
+    """Features of every image of the split, then clean-fid-style mean and covariance."""
+    t0 = time.perf_counter()
+    feats = np.concatenate([extractor(images) for images, _ in iter_split(data_dir, split, batch_size)])
+    mu, sigma = feature_stats(feats)
+    seconds = time.perf_counter() - t0
+    meta = {"data": str(Path(data_dir).resolve()), "split": split, "num": int(len(feats)),
+            "manifest_sha256": manifest_hash(data_dir), **extractor.protocol(),
+            "seconds": round(seconds, 3), "images_per_s": round(len(feats) / max(seconds, 1e-9), 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return RefStats(mu, sigma, feats.astype(np.float32), meta)
+
+
+def save_refstats(stats: RefStats, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=stats.mu, sigma=stats.sigma, feats=stats.feats, meta=np.array(json.dumps(stats.meta)))
+    os.replace(tmp, path)
+    stats.path = path
+    return path
+
+
+def load_refstats(path: str | Path) -> RefStats:
+    with np.load(path, allow_pickle=False) as z:
+        return RefStats(z["mu"], z["sigma"], z["feats"], json.loads(str(z["meta"])), Path(path))
+
+
+def reference_stats(data_dir: str | Path, split: str, extractor: Extractor, *, batch_size: int = 250,
+                    force: bool = False, log: Callable[[str], None] = print) -> RefStats:
+    """The cached statistics for (data, split, extractor), computing and caching them if needed."""
+    paths = cache_paths(data_dir, split, extractor)
+    if not force:
+        for path in paths:
+            if not path.is_file():
+                continue
+            try:
+                stats = load_refstats(path)
+            except (OSError, ValueError, KeyError) as exc:
+                log(f"refstats: {path} is unreadable ({exc}); recomputing")
+                continue
+            if stats.meta.get("extractor_sha256") == extractor.weights_sha256:
+                return stats
+            log(f"refstats: {path} was made with other {extractor.name} weights; recomputing")
+    log(f"refstats: computing {extractor.name} features of {data_dir} split '{split}' ...")
+    stats = compute_refstats(data_dir, split, extractor, batch_size=batch_size)
+    for path in paths:
+        try:
+            save_refstats(stats, path)
+            break
+        except OSError as exc:           # read-only data directory: use the user cache
+            log(f"refstats: cannot write {path} ({exc.strerror}); trying the user cache")
+    log(f"refstats: {stats.num} images in {stats.meta['seconds']:.1f} s -> {stats.path}")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# `ganpipe refstats DATA_DIR [--split train|test] [--extractor NAME]`
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.metrics.features import EXTRACTORS, INCEPTION_ENV
+
+    p.add_argument("data_dir", type=Path, help="prepared data directory (has manifest.json)")
+    p.add_argument("--split", default="train", help="manifest split to describe (default train)")
+    p.add_argument("--extractor", default="inception", choices=EXTRACTORS.keys(),
+                   help="feature network (default inception; mnist works offline)")
+    p.add_argument("--inception-weights", default=None,
+                   help=f"path of inception-2015-12-05.pt (default ${INCEPTION_ENV}, else clean-fid's /tmp path)")
+    p.add_argument("--batch-size", type=int, default=250, help="images per feature batch")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--force", action="store_true", help="recompute even if cached")
+
+
+def default_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.metrics.features import get_extractor
+
+    read_manifest(args.data_dir)                       # a clear error before loading any network
+    ext = get_extractor(args.extractor, default_device(args.device), args.inception_weights)
+    stats = reference_stats(args.data_dir, args.split, ext, batch_size=args.batch_size, force=args.force)
+    print(json.dumps({"path": str(stats.path), **stats.meta}, indent=2))
+    return 0

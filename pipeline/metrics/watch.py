@@ -1,0 +1,143 @@
+"""`ganpipe watch`: a periodic job beside training that scores each new snapshot exactly once.
+
+    ganpipe watch --run-dir RUN --extractor mnist --interval 60     # until the run finishes
+    ganpipe watch --run-dir RUN --extractor mnist --once            # one pass (cron / Slurm array)
+
+Every `--interval` seconds: list the complete snapshots (their JSON record exists; the trainer
+writes it last), skip those already in RUN/metrics.jsonl under the same protocol, score the rest
+oldest first with the sha256 checked before loading (a truncated or modified snapshot is reported
+once and ignored, never scored). metrics.jsonl is the state, appended one snapshot at a time, so
+a restarted watcher continues where it stopped and never scores a snapshot twice. When RUN/FINISHED
+(the trainer's end marker) exists, the watcher scores what is left and exits 0. SIGTERM or SIGINT
+stop it at once (a snapshot being scored is dropped and scored after a restart), also with exit 0.
+One watcher per run: a second one finds RUN/.watch.lock held and exits with an error.
+The extractor and the reference statistics are loaded once and kept between polls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import time
+from pathlib import Path
+
+from pipeline.cli import UserError
+from pipeline.metrics.evaluate import add_eval_arguments, evaluator_from_args
+from pipeline.training.snapshot import SnapshotError
+
+FINISHED = "FINISHED"
+LOCK = ".watch.lock"
+
+
+class Stop(Exception):
+    """Raised by the signal handler to abandon a snapshot being scored."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_eval_arguments(p)
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between polls (default 60)")
+    p.add_argument("--once", action="store_true", help="score what is pending, then exit (no polling)")
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] watch: {msg}", flush=True)
+
+
+def _lock(run_dir: Path):
+    """An exclusive flock on RUN/.watch.lock; the kernel releases it when the process dies."""
+    path = run_dir / LOCK
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"another `ganpipe watch` is scoring {run_dir} (lock {path} held by pid {holder}); "
+                        "run one watcher per run, or stop the other one") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def run(args: argparse.Namespace) -> int:
+    run_dir: Path = args.run_dir
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist (start training first, or fix --run-dir)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("`ganpipe watch` runs as one process; use `ganpipe eval --all` under torchrun to "
+                        "split generation over several")
+    lock = _lock(run_dir)
+    state = {"stop": False, "busy": False}
+
+    def on_signal(signum, frame):
+        state["stop"] = True
+        _log(f"{signal.Signals(signum).name}: stopping")
+        if state["busy"]:
+            raise Stop()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def sleep(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not state["stop"] and time.monotonic() < end:
+            time.sleep(min(0.2, max(0.0, end - time.monotonic())))
+
+    ev = None
+    scored, bad = 0, {}
+    try:
+        while not (run_dir / "config.yaml").is_file() and not state["stop"] and not args.once:
+            _log(f"waiting for {run_dir / 'config.yaml'}")
+            sleep(args.interval)
+        if state["stop"]:
+            return 0
+        ev = evaluator_from_args(args, log=_log)
+        _log(f"watching {run_dir / 'snapshots'} every {args.interval:g} s "
+             f"({', '.join(ev.metrics)} with {ev.extractor.name}, {ev.num_gen} generated vs {args.split})")
+        while not state["stop"]:
+            finished = (run_dir / FINISHED).is_file()   # checked before listing: snapshots precede the marker
+            for meta in ev.pending():
+                if state["stop"]:
+                    break
+                try:
+                    st = os.stat(meta["weights_path"])
+                except OSError:
+                    continue                      # removed since the listing (pruned by the trainer)
+                ident = (meta["json_path"], st.st_size, st.st_mtime_ns)
+                if ident in bad:
+                    continue                      # reported once; a rewritten file gets a new identity
+                try:
+                    state["busy"] = True
+                    records = ev.score(meta["json_path"])
+                    state["busy"] = False
+                except SnapshotError as exc:
+                    state["busy"] = False
+                    bad[ident] = str(exc)
+                    _log(f"ignoring {Path(meta['json_path']).name}: {exc}")
+                    continue
+                except Stop:
+                    _log(f"abandoned {Path(meta['json_path']).name}; it is scored after a restart")
+                    break
+                ev.record(records)
+                scored += 1
+            if state["stop"]:
+                break
+            if finished or args.once:
+                why = "training finished" if finished else "--once"
+                _log(f"{why}: scored {scored} snapshot(s) in this session"
+                     + (f", ignored {len(bad)} bad one(s)" if bad else ""))
+                return 0
+            sleep(args.interval)
+        _log(f"stopped after scoring {scored} snapshot(s) in this session; a restart continues")
+        return 0
+    finally:
+        state["busy"] = False
+        for s, h in old.items():
+            signal.signal(s, h)
+        if ev is not None:
+            ev.close()
+        lock.close()
