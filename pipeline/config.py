@@ -101,7 +101,7 @@ class TrainConfig:
     n_critic: int = opt(1, min=1)                # D steps per G step (5 for WGAN)
     ema_halflife_kimg: float = opt(10.0, min=0.0)  # half-life of G's EMA in kimg (0 = EMA is a plain copy)
     ema_rampup: float = opt(0.05, min=0.0)       # EMA half-life at most this x kimg seen (0 = no ramp-up)
-    mixed_precision: str = opt("auto", choices=("auto", "no", "bf16", "fp16"))  # autocast dtype (auto: bf16 on capable GPUs, fp32 on CPU)
+    mixed_precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))  # autocast dtype (auto: bf16 on capable GPUs, fp32 on CPU)
     augment: str = opt("")                       # DiffAugment policy, comma-separated: color, translation, cutout ("" = off)
     max_nonfinite_steps: int = opt(10, min=1)    # consecutive skipped (inf/NaN) steps that stop the run
     inject_nan_steps: list[int] = opt([])        # testing aid: D steps whose loss is replaced by NaN
@@ -169,7 +169,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     else:
         raise ConfigError(f"{key}: unsupported annotation {tp!r}")
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    hint = "; YAML reads yes/no/on/off as booleans: quote the value" if tp is str and isinstance(value, bool) else ""
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
 
 
 def build_dataclass(cls: type, data: Any, prefix: str) -> Any:

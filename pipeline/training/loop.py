@@ -49,7 +49,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return None
-    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def grad_norm(params) -> torch.Tensor:
@@ -246,7 +246,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
         if consecutive[name] >= t_cfg.max_nonfinite_steps:
             raise TrainingError(f"{consecutive[name]} consecutive {name} steps with non-finite gradients at kimg "
                                 f"{cur_nimg / 1000:.3f}; last good checkpoint: {last_ckpt or 'none yet'}. "
-                                "Lower the learning rates, use mixed_precision=no/bf16, or check the data")
+                                "Lower the learning rates, use train.mixed_precision=fp32 or bf16, or check the data")
         return ok
 
     while cur_nimg < total_nimg:
