@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= data/mnist
+RUN ?= runs/mnist_dcgan
 
 .PHONY: demo test bench clean-venv
 
@@ -18,9 +19,12 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+# Prepare the bundled MNIST, train the demo DCGAN (resumes if RUN exists), sample a grid.
 demo: $(STAMP)
 	test -f $(DATA)/manifest.json || $(BIN)/ganpipe prepare --source mnist --out $(DATA) --holdout 1000
-	$(BIN)/ganpipe verify $(DATA)
+	$(BIN)/ganpipe verify $(DATA) --quiet
+	$(BIN)/ganpipe train --config configs/mnist_dcgan.yaml --run-dir $(RUN) data.path=$(DATA)
+	$(BIN)/ganpipe sample --snapshot $$(ls $(RUN)/snapshots/snapshot-*.json | tail -1) --num 64 --out $(RUN)/demo-grid.png
 
 bench: $(STAMP)
 	$(BIN)/ganpipe bench loader

@@ -19,6 +19,7 @@ import sys
 BENCHMARKS = {
     "loader": ("pipeline.bench.loader", "streaming shard loader vs a plain in-memory DataLoader"),
     "networks": ("pipeline.bench.networks", "params, FLOPs and fwd+bwd images/s of every network"),
+    "train": ("pipeline.bench.train", "full trainer vs a bare PyTorch loop; 1x2 vs 2x1 processes x threads"),
     "eval": ("pipeline.bench.eval", "snapshot scoring throughput vs clean-fid's own compute_fid"),
 }
 

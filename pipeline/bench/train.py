@@ -1,0 +1,139 @@
+"""Full trainer throughput vs a bare PyTorch loop of the same networks, batch, loss and penalty.
+
+    ganpipe bench train [--kimg 2] [--skip-multiprocess]
+
+Cases: DCGAN at 32x32 RGB (batch 64, non-saturating + R1 every 4 D steps) and the MLP GAN on the
+bundled MNIST (batch 64, non-saturating). The trainer runs as `ganpipe train` in a subprocess
+(shard loader with 1 worker, EMA, per-tick stats, sample grids, snapshots, checkpoint all on);
+its rate is images shown to D per second of wall time between its first and last tick, so start-
+up is excluded and everything else is included. The bare loop runs in this process on in-memory
+tensors: D step (two forwards, loss, lazy R1 on its own step, Adam), G step (Adam), nothing else.
+Both use 2 torch threads in one process. Then the trainer again as 2 processes x 1 thread
+(`accelerate launch --multi_gpu --num_processes 2`, gloo) against 1 process x 2 threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.bench.loader import smooth_rgb
+from pipeline.config import load_config
+from pipeline.data.loader import ShardSet, StreamLoader
+from pipeline.data.prepare import prepare
+from pipeline.losses import build_loss, build_penalty
+from pipeline.networks import build_networks
+
+CASES = {
+    "dcgan32": {"config": "configs/cifar10_dcgan.yaml", "data": "rgb32",
+                "overrides": ["loss.penalty=r1", "loss.penalty_weight=0.1", "loss.penalty_interval=4"]},
+    "mlp-mnist": {"config": "configs/mnist_mlp.yaml", "data": "mnist", "overrides": []},
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kimg", type=float, default=2.0, help="kimg per trainer measurement")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--skip-multiprocess", action="store_true", help="skip the 2 processes x 1 thread runs")
+
+
+def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg: float, procs: int,
+                 threads: int) -> dict:
+    tick = kimg / 4
+    args = ["train", "--config", config, "--run-dir", str(run), f"data.path={data}", "data.num_workers=1",
+            f"train.total_kimg={kimg}", f"train.tick_kimg={tick}", f"train.snapshot_kimg={kimg / 2}",
+            f"train.checkpoint_kimg={kimg}", "train.progress=false", f"train.threads={threads}",
+            "train.mixed_precision=fp32", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GLOO_SOCKET_IFNAME": "lo"}
+    if procs == 1:
+        cmd = [sys.executable, "-m", "pipeline", *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29561", "-m", "pipeline", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"trainer failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    rate = (last["cur_nimg"] - first["cur_nimg"]) / (last["Timing/total_s"] - first["Timing/total_s"])
+    return {"processes": procs, "threads_per_process": threads, "images_per_s": round(rate, 1),
+            "wall_s_including_startup": round(wall, 1), "kimg": kimg}
+
+
+def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, threads: int) -> dict:
+    """The same networks, batch, loss and penalty as a plain loop over in-memory tensors."""
+    torch.set_num_threads(threads)
+    cfg = load_config(config, overrides)
+    shards = ShardSet.resolve(str(data))
+    raw = StreamLoader(shards, batch_size=2048, seed=0, rank=0, world_size=1, shuffle_buffer=0).next_raw()
+    reals = torch.from_numpy(raw["images"]).float().div_(127.5).sub_(1)
+    torch.manual_seed(0)
+    G, D = build_networks(cfg.model, resolution=shards.resolution, channels=shards.channels, num_classes=0)
+    loss_fn, penalty = build_loss(cfg.loss), build_penalty(cfg.loss)
+    t = cfg.train
+    opt_G = torch.optim.Adam(G.parameters(), lr=t.g_lr, betas=tuple(t.g_betas))
+    opt_D = torch.optim.Adam(D.parameters(), lr=t.d_lr, betas=tuple(t.d_betas))
+    b = cfg.data.batch_size
+
+    def one_step(i: int) -> None:
+        real = reals[torch.randint(len(reals), (b,))]
+        with torch.no_grad():
+            fake = G(torch.randn(b, G.z_dim))
+        loss = loss_fn.d_loss(D(real), D(fake))
+        opt_D.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_D.step()
+        if penalty is not None and i % penalty.interval == 0:
+            pen, _ = penalty(D, real, fake)
+            opt_D.zero_grad(set_to_none=True)
+            pen.backward()
+            opt_D.step()
+        g_loss = loss_fn.g_loss(D(G(torch.randn(b, G.z_dim))))
+        opt_G.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_G.step()
+
+    for i in range(3):
+        one_step(i)
+    steps = max(1, int(kimg * 1000 / b))
+    t0 = time.perf_counter()
+    for i in range(steps):
+        one_step(i)
+    return {"images_per_s": round(steps * b / (time.perf_counter() - t0), 1), "threads": threads, "steps": steps}
+
+
+def run(args: argparse.Namespace) -> dict:
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="ganpipe-bench-train-") as tmp:
+        tmp = Path(tmp)
+        np.savez(tmp / "rgb32.npz", images=smooth_rgb(5000, 32), labels=np.zeros(5000, dtype=np.int64))
+        data = {"rgb32": tmp / "rgb32", "mnist": tmp / "mnist"}
+        prepare(f"npz:{tmp / 'rgb32.npz'}", data["rgb32"], shard_size=500, workers=2, progress=False)
+        prepare("mnist", data["mnist"], shard_size=500, workers=2, progress=False)
+        for name in args.cases:
+            case = CASES[name]
+            bare = bare_rate(case["config"], data[case["data"]], case["overrides"], args.kimg, threads=2)
+            full = trainer_rate(case["config"], data[case["data"]], tmp / f"run-{name}-1x2", case["overrides"],
+                                args.kimg, procs=1, threads=2)
+            entry = {"bare_pytorch_loop": bare, "trainer_1proc_2threads": full,
+                     "trainer_over_bare": round(full["images_per_s"] / bare["images_per_s"], 3),
+                     "overhead_percent": round(100 * (1 - full["images_per_s"] / bare["images_per_s"]), 1)}
+            if not args.skip_multiprocess:
+                multi = trainer_rate(case["config"], data[case["data"]], tmp / f"run-{name}-2x1", case["overrides"],
+                                     args.kimg, procs=2, threads=1)
+                entry["trainer_2procs_1thread"] = multi
+                entry["2x1_over_1x2"] = round(multi["images_per_s"] / full["images_per_s"], 3)
+            results[name] = entry
+    return {"batch": 64, "cases": results}
