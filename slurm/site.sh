@@ -14,6 +14,9 @@ source "${GANPIPE_VENV:-.venv}/bin/activate"
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 # Rendezvous port on the first node of the job.
 MASTER_PORT=${MASTER_PORT:-29500}
+# Seconds the other nodes wait before launching, so the first node binds the rendezvous port
+# first. Only needed when several "nodes" share one host (the test cluster); 0 on real clusters.
+RDZV_STAGGER_S=${RDZV_STAGGER_S:-0}
 # CPU threads per process.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 # NCCL over the right interface, if the cluster needs it:

@@ -45,7 +45,7 @@ def cluster(tmp_path_factory):
 
 def submit(cluster, script: str, env: dict, *args: str, nodes: int = 2) -> str:
     full = {**cluster.env, "GANPIPE_VENV": str(REPO / ".venv"), "GPUS_PER_NODE": "1", "OMP_NUM_THREADS": "1",
-            "GLOO_SOCKET_IFNAME": "lo", "MASTER_PORT": str(_port()), **env}
+            "GLOO_SOCKET_IFNAME": "lo", "MASTER_PORT": str(_port()), "RDZV_STAGGER_S": "3", **env}
     import subprocess
     proc = subprocess.run(["sbatch", "-N", str(nodes), "--chdir", str(REPO), "-o", str(cluster.root / "job-%j.out"),
                            script, *args], capture_output=True, text=True, env=full, cwd=REPO)

@@ -23,6 +23,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -123,6 +124,10 @@ def save_grid(G: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor | None, 
 def training_loop(cfg: Config, run_dir: Path) -> int:
     t_cfg = cfg.train
     # Set up devices and processes; threads so that all local processes together fill the cores.
+    # broadcast_buffers=False is what we mean (BatchNorm statistics stay per rank, no in-place
+    # broadcast between D's forwards); torch calls it deprecated in favour of an option that
+    # would still sync buffers at init.
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
     acc = Accelerator(cpu=not torch.cuda.is_available(),
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     rank, world, device = acc.process_index, acc.num_processes, acc.device
