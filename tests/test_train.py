@@ -113,9 +113,8 @@ def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, mnist_dir):
 def test_two_processes_stay_in_sync_with_r1_and_batchnorm(tmp_path, mnist_dir):
     run = tmp_path / "ddp"
     env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_PORT": "29531"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-           "-m", "pipeline", "train", "--config", "configs/mnist_dcgan.yaml", "--run-dir", str(run),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/cpu.yaml",
+           "--main_process_port", "29531", "-m", "pipeline", "train", "--config", "configs/mnist_dcgan.yaml", "--run-dir", str(run),
            f"data.path={mnist_dir}", *TINY, "data.num_workers=1", "train.total_kimg=0.256", "train.tick_kimg=0.128",
            "loss.penalty=r1", "loss.penalty_weight=1", "loss.penalty_interval=1"]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)

@@ -46,7 +46,12 @@ EXIT_PREEMPTED = 3          # checkpoint written after SIGTERM/SIGUSR1: requeue 
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype. `auto` follows `accelerate launch --mixed_precision` (or a launch/*.yaml) when
+    one is given, else bf16 on GPUs that support it and fp32 on CPU."""
     if name == "auto":
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if launcher in ("bf16", "fp16"):
+            return {"bf16": torch.bfloat16, "fp16": torch.float16}[launcher]
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return None
@@ -128,7 +133,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     # broadcast between D's forwards); torch calls it deprecated in favour of an option that
     # would still sync buffers at init.
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
-    acc = Accelerator(cpu=not torch.cuda.is_available(),
+    # mixed_precision="no": autocast and scalers are ours (see the module docstring).
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     rank, world, device = acc.process_index, acc.num_processes, acc.device
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", world))
