@@ -115,16 +115,22 @@ def test_frechet_distance_equals_the_closed_form():
 
 
 def test_kid_is_seeded_and_leaves_the_global_rng_alone():
+    from cleanfid.fid import kernel_distance as cleanfid_kid
+
     rng = np.random.default_rng(1)
-    a, b = rng.normal(size=(600, 16)), rng.normal(size=(600, 16))
-    shifted = rng.normal(loc=0.5, size=(600, 16))
+    # More vectors than the subset size, so the subsets really are random draws (small: KID is slow).
+    a, b = rng.normal(size=(300, 16)), rng.normal(size=(300, 16))
+    shifted = rng.normal(loc=0.5, size=(300, 16))
+    kw = dict(num_subsets=20, max_subset_size=200)
     np.random.seed(123)
     before = np.random.get_state()[1].copy()
-    k1 = kernel_distance(a, shifted, seed=0)
+    k1 = kernel_distance(a, shifted, seed=0, **kw)
     assert np.array_equal(np.random.get_state()[1], before)
-    assert kernel_distance(a, shifted, seed=0) == k1 and kernel_distance(a, shifted, seed=1) != k1
-    same = kernel_distance(a, b, seed=0)
+    assert kernel_distance(a, shifted, seed=0, **kw) == k1 and kernel_distance(a, shifted, seed=1, **kw) != k1
+    same = kernel_distance(a, b, seed=0, **kw)
     assert abs(same) < 0.1 * k1 and k1 > 0
+    np.random.seed(0)   # it is clean-fid's number (on float32 features, as clean-fid's pipeline passes them)
+    assert k1 == cleanfid_kid(a.astype(np.float32), shifted.astype(np.float32), **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +196,8 @@ def _fake_inception(directory: Path) -> Path:
     return directory / INCEPTION_FILE
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning",
+                            "ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_inception_extractor_gives_cleanfids_features(tmp_path, monkeypatch):
     """Wherever the weights file is, our features equal clean-fid's own folder pipeline with its
     InceptionV3W on the same file (a stand-in network here: the real one cannot be downloaded)."""
@@ -305,3 +313,34 @@ def test_latents_and_labels_do_not_depend_on_batching(tmp_path):
         want = G(latents(3, 30, 20, G.z_dim), torch.arange(30, 50) % 10)
     assert got.dtype == np.uint8 and got.shape == (20, 1, 28, 28)
     assert np.array_equal(got, (want * 127.5 + 128).clamp(0, 255).to(torch.uint8).numpy())
+
+
+def test_metrics_jsonl_survives_a_torn_last_line(tmp_path):
+    """A crash mid-append leaves a partial line: readers skip it and the next append starts afresh."""
+    from pipeline.metrics.evaluate import append_records, read_records
+
+    rec = {"name": "fid_mnist", "metric": "fid", "value": 1.5, "snapshot": "s", "snapshot_sha256": "ab",
+           "cur_nimg": 1, "kimg": 0.001, "extractor": "mnist", "extractor_sha256": "cd", "resize": "clean28",
+           "num_gen": 10, "seed": 0, "reference": {"split": "train", "num": 5, "manifest_sha256": "ef"}}
+    append_records(tmp_path, [rec])
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"name": "fid_mnist", "val')
+    assert read_records(tmp_path) == [rec]
+    append_records(tmp_path, [{**rec, "value": 2.5}, {**rec, "metric": "kid", "name": "kid_mnist"}])
+    assert [r["value"] for r in read_records(tmp_path)] == [1.5, 2.5, 1.5]
+
+
+@pytest.mark.filterwarnings("ignore:The `disp` argument is deprecated:DeprecationWarning")   # in clean-fid's call
+def test_fid_equals_cleanfids_compute_fid_on_the_same_images(mnist_dir):
+    """`ganpipe bench eval` at small size: our shard/snapshot pipeline and clean-fid's own
+    compute_fid (PNG folder + replayed generator, same extractor) give the same FID."""
+    import argparse
+
+    from pipeline.bench import eval as bench_eval
+
+    args = argparse.Namespace(num_gen=500, extractor="mnist", inception_weights=None, model="mlp",
+                              data=mnist_dir, split="test", batch_size=250, device="cpu", cleanfid_workers=0)
+    out = bench_eval.run(args)
+    assert out["num_gen"] == 500 and out["reference"]["num"] == 1000
+    assert out["ours"]["fid"] > 1 and out["cleanfid_compute_fid"]["fid"] == out["ours"]["fid"]   # same bits
+    assert out["ratio_cleanfid_time_to_ours"] > 0

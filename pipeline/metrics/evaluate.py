@@ -23,12 +23,13 @@ TensorBoard scalars `Metrics/{metric}_{extractor}` in RUN/tb at step cur_nimg, a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -103,18 +104,21 @@ def _gather(obj) -> list | None:
 # ---------------------------------------------------------------------------------------------
 # Generation.
 
+@functools.lru_cache(maxsize=4)
+def _latent_chunk(seed: int, chunk: int, z_dim: int) -> torch.Tensor:
+    chunk_seed = int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0])
+    return torch.randn(LATENT_CHUNK, z_dim, generator=torch.Generator().manual_seed(chunk_seed))
+
+
 def latents(seed: int, start: int, count: int, z_dim: int) -> torch.Tensor:
     """Latents of images start..start+count-1: row i % CHUNK of chunk i // CHUNK, each chunk N(0, 1)
     from a torch.Generator seeded by (seed, chunk). Independent of batch size and process count."""
     rows = []
-    first, last = start // LATENT_CHUNK, (start + count - 1) // LATENT_CHUNK
-    for chunk in range(first, last + 1):
-        chunk_seed = int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0])
-        z = torch.randn(LATENT_CHUNK, z_dim, generator=torch.Generator().manual_seed(chunk_seed))
+    for chunk in range(start // LATENT_CHUNK, (start + count - 1) // LATENT_CHUNK + 1):
         lo = max(start, chunk * LATENT_CHUNK) - chunk * LATENT_CHUNK
         hi = min(start + count, (chunk + 1) * LATENT_CHUNK) - chunk * LATENT_CHUNK
-        rows.append(z[lo:hi])
-    return torch.cat(rows)
+        rows.append(_latent_chunk(seed, chunk, z_dim)[lo:hi])
+    return torch.cat(rows)      # a new tensor: the cached chunks are never handed out
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -131,7 +132,9 @@ def build_inception(device: torch.device, weights: str | Path | None = None) -> 
     from cleanfid.inception_torchscript import InceptionV3W
 
     try:
-        net = InceptionV3W(str(path.parent), download=False, resize_inside=False)
+        with warnings.catch_warnings():   # torch 2.x deprecates torch.jit.load, which clean-fid uses
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*is deprecated", category=FutureWarning)
+            net = InceptionV3W(str(path.parent), download=False, resize_inside=False)
     except RuntimeError as exc:   # a truncated download: "PytorchStreamReader failed reading zip archive"
         raise UserError(f"Inception weights file {path} cannot be loaded ({str(exc).splitlines()[0][:160]}); "
                         f"it is probably an interrupted download: fetch it again from {INCEPTION_URL}") from None

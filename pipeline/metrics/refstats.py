@@ -7,7 +7,7 @@ Computed once and cached beside the data as
 
     DATA_DIR/refstats/{split}-{extractor}-{resize}-{manifest_sha256[:12]}.npz
 
-(`mu`, `sigma` in float64 as clean-fid computes them, `feats` float32 for KID, `meta` JSON with
+(`mu`, `sigma` as clean-fid computes them, `feats` float32 for KID, `meta` JSON with
 the protocol: N, extractor weights hash, seconds). A new `prepare` changes the manifest hash and
 so the key; a retrained extractor is caught by the weights hash stored inside. The file is written
 atomically (temp file + rename). Where the data directory is read-only the cache goes to
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +34,12 @@ from pipeline.metrics.features import Extractor
 from pipeline.metrics.fid import feature_stats
 
 CACHE_SUBDIR = "refstats"
+VERSION = 1             # of how the statistics are computed; a cached file of another version is redone
 
 
 @dataclass
 class RefStats:
-    mu: np.ndarray          # (D,) float64
+    mu: np.ndarray          # (D,) in the features' dtype (float32), as clean-fid keeps it
     sigma: np.ndarray       # (D, D) float64
     feats: np.ndarray       # (N, D) float32, for KID
     meta: dict              # protocol: data, split, num, extractor, resize, manifest_sha256, seconds
@@ -115,11 +117,11 @@ def compute_refstats(data_dir: str | Path, split: str, extractor: Extractor, *, 
     feats = np.concatenate([extractor(images) for images, _ in iter_split(data_dir, split, batch_size)])
     mu, sigma = feature_stats(feats)
     seconds = time.perf_counter() - t0
-    meta = {"data": str(Path(data_dir).resolve()), "split": split, "num": int(len(feats)),
-            "manifest_sha256": manifest_hash(data_dir), **extractor.protocol(),
+    meta = {"refstats_version": VERSION, "data": str(Path(data_dir).resolve()), "split": split,
+            "num": int(len(feats)), "manifest_sha256": manifest_hash(data_dir), **extractor.protocol(),
             "seconds": round(seconds, 3), "images_per_s": round(len(feats) / max(seconds, 1e-9), 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    return RefStats(mu, sigma, feats.astype(np.float32), meta)
+    return RefStats(mu, sigma, np.asarray(feats, np.float32), meta)
 
 
 def save_refstats(stats: RefStats, path: Path) -> Path:
@@ -150,9 +152,12 @@ def reference_stats(data_dir: str | Path, split: str, extractor: Extractor, *, b
             except (OSError, ValueError, KeyError) as exc:
                 log(f"refstats: {path} is unreadable ({exc}); recomputing")
                 continue
-            if stats.meta.get("extractor_sha256") == extractor.weights_sha256:
+            if stats.meta.get("refstats_version") != VERSION:
+                log(f"refstats: {path} was made by another ganpipe version; recomputing")
+            elif stats.meta.get("extractor_sha256") != extractor.weights_sha256:
+                log(f"refstats: {path} was made with other {extractor.name} weights; recomputing")
+            else:
                 return stats
-            log(f"refstats: {path} was made with other {extractor.name} weights; recomputing")
     log(f"refstats: computing {extractor.name} features of {data_dir} split '{split}' ...")
     stats = compute_refstats(data_dir, split, extractor, batch_size=batch_size)
     for path in paths:
@@ -193,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
 
     read_manifest(args.data_dir)                       # a clear error before loading any network
     ext = get_extractor(args.extractor, default_device(args.device), args.inception_weights)
-    stats = reference_stats(args.data_dir, args.split, ext, batch_size=args.batch_size, force=args.force)
-    print(json.dumps({"path": str(stats.path), **stats.meta}, indent=2))
+    stats = reference_stats(args.data_dir, args.split, ext, batch_size=args.batch_size, force=args.force,
+                            log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps({"path": str(stats.path), **stats.meta}, indent=2))   # stdout: JSON only
     return 0

@@ -72,11 +72,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("`ganpipe watch` runs as one process; use `ganpipe eval --all` under torchrun to "
                         "split generation over several")
     lock = _lock(run_dir)
-    state = {"stop": False, "busy": False}
+    state = {"stop": "", "busy": False}      # stop: name of the signal received
 
     def on_signal(signum, frame):
-        state["stop"] = True
-        _log(f"{signal.Signals(signum).name}: stopping")
+        # No printing here: a handler that prints can interrupt a print (reentrant write error).
+        state["stop"] = signal.Signals(signum).name
         if state["busy"]:
             raise Stop()
 
@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             _log(f"waiting for {run_dir / 'config.yaml'}")
             sleep(args.interval)
         if state["stop"]:
+            _log(f"{state['stop']}: stopping before the run started")
             return 0
         ev = evaluator_from_args(args, log=_log)
         _log(f"watching {run_dir / 'snapshots'} every {args.interval:g} s "
@@ -132,7 +133,8 @@ def run(args: argparse.Namespace) -> int:
                      + (f", ignored {len(bad)} bad one(s)" if bad else ""))
                 return 0
             sleep(args.interval)
-        _log(f"stopped after scoring {scored} snapshot(s) in this session; a restart continues")
+        _log(f"{state['stop']}: stopping after scoring {scored} snapshot(s) in this session; "
+             "a restart continues")
         return 0
     finally:
         state["busy"] = False
