@@ -19,12 +19,15 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-# Prepare the bundled MNIST, train the demo DCGAN (resumes if RUN exists), sample a grid.
+# Prepare the bundled MNIST, train the demo DCGAN (resumes if RUN exists), sample a grid, score every snapshot.
 demo: $(STAMP)
 	test -f $(DATA)/manifest.json || $(BIN)/ganpipe prepare --source mnist --out $(DATA) --holdout 1000
 	$(BIN)/ganpipe verify $(DATA) --quiet
 	$(BIN)/ganpipe train --config configs/mnist_dcgan.yaml --run-dir $(RUN) data.path=$(DATA)
 	$(BIN)/ganpipe sample --snapshot $$(ls $(RUN)/snapshots/snapshot-*.json | tail -1) --num 64 --out $(RUN)/demo-grid.png
+	$(BIN)/ganpipe eval --run-dir $(RUN) --all --extractor mnist --num-gen 5000
+	@echo "demo done: sample grid $(RUN)/demo-grid.png, scores $(RUN)/metrics.png, best snapshot $(RUN)/best.json"
+	@cat $(RUN)/best.json
 
 bench: $(STAMP)
 	$(BIN)/ganpipe bench loader
