@@ -70,7 +70,7 @@ def job_output(cluster, job: str) -> str:
     return f.read_text() if f.is_file() else ""
 
 
-def test_train_sbatch_runs_two_ranks_over_two_nodes(cluster, tmp_path, mnist_dir):
+def test_train_sbatch_runs_two_ranks_over_two_nodes_then_eval_sbatch_scores(cluster, tmp_path, mnist_dir):
     run = tmp_path / "run"
     job = submit(cluster, "slurm/train.sbatch", {"CONFIG": "configs/mnist_dcgan.yaml", "RUN_DIR": str(run)},
                  f"data.path={mnist_dir}", *TINY, "train.total_kimg=0.128", "train.tick_kimg=0.064")
@@ -81,6 +81,16 @@ def test_train_sbatch_runs_two_ranks_over_two_nodes(cluster, tmp_path, mnist_dir
     rows = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
     assert rows and all(r["world_size"] == 2 for r in rows) and rows[-1]["kimg"] == 0.128
     assert (run / "FINISHED").is_file()
+
+    # The periodic evaluation job: scores both snapshots once, then exits since training finished.
+    job = submit(cluster, "slurm/eval.sbatch", {"RUN_DIR": str(run), "EVAL_INTERVAL": "2"},
+                 "--extractor", "mnist", "--num-gen", "500", "--metrics", "fid", nodes=1)
+    info = wait_state(cluster, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    assert info["JobState"] == "COMPLETED", job_output(cluster, job)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["kimg"] for r in records) == [0.128]    # snapshot_kimg default: only the final one
+    assert all(r["metric"] == "fid" and r["value"] > 0 for r in records)
+    assert (run / "best.json").is_file()
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path, mnist_dir):
