@@ -317,7 +317,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
         g_ok = step(opt_G, scaler_G, G_.parameters(), "G")
         opt_D.zero_grad(set_to_none=True)
         if g_ok:
-            ema.update(G_, cur_nimg, batch)
+            ema.update(G_, cur_nimg, cur_nimg - prev_nimg)     # images since the last G step: n_critic x batch
         g_steps += 1
         if progress is not None:
             progress.update((cur_nimg - prev_nimg) / 1000)
