@@ -66,11 +66,11 @@ def _penalty_names() -> list[str]:
 @dataclass
 class ModelConfig:
     name: str = opt("dcgan", choices=_network_names)  # network family (mlp, dcgan, resnet, stylegan2)
-    z_dim: int = opt(0, min=0)          # latent numbers per sample (0 = family default: 100 mlp/dcgan, 128 resnet, 512 stylegan2)
+    z_dim: int = opt(0, min=0)          # latent numbers per sample (0 = family default: 100, 128 resnet, 512 stylegan2)
     g_width: float = opt(1.0, min=1e-3)  # multiplier on G's published layer widths (feature maps or units)
     d_width: float = opt(1.0, min=1e-3)  # multiplier on D's published layer widths (feature maps or units)
     conditional: bool = opt(False)      # class-conditional G and D; needs labelled data
-    spectral_norm: bool | None = opt(None)  # spectral norm on D's layers (null = family default: on for resnet only)
+    spectral_norm: bool | None = opt(None)  # spectral norm in D (null = family default: on for resnet only)
     w_dim: int = opt(512, min=1)        # stylegan2: numbers in the intermediate latent w
     mapping_layers: int = opt(8, min=1)  # stylegan2: fully connected layers in the mapping network
     mbstd_group: int = opt(4, min=0)    # stylegan2: samples per minibatch-stddev group (0 = no mbstd layer)
@@ -78,8 +78,8 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = opt("nonsaturating", choices=_loss_names)  # adversarial loss (minimax, nonsaturating, hinge, wasserstein, lsgan)
-    clip: float = opt(0.0, min=0.0)     # WGAN weight clipping: D parameters kept in [-clip, clip] (0 = off; wasserstein only)
+    name: str = opt("nonsaturating", choices=_loss_names)  # adversarial loss from the LOSSES registry
+    clip: float = opt(0.0, min=0.0)     # WGAN weight clipping bound c, D kept in [-c, c] (0 = off; wasserstein only)
     penalty: str = opt("none", choices=_penalty_names)  # gradient penalty on D (wgan-gp, r1, r2) or none
     penalty_weight: float = opt(10.0, min=0.0)  # lambda for wgan-gp, gamma for r1/r2 (gamma/2 * E|grad D|^2)
     penalty_interval: int = opt(1, min=1)  # D steps between penalty evaluations; the penalty is scaled by it

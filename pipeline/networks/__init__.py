@@ -1,7 +1,7 @@
 """Generators and discriminators, served by config name from one registry.
 
     G, D = build_networks(cfg.model, resolution=32, channels=3, num_classes=10)
-    images = G(z, labels)          # (N, C, H, W) in [-1, 1]; flat data: (N, C)
+    images = G(z, labels)          # (N, C, H, W) in [-1, 1]; flat data: (N, C); see stylegan2 below
     logits = D(images, labels)     # (N,), no sigmoid
 
 Every G has `z_dim`, `num_classes` (0 = unconditional), `resolution` (0 = flat vectors of
@@ -11,7 +11,12 @@ network ignores labels; a conditional one requires them. Families:
 - `mlp`: fully connected GAN (Goodfellow et al. 2014), any resolution and flat data.
 - `dcgan`: Radford et al. 2016, 28/32/64/128/256 pixels, optional spectral norm in D.
 - `resnet`: SNGAN/BigGAN residual networks, spectral norm in D, conditional BN + projection D.
-- `stylegan2`: Karras et al. 2020, mapping network, modulated convs, skip G, residual D.
+- `stylegan2`: Karras et al. 2020, mapping network, modulated convs, skip G, residual D. Its G
+  clamps to [-1, 1] in eval mode only; in training mode it returns the raw output, as the paper.
+
+Class conditioning: G takes a label embedding (concatenated to z for mlp/dcgan, conditional
+BatchNorm for resnet, into the mapping network for stylegan2); every D is a projection
+discriminator (Miyato & Koyama 2018).
 """
 
 from __future__ import annotations

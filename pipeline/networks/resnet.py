@@ -40,7 +40,9 @@ class ConditionalBatchNorm(nn.Module):
         if num_classes:
             self.gain = nn.Embedding(num_classes, channels)
             self.bias = nn.Embedding(num_classes, channels)
-            nn.init.ones_(self.gain.weight)
+            # Gains near 1 with a small per-class spread (as DCGAN initialises BN gains), so the
+            # classes differ from the first step instead of waiting for D to break the symmetry.
+            nn.init.normal_(self.gain.weight, 1.0, 0.02)
             nn.init.zeros_(self.bias.weight)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

@@ -28,7 +28,7 @@ from pipeline.networks.layers import Network, check_resolution, resolution_plan,
 
 RESOLUTIONS = (28, 32, 64, 128, 256, 512, 1024)
 Z_DIM = 512
-CHANNEL_BASE, CHANNEL_MAX = 16384, 512      # maps at side s: min(base / s, max), as in the paper's configs
+CHANNEL_BASE, CHANNEL_MAX = 16384, 512      # maps at side s: min(base / s, max); config F doubles the base
 LRELU_GAIN = math.sqrt(2.0)                 # keeps the activations' second moment through leaky ReLU
 
 
