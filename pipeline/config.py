@@ -43,6 +43,7 @@ class DataConfig:
     shuffle_buffer: int = opt(1000, min=0)  # samples held for shuffling per stream (0 = no shuffle)
     hflip: bool = opt(False)            # random horizontal flip, probability 0.5
     max_bad_fraction: float = opt(0.05, min=0.0, max=1.0)  # bad samples per shard pass above this are an error
+    cache_mb: float = opt(256.0, min=0.0)  # decoded samples kept in memory per loader process, in MiB (0 = decode every pass)
     require_labels: bool = opt(False)   # a sample without a label is bad (conditional models set this)
     resolution: int = opt(0, min=0)     # expected image side in pixels for URL patterns (0 = from manifest)
     channels: int = opt(0, choices=(0, 1, 3))  # expected channels for URL patterns (0 = from manifest)

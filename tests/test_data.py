@@ -286,3 +286,17 @@ def test_manifest_json_is_plain_and_complete(small_dir):
     for key in ("format", "format_version", "source", "resolution", "channels", "classes", "splits"):
         assert key in m
     assert [s["name"] for s in m["splits"]["train"]["shards"]] == [f"train-{i:06d}.tar" for i in range(8)]
+
+
+def test_in_memory_cache_replays_passes_exactly(small_dir):
+    _rewrite_sample(small_dir / "train-000001.tar", 4, png=b"not a png")
+    t = small_dir / "train-000006.tar"
+    t.write_bytes(t.read_bytes()[:12000])
+    runs = []
+    for cache_mb in (0, 64):
+        ld = loader(small_dir, batch_size=9, shuffle_buffer=20, hflip=True, max_bad_fraction=0.8,
+                    cache_mb=cache_mb, num_workers=2)
+        runs.append(([ld.next()[0] for _ in range(30)], ld.bad_counts()))   # about 3.5 epochs
+    (plain, plain_counts), (cached, cached_counts) = runs
+    assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+    assert plain_counts == cached_counts and plain_counts["undecodable"] >= 2

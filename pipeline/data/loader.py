@@ -95,7 +95,8 @@ class ShardStreamDataset(IterableDataset):
 
     def __init__(self, shards: ShardSet, *, batch_size: int, seed: int, rank: int, world_size: int,
                  num_workers: int, shuffle_buffer: int, hflip: bool, require_labels: bool,
-                 max_bad_fraction: float, resume: dict[int, dict] | None = None, worker_offset: int = 0):
+                 max_bad_fraction: float, cache_mb: float = 0, resume: dict[int, dict] | None = None,
+                 worker_offset: int = 0):
         self.shards = shards
         self.batch_size = batch_size
         self.seed = seed
@@ -109,6 +110,9 @@ class ShardStreamDataset(IterableDataset):
         self.resume = resume or {}
         self.worker_offset = worker_offset
         self.last_error = ""
+        self.cache: dict[tuple[int, int, int], tuple[list, str]] = {}
+        self.cache_bytes = int(cache_mb * 2**20)
+        self.cache_used = 0
 
     @property
     def num_streams(self) -> int:
@@ -128,14 +132,29 @@ class ShardStreamDataset(IterableDataset):
 
         A bad sample comes out with image None (and is counted by kind), so callers can still
         advance their position past it. A truncated or corrupt tar ends the shard early: counted as
-        `read_error`, its message kept in `self.last_error`.
+        `read_error`, its message kept in `self.last_error`. Complete passes are kept decoded in
+        memory while `cache_bytes` allows, and later passes replay them (same samples, same order,
+        same counts), so small datasets are decoded once per worker.
         """
+        key = (shard, part, parts)
+        if key in self.cache:
+            entries, error = self.cache[key]
+            for index, image, label, kind in entries:
+                if index >= start:
+                    if kind is not None:
+                        counts[kind] += 1
+                    yield index, image, label
+            if error:
+                counts["read_error"] += 1
+                self.last_error = error
+            return
         from webdataset.gopen import gopen
 
         url = self.shards.urls[shard]
-        index = -1
+        index, error, record = -1, "", start == 0 and self.cache_used < self.cache_bytes
+        entries: list = []
         try:
-            for index, (key, files) in enumerate(iter_tar_samples(gopen(url, "rb"), url)):
+            for index, (_, files) in enumerate(iter_tar_samples(gopen(url, "rb"), url)):
                 if index < start or index % parts != part:
                     continue
                 try:
@@ -146,12 +165,18 @@ class ShardStreamDataset(IterableDataset):
                     label = decode_label(files.get("cls"), self.shards.num_classes, self.require_labels)
                 except BadSample as exc:
                     counts[exc.kind] += 1
-                    yield index, None, -1
-                    continue
+                    image, label, kind = None, -1, exc.kind
+                else:
+                    kind = None
+                if record:
+                    entries.append((index, image, label, kind))
                 yield index, image, label
         except Exception as exc:  # TruncatedTar, a failed pipe or file: skip the rest, go on
             counts["read_error"] += 1
-            self.last_error = f"{type(exc).__name__}: {exc} (after sample {index})"
+            error = self.last_error = f"{type(exc).__name__}: {exc} (after sample {index})"
+        if record:
+            self.cache[key] = (entries, error)
+            self.cache_used += sum(e[1].nbytes for e in entries if e[1] is not None)
 
     def _fetch(self, refs: np.ndarray) -> list[tuple[int, int, np.ndarray, int]]:
         """Re-read the samples named by (shard, index) refs, in ref order (buffer restore)."""
@@ -267,7 +292,7 @@ class StreamLoader:
     def __init__(self, shards: ShardSet, *, batch_size: int, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, num_workers: int = 0, shuffle_buffer: int = 1000,
                  hflip: bool = False, require_labels: bool = False, max_bad_fraction: float = 0.05,
-                 device: torch.device | str | None = None):
+                 cache_mb: float = 0, device: torch.device | str | None = None):
         if rank is None or world_size is None:
             rank, world_size = _dist_rank_world()
         if require_labels and shards.num_classes == 0:
@@ -280,7 +305,7 @@ class StreamLoader:
         self.world_size = world_size
         self.num_workers = num_workers
         self.options = dict(shuffle_buffer=shuffle_buffer, hflip=hflip, require_labels=require_labels,
-                            max_bad_fraction=max_bad_fraction)
+                            max_bad_fraction=max_bad_fraction, cache_mb=cache_mb)
         self.device = torch.device(device) if device is not None else None
         self.streams: dict[int, dict] = {}     # newest state per stream of this rank
         self.next_local = 0                    # local stream the next batch comes from
@@ -295,7 +320,7 @@ class StreamLoader:
         return cls(shards, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                    num_workers=data_cfg.num_workers, shuffle_buffer=data_cfg.shuffle_buffer,
                    hflip=data_cfg.hflip, require_labels=data_cfg.require_labels,
-                   max_bad_fraction=data_cfg.max_bad_fraction, device=device)
+                   max_bad_fraction=data_cfg.max_bad_fraction, cache_mb=data_cfg.cache_mb, device=device)
 
     def _start(self) -> Iterator[dict]:
         dataset = ShardStreamDataset(

@@ -32,8 +32,8 @@ class EMA:
     @torch.no_grad()
     def update(self, G: nn.Module, cur_nimg: int, batch: int) -> float:
         beta = self.beta(cur_nimg, batch)
-        for p_ema, p in zip(self.model.parameters(), G.parameters()):
-            p_ema.lerp_(p.detach().to(p_ema.dtype), 1.0 - beta)
+        # One fused call over all tensors: per-parameter lerp_ calls cost more than the math.
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in G.parameters()], 1.0 - beta)
         for b_ema, b in zip(self.model.buffers(), G.buffers()):
             b_ema.copy_(b)
         return beta

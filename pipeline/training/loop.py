@@ -59,8 +59,8 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def grad_norm(params) -> torch.Tensor:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).float() if grads else torch.zeros(())
 
 
 def crossed(prev_nimg: int, cur_nimg: int, every_kimg: float) -> bool:
@@ -210,7 +210,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     loader = StreamLoader(shards, batch_size=per_proc, seed=loader_seed,
                           rank=rank, world_size=world, num_workers=cfg.data.num_workers,
                           shuffle_buffer=cfg.data.shuffle_buffer, hflip=cfg.data.hflip,
-                          require_labels=conditional, max_bad_fraction=cfg.data.max_bad_fraction, device=device)
+                          require_labels=conditional, max_bad_fraction=cfg.data.max_bad_fraction,
+                          cache_mb=cfg.data.cache_mb, device=device)
     if loader_state is not None:
         try:
             loader.load_state_dict(loader_state)
