@@ -229,7 +229,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     progress = None
     if main and t_cfg.progress:
         from tqdm import tqdm
-        progress = tqdm(total=t_cfg.total_kimg, initial=cur_nimg / 1000, unit="kimg", dynamic_ncols=True,
+        progress = tqdm(total=t_cfg.total_kimg, initial=cur_nimg / 1000, unit="kimg", dynamic_ncols=True, disable=None,
                         bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]")
     tick_nimg, tick_time, start_time = cur_nimg, time.time(), time.time()
 
