@@ -300,3 +300,22 @@ def test_in_memory_cache_replays_passes_exactly(small_dir):
     (plain, plain_counts), (cached, cached_counts) = runs
     assert all(torch.equal(a, b) for a, b in zip(plain, cached))
     assert plain_counts == cached_counts and plain_counts["undecodable"] >= 2
+
+
+def test_cifar10_source_reads_the_standard_batches_folder(tmp_path):
+    import pickle
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"class{i}".encode() for i in range(10)]}, f)
+    for name, n in [(f"data_batch_{i}", 6) for i in range(1, 6)] + [("test_batch", 4)]:
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b"labels": list(rng.integers(0, 10, n))}, f)
+    m = prepare(f"cifar10:{root}", tmp_path / "c10", workers=1, progress=False)
+    assert (m["resolution"], m["channels"], m["classes"][3]) == (32, 3, "class3")
+    assert m["splits"]["train"]["num_samples"] == 30 and m["splits"]["test"]["num_samples"] == 4
+    out = cli("prepare", "--source", f"cifar10:{root}", "--out", str(tmp_path / "c2"), "--holdout", "5", check=False)
+    assert out.returncode == 2 and "own test split" in out.stderr
