@@ -31,7 +31,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
-from pipeline.config import Config, ConfigError, to_dict
+from pipeline.config import Config, ConfigError, config_hash, to_dict
 from pipeline.data.loader import ShardSet, StreamLoader
 from pipeline.errors import DataError, TrainingError
 from pipeline.losses import build_loss, build_penalty, clip_weights
@@ -43,6 +43,8 @@ from pipeline.training.snapshot import save_snapshot
 from pipeline.training.stats import Stats, StatsWriter
 
 EXIT_PREEMPTED = 3          # checkpoint written after SIGTERM/SIGUSR1: requeue and run again to resume
+# Skipped-sample counters of the loader, logged as Data/skipped_<kind>.
+BAD_KINDS = ("undecodable", "wrong_shape", "missing_label", "bad_label", "truncated", "read_error")
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -359,7 +361,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
         if main and (crossed(prev_nimg, cur_nimg, t_cfg.snapshot_kimg) or done):
             save_snapshot(ema.model, run_dir / "snapshots", cur_nimg=cur_nimg, model_cfg=cfg.model,
                           resolution=shards.resolution, channels=shards.channels, num_classes=num_classes,
-                          extra={"config_hash": _config_hash(cfg), "data_path": cfg.data.path})
+                          extra={"config_hash": config_hash(cfg), "data_path": cfg.data.path})
         if crossed(prev_nimg, cur_nimg, t_cfg.checkpoint_kimg) or done or stop:
             check_ranks_identical({"G": G_, "D": D_}, device)
             per_rank = {"torch_cpu": torch.get_rng_state(), "loader": loader.state_dict(),
@@ -390,13 +392,6 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     acc.end_training()
     return 0
 
-
-BAD_KINDS = ("undecodable", "wrong_shape", "missing_label", "bad_label", "truncated", "read_error")
-
-
-def _config_hash(cfg: Config) -> str:
-    from pipeline.config import config_hash
-    return config_hash(cfg)
 
 
 if __name__ == "__main__":
