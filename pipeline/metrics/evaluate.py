@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 from pipeline.config import ConfigError
 from pipeline.data.manifest import MANIFEST, write_json_atomic
 from pipeline.metrics.features import EXTRACTORS, INCEPTION_ENV, Extractor, get_extractor

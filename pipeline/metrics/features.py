@@ -120,7 +120,7 @@ def _missing_inception(path: Path) -> str:
 
 @EXTRACTORS.register("inception")
 def build_inception(device: torch.device, weights: str | Path | None = None) -> Extractor:
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
 
     path = inception_path(weights)
     if not path.is_file():
@@ -147,7 +147,7 @@ def build_inception(device: torch.device, weights: str | Path | None = None) -> 
 
 @EXTRACTORS.register("mnist")
 def build_mnist(device: torch.device, weights: str | Path | None = None) -> Extractor:
-    from pipeline.cli import UserError
+    from pipeline.errors import UserError
     from pipeline.metrics.mnist_extractor import FEATURE_DIM, INPUT_SIZE, WEIGHTS, load_mnist_net
 
     path = Path(weights or WEIGHTS)

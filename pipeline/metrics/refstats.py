@@ -63,7 +63,7 @@ def iter_split(data_dir: str | Path, split: str, batch_size: int = 250
     data_dir = Path(data_dir)
     m = read_manifest(data_dir)
     if split not in m["splits"]:
-        from pipeline.cli import UserError
+        from pipeline.errors import UserError
 
         raise UserError(f"{data_dir}: no split '{split}' in the manifest (has: {', '.join(m['splits'])}); "
                         "choose --split, or re-prepare with --holdout N for a test split")
@@ -82,7 +82,7 @@ def iter_split(data_dir: str | Path, split: str, batch_size: int = 250
                     yield np.stack(images), np.asarray(labels, dtype=np.int64)
                     images, labels = [], []
         except (BadSample, TruncatedTar, OSError) as exc:
-            from pipeline.cli import UserError
+            from pipeline.errors import UserError
 
             raise UserError(f"{path}: {exc}; reference statistics need every sample of the split: "
                             f"run `ganpipe verify {data_dir}` and re-prepare the data") from None

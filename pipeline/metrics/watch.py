@@ -23,7 +23,7 @@ import signal
 import time
 from pathlib import Path
 
-from pipeline.cli import UserError
+from pipeline.errors import UserError
 from pipeline.metrics.evaluate import add_eval_arguments, evaluator_from_args
 from pipeline.training.snapshot import SnapshotError
 
