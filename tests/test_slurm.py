@@ -103,12 +103,16 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path, mnist
         time.sleep(0.5)
     assert (run / "stats.jsonl").is_file(), job_output(cluster, job)
     cluster.run("scancel", "--signal=USR1", "--batch", job)
-    # The job requeues itself; nudge the scheduler so the test need not wait for the requeue delay.
-    deadline = time.time() + 200
+    # The job requeues itself; nudge the scheduler so the test need not wait for the requeue delay,
+    # but only after the old job's credentials expired (cred_expire=10): a requeued job started
+    # earlier is killed as "non-startable: Job credential revoked".
+    deadline, pending_since = time.time() + 200, None
     while time.time() < deadline:
         info = cluster.job(job)
         if int(info.get("Restarts", 0)) >= 1 and info.get("JobState") == "PENDING":
-            cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
+            pending_since = pending_since or time.time()
+            if time.time() - pending_since > 12:
+                cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
         if int(info.get("Restarts", 0)) >= 1 and info.get("JobState") in ("COMPLETED", "FAILED"):
             break
         time.sleep(1)
