@@ -1,55 +1,257 @@
-"""The `ganpipe` command (also `python -m pipeline`): parses, validates, then hands over.
+"""The `ganpipe` command (also `python -m pipeline`): every command's arguments, and nothing else.
 
     ganpipe prepare --source mnist --out data/mnist --holdout 1000
-    ganpipe verify data/mnist
+    ganpipe train --config configs/mnist_dcgan.yaml --run-dir runs/mnist
     ganpipe bench loader
 
-Each subcommand lives in its own module, which provides `add_arguments(parser)` and `run(args)`;
-this file only wires them together and turns known errors into one clear line and exit status 2.
+Each command is (module, help, arguments): the parser of the chosen command is built here, then
+its module's `run(args)` does the work. Modules are imported only when their command runs, so
+`ganpipe --help` stays fast. Known errors become one clear line: exit status 2 for bad input, 1
+when training cannot go on.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from pathlib import Path
+from typing import Callable
 
-from pipeline.config import ConfigError
 from pipeline.errors import DataError, TrainingError, UserError
 
-# name -> (module, one-line help). Modules are imported only when their command runs.
-COMMANDS = {
-    "prepare": ("pipeline.data.prepare", "turn an image collection into webdataset shards + manifest"),
-    "verify": ("pipeline.data.verify", "re-hash and decode every shard of a prepared directory"),
-    "train": ("pipeline.training.command", "train a GAN (resumes RUN automatically); see configs/"),
-    "sample": ("pipeline.training.sample", "write images or a grid from a snapshot"),
-    "refstats": ("pipeline.metrics.refstats", "compute and cache reference feature statistics of a data split"),
-    "eval": ("pipeline.metrics.evaluate", "score snapshots of a run (FID/KID) and record the protocol"),
-    "watch": ("pipeline.metrics.watch", "score each new snapshot of a run once, until training finishes"),
-    "config": ("pipeline.config", "print the resolved config of a YAML file plus key=value overrides"),
-    "bench": ("pipeline.bench", "run a benchmark and print its measurements as JSON"),
+
+def prepare_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.data.sources import SOURCES
+
+    p.add_argument("--source", required=True,
+                   help=f"one of: {', '.join(SOURCES.keys())}; folder/npz/cifar10 take :PATH "
+                        "(e.g. folder:~/images, npz:data.npz, cifar10:~/cifar-10-batches-py)")
+    p.add_argument("--out", required=True, type=Path, help="output directory (must not exist, or be empty)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="square side in pixels (default: the source's native size; required for folders)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="1 = grey, 3 = RGB (default: the source's own)")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="images held out into the 'test' split (default 0: train only)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the one-off shuffle and holdout choice")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="encoding processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data_dir", type=Path, help="a directory written by `ganpipe prepare`")
+    p.add_argument("--quiet", action="store_true", help="print only problems and the final line")
+
+
+def train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML file from configs/ (optional when resuming RUN)")
+    p.add_argument("--run-dir", required=True, type=Path, help="run directory; resumed when it has checkpoints")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_kimg=50 loss.name=hinge")
+
+
+def config_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML file from configs/ (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=32")
+
+
+def sample_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshot", required=True, type=Path, help="snapshot .json (or .safetensors) from RUN/snapshots")
+    p.add_argument("--num", type=int, default=64, help="number of images")
+    p.add_argument("--out", required=True, type=Path, help="a .png file for a grid, or a directory")
+    p.add_argument("--seed", type=int, default=0, help="seed: image i depends only on (seed, i)")
+    p.add_argument("--start", type=int, default=0, help="index of the first image of the seeded sequence")
+    p.add_argument("--label", type=int, default=None, help="class for every image (conditional snapshots)")
+    p.add_argument("--batch", type=int, default=256,
+                   help="images generated per group; G runs on 16-image micro-batches; does not change the images")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+
+
+def _extractor_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.metrics.features import EXTRACTORS, INCEPTION_ENV
+
+    p.add_argument("--extractor", default="inception", choices=EXTRACTORS.keys(),
+                   help="feature network (default inception, the published standard; mnist works offline)")
+    p.add_argument("--inception-weights", default=None,
+                   help=f"path of inception-2015-12-05.pt (default ${INCEPTION_ENV}, else clean-fid's /tmp path)")
+    p.add_argument("--batch-size", type=int, default=250,
+                   help="images per generation/feature batch (generation rounds it up to a multiple of 16)")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+
+
+def refstats_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data_dir", type=Path, help="prepared data directory (has manifest.json)")
+    p.add_argument("--split", default="train", help="manifest split to describe (default train)")
+    _extractor_arguments(p)
+    p.add_argument("--force", action="store_true", help="recompute even if cached")
+
+
+def _scoring_arguments(p: argparse.ArgumentParser) -> None:
+    """What `eval` and `watch` share: the run, the protocol and the extractor."""
+    from pipeline.metrics.fid import METRICS
+
+    p.add_argument("--run-dir", required=True, type=Path, help="run directory written by `ganpipe train`")
+    p.add_argument("--metrics", default="fid,kid", help=f"comma-separated, from: {', '.join(METRICS.keys())}")
+    p.add_argument("--num-gen", type=int, default=None,
+                   help="images generated per snapshot (default: 50000 inception, 10000 mnist)")
+    p.add_argument("--split", default="train", help="reference split of the run's data (default train)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images and of KID's subsets")
+    p.add_argument("--data", type=Path, default=None, help="reference data dir (default: data.path of the run)")
+    _extractor_arguments(p)
+
+
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    _scoring_arguments(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--snapshot", default=None,
+                       help="snapshot to score (.json or .safetensors; a bare name is looked up in RUN/snapshots)")
+    which.add_argument("--all", action="store_true", help="every complete snapshot not yet scored under this protocol")
+    p.add_argument("--force", action="store_true", help="with --all: score already scored snapshots again")
+
+
+def watch_arguments(p: argparse.ArgumentParser) -> None:
+    _scoring_arguments(p)
+    p.add_argument("--interval", type=float, default=60.0, help="seconds between polls (default 60)")
+    p.add_argument("--once", action="store_true", help="score what is pending, then exit (no polling)")
+
+
+# -- benchmarks ----------------------------------------------------------------------------------
+
+def bench_loader_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batches", type=int, default=150, help="timed batches per measurement")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+
+
+def bench_networks_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.networks import NETWORKS
+
+    p.add_argument("--networks", nargs="+", default=NETWORKS.keys(), choices=NETWORKS.keys(),
+                   help="families to measure (default: all)")
+    p.add_argument("--resolutions", nargs="+", type=int, default=[32], metavar="PIXELS",
+                   help="image sides to measure (default: 32)")
+    p.add_argument("--batch", type=int, default=8, help="images per timed step (default: 8)")
+    p.add_argument("--iters", type=int, default=3, help="timed steps, after warm-up steps (default: 3)")
+    p.add_argument("--width", type=float, default=1.0,
+                   help="g_width and d_width multiplier (default: 1, the published widths)")
+    p.add_argument("--channels", type=int, default=3, help="image channels (default: 3)")
+    p.add_argument("--classes", type=int, default=0, help="classes for conditional networks (default: 0)")
+    p.add_argument("--matmul-size", type=int, default=2048,
+                   help="side of the square matmul that measures the CPU's GFLOP/s (default: 2048)")
+
+
+def bench_train_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.bench.train import CASES
+
+    p.add_argument("--kimg", type=float, default=12.0, help="kimg per trainer measurement")
+    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--skip-multiprocess", action="store_true", help="skip the 2 processes x 1 thread runs")
+
+
+def bench_eval_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.metrics.features import EXTRACTORS
+
+    p.add_argument("--num-gen", type=int, default=5000, help="generated images scored")
+    p.add_argument("--extractor", default="mnist", choices=EXTRACTORS.keys())
+    p.add_argument("--inception-weights", default=None, help="for --extractor inception")
+    p.add_argument("--model", default="dcgan", help="network family of the (untrained) generator")
+    p.add_argument("--data", type=Path, default=None, help="prepared data dir (default: bundled MNIST)")
+    p.add_argument("--split", default="train", help="reference split")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    p.add_argument("--cleanfid-workers", type=int, default=0, help="clean-fid's folder DataLoader workers")
+
+
+# name -> (module, help, arguments). The module's `run(args)` returns a dict of measurements.
+BENCHMARKS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "loader": ("pipeline.bench.loader", "streaming shard loader vs a plain in-memory DataLoader",
+               bench_loader_arguments),
+    "networks": ("pipeline.bench.networks", "params, FLOPs and fwd+bwd images/s of every network",
+                 bench_networks_arguments),
+    "train": ("pipeline.bench.train", "full trainer vs a bare PyTorch loop; 1x2 vs 2x1 processes x threads",
+              bench_train_arguments),
+    "eval": ("pipeline.bench.eval", "snapshot scoring throughput vs clean-fid's own compute_fid",
+             bench_eval_arguments),
 }
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The full parser; only `command`'s module is imported (start-up stays fast)."""
+def bench_arguments(p: argparse.ArgumentParser, argv: list[str]) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    chosen = next((a for a in argv if a in BENCHMARKS), None)
+    for name, (module, help_text, arguments) in BENCHMARKS.items():
+        q = sub.add_parser(name, help=help_text, description=help_text)
+        q.set_defaults(_bench_module=module)
+        if name == chosen:
+            arguments(q)
+
+
+# -- maintainer scripts (python -m MODULE), not ganpipe commands ------------------------------------
+
+def train_mnist_extractor_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="weights file to write (.safetensors)")
+    p.add_argument("--data", type=Path, default=None, help="prepared MNIST dir (default: prepare the bundled one)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+
+
+SCRIPTS = {"pipeline.metrics.train_mnist_extractor": train_mnist_extractor_arguments}
+
+
+def script_main(module: str, argv: list[str] | None = None) -> int:
+    """`python -m MODULE ARGS` for the maintainer scripts in SCRIPTS."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
+    SCRIPTS[module](parser)
+    return int(importlib.import_module(module).main(parser.parse_args(argv)) or 0)
+
+
+# name -> (module, help, arguments). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str, Callable]] = {
+    "prepare": ("pipeline.data.prepare", "turn an image collection into webdataset shards + manifest",
+                prepare_arguments),
+    "verify": ("pipeline.data.verify", "re-hash and decode every shard of a prepared directory", verify_arguments),
+    "train": ("pipeline.training.run_config", "train a GAN (resumes RUN automatically); see configs/",
+              train_arguments),
+    "sample": ("pipeline.generate", "write images or a grid from a snapshot", sample_arguments),
+    "refstats": ("pipeline.metrics.refstats", "compute and cache reference feature statistics of a data split",
+                 refstats_arguments),
+    "eval": ("pipeline.metrics.commands", "score snapshots of a run (FID/KID) and record the protocol",
+             eval_arguments),
+    "watch": ("pipeline.metrics.commands", "score each new snapshot of a run once, until training finishes",
+              watch_arguments),
+    "config": ("pipeline.catalog", "print the resolved config of a YAML file plus key=value overrides",
+               config_arguments),
+    "bench": ("pipeline.bench", "run a benchmark and print its measurements as JSON", bench_arguments),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The full parser; only the chosen command's arguments are built (start-up stays fast)."""
     parser = argparse.ArgumentParser(prog="ganpipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_text) in COMMANDS.items():
+    command = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text, arguments) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
-            importlib.import_module(module).add_arguments(p)
+            if name == "bench":
+                arguments(p, argv[argv.index(name) + 1:])
+            else:
+                arguments(p)
         p.set_defaults(_module=module)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
+    args._argv = argv
     try:
-        status = importlib.import_module(args._module).run(args)
-    except (UserError, ConfigError, DataError, FileNotFoundError, FileExistsError) as exc:
+        status = getattr(importlib.import_module(args._module), f"{args.command}_command")(args)
+    except (UserError, DataError, FileNotFoundError, FileExistsError) as exc:
         print(f"ganpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:

@@ -2,6 +2,10 @@
 
     cfg = load_config("configs/mnist_dcgan.yaml", ["data.batch_size=32", "seed=1"])
 
+This module is the floor under everything but `errors`: it imports nothing else of ours. Names
+that registries own (networks, losses, penalties) are checked against the `names` handed down by
+`pipeline.catalog.load_config`, which every command uses.
+
 Every field has a default and a one-line comment giving its unit. Constraints live in the field's
 metadata (`min`, `max`, `choices`), so one validator serves every section and every error names
 the dotted key and what is allowed. Later stages add their sections to `Config`.
@@ -12,23 +16,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 
+from pipeline.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config problem; the message names the dotted key and the remedy."""
+__all__ = ["Config", "ConfigError", "load_config", "from_dict", "validate"]
 
 
-def opt(default: Any, *, min: float | None = None, max: float | None = None,
-        choices: Iterable[Any] | Callable[[], Iterable[Any]] | None = None) -> Any:
-    """A dataclass field with range/choice constraints checked by `validate`."""
-    meta = {"min": min, "max": max, "choices": choices}
+def opt(default: Any, *, min: float | None = None, max: float | None = None, below: float | None = None,
+        choices: Iterable[Any] | None = None, registry: str | None = None, length: int | None = None) -> Any:
+    """A dataclass field with range/choice constraints checked by `validate`. `registry` names
+    the kind whose registered names are the allowed values; the floors that own those registries
+    hand the names down (`pipeline.catalog`), so this module imports none of them. `below` is an
+    exclusive maximum; for a list, `length` is its required length and the bounds hold per item."""
+    meta = {"min": min, "max": max, "below": below, "choices": choices, "registry": registry, "length": length}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -38,52 +46,38 @@ def opt(default: Any, *, min: float | None = None, max: float | None = None,
 class DataConfig:
     path: str = opt("")                 # prepared shard directory (has manifest.json), or a URL pattern
     split: str = opt("train")           # manifest split to stream from a prepared directory
-    batch_size: int = opt(64, min=1)    # global batch in images per optimizer step, all processes together
-    num_workers: int = opt(2, min=0)    # loader worker processes per training process
-    shuffle_buffer: int = opt(1000, min=0)  # samples held for shuffling per stream (0 = no shuffle)
+    batch_size: int = opt(64, min=1, max=1 << 20)    # global batch in images per optimizer step, all processes together
+    num_workers: int = opt(2, min=0, max=256)    # loader worker processes per training process
+    shuffle_buffer: int = opt(1000, min=0, max=10_000_000)  # samples held for shuffling per stream (0 = no shuffle)
     hflip: bool = opt(False)            # random horizontal flip, probability 0.5
     max_bad_fraction: float = opt(0.05, min=0.0, max=1.0)  # bad samples per shard pass above this are an error
-    cache_mb: float = opt(256.0, min=0.0)  # decoded samples kept in memory per loader process, in MiB (0 = decode every pass)
+    cache_mb: float = opt(256.0, min=0.0, max=1 << 24)  # decoded samples kept in memory per loader process, in MiB (0 = decode every pass)
     require_labels: bool = opt(False)   # a sample without a label is bad (conditional models set this)
-    resolution: int = opt(0, min=0)     # expected image side in pixels for URL patterns (0 = from manifest)
+    resolution: int = opt(0, min=0, max=8192)     # expected image side in pixels for URL patterns (0 = from manifest)
     channels: int = opt(0, choices=(0, 1, 3))  # expected channels for URL patterns (0 = from manifest)
-
-
-def _network_names() -> list[str]:
-    from pipeline.networks import NETWORKS  # lazy: the registries import this module
-    return NETWORKS.keys()
-
-
-def _loss_names() -> list[str]:
-    from pipeline.losses import LOSSES
-    return LOSSES.keys()
-
-
-def _penalty_names() -> list[str]:
-    from pipeline.losses import PENALTIES
-    return ["none", *PENALTIES.keys()]
+    num_classes: int = opt(0, min=0, max=1_000_000)  # classes of the labels for URL patterns (0 = from manifest, or unlabelled)
 
 
 @dataclass
 class ModelConfig:
-    name: str = opt("dcgan", choices=_network_names)  # network family (mlp, dcgan, resnet, stylegan2)
-    z_dim: int = opt(0, min=0)          # latent numbers per sample (0 = family default: 100, 128 resnet, 512 stylegan2)
-    g_width: float = opt(1.0, min=1e-3)  # multiplier on G's published layer widths (feature maps or units)
-    d_width: float = opt(1.0, min=1e-3)  # multiplier on D's published layer widths (feature maps or units)
+    name: str = opt("dcgan", registry="network")  # network family (mlp, dcgan, resnet, stylegan2)
+    z_dim: int = opt(0, min=0, max=65536)          # latent numbers per sample (0 = family default: 100, 128 resnet, 512 stylegan2)
+    g_width: float = opt(1.0, min=1e-3, max=64.0)  # multiplier on G's published layer widths (feature maps or units)
+    d_width: float = opt(1.0, min=1e-3, max=64.0)  # multiplier on D's published layer widths (feature maps or units)
     conditional: bool = opt(False)      # class-conditional G and D; needs labelled data
     spectral_norm: bool | None = opt(None)  # spectral norm in D (null = family default: on for resnet only)
-    w_dim: int = opt(512, min=1)        # stylegan2: numbers in the intermediate latent w
-    mapping_layers: int = opt(8, min=1)  # stylegan2: fully connected layers in the mapping network
-    mbstd_group: int = opt(4, min=0)    # stylegan2: samples per minibatch-stddev group (0 = no mbstd layer)
+    w_dim: int = opt(512, min=1, max=65536)        # stylegan2: numbers in the intermediate latent w
+    mapping_layers: int = opt(8, min=1, max=64)  # stylegan2: fully connected layers in the mapping network
+    mbstd_group: int = opt(4, min=0, max=1024)    # stylegan2: samples per minibatch-stddev group (0 = no mbstd layer)
 
 
 @dataclass
 class LossConfig:
-    name: str = opt("nonsaturating", choices=_loss_names)  # adversarial loss from the LOSSES registry
+    name: str = opt("nonsaturating", registry="loss")  # adversarial loss from the LOSSES registry
     clip: float = opt(0.0, min=0.0)     # WGAN weight clipping bound c, D kept in [-c, c] (0 = off; wasserstein only)
-    penalty: str = opt("none", choices=_penalty_names)  # gradient penalty on D (wgan-gp, r1, r2) or none
+    penalty: str = opt("none", registry="penalty")  # gradient penalty on D (wgan-gp, r1, r2) or none
     penalty_weight: float = opt(10.0, min=0.0)  # lambda for wgan-gp, gamma for r1/r2 (gamma/2 * E|grad D|^2)
-    penalty_interval: int = opt(1, min=1)  # D steps between penalty evaluations; the penalty is scaled by it
+    penalty_interval: int = opt(1, min=1, max=10_000)  # D steps between penalty evaluations; the penalty is scaled by it
 
 
 @dataclass
@@ -92,28 +86,27 @@ class TrainConfig:
     tick_kimg: float = opt(4.0, min=1e-6)        # kimg between status lines / stats.jsonl rows / sample grids
     snapshot_kimg: float = opt(20.0, min=0.0)    # kimg between EMA-G snapshots for eval (0 = only at the end)
     checkpoint_kimg: float = opt(20.0, min=0.0)  # kimg between full resumable checkpoints (0 = only at the end)
-    keep_checkpoints: int = opt(3, min=1)        # newest full checkpoints kept on disk
-    batch_per_process: int = opt(0, min=0)       # images per process per forward (0 = data.batch_size / processes)
+    keep_checkpoints: int = opt(3, min=1, max=10_000)        # newest full checkpoints kept on disk
+    batch_per_process: int = opt(0, min=0, max=1 << 20)       # images per process per forward (0 = data.batch_size / processes)
     g_lr: float = opt(2e-4, min=0.0)             # Adam learning rate of G
     d_lr: float = opt(2e-4, min=0.0)             # Adam learning rate of D
-    g_betas: list[float] = opt([0.5, 0.999])     # Adam (beta1, beta2) of G
-    d_betas: list[float] = opt([0.5, 0.999])     # Adam (beta1, beta2) of D
+    g_betas: list[float] = opt([0.5, 0.999], min=0.0, below=1.0, length=2)     # Adam (beta1, beta2) of G
+    d_betas: list[float] = opt([0.5, 0.999], min=0.0, below=1.0, length=2)     # Adam (beta1, beta2) of D
     lazy_adjust: bool = opt(True)                # scale D's lr and betas by k/(k+1) for a penalty every k steps (StyleGAN2)
-    n_critic: int = opt(1, min=1)                # D steps per G step (5 for WGAN)
+    n_critic: int = opt(1, min=1, max=1000)                # D steps per G step (5 for WGAN)
     ema_halflife_kimg: float = opt(10.0, min=0.0)  # half-life of G's EMA in kimg (0 = EMA is a plain copy)
     ema_rampup: float = opt(0.05, min=0.0)       # EMA half-life at most this x kimg seen (0 = no ramp-up)
     mixed_precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))  # autocast dtype (auto: bf16 on capable GPUs, fp32 on CPU)
     augment: str = opt("")                       # DiffAugment policy, comma-separated: color, translation, cutout ("" = off)
-    max_nonfinite_steps: int = opt(10, min=1)    # consecutive skipped (inf/NaN) steps that stop the run
-    inject_nan_steps: list[int] = opt([])        # testing aid: D steps whose loss is replaced by NaN
-    grid_size: int = opt(64, min=1)              # images in the fixed-z sample grid
-    threads: int = opt(0, min=0)                 # torch CPU threads per process (0 = cores / local processes)
+    max_nonfinite_steps: int = opt(10, min=1, max=1_000_000)    # consecutive skipped (inf/NaN) steps that stop the run
+    grid_size: int = opt(64, min=1, max=4096)              # images in the fixed-z sample grid
+    threads: int = opt(0, min=0, max=4096)                 # torch CPU threads per process (0 = cores / local processes)
     progress: bool = opt(True)                   # progress bar on rank 0 (status lines are printed either way)
 
 
 @dataclass
 class Config:
-    seed: int = opt(0, min=0)           # global seed; ranks and loader streams derive theirs from it
+    seed: int = opt(0, min=0, max=2**63 - 1)           # global seed; ranks and loader streams derive theirs from it
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -193,25 +186,44 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def validate(obj: Any, prefix: str = "") -> None:
-    """Check every field's `min`/`max`/`choices`; raise ConfigError naming the first bad key."""
+def validate(obj: Any, prefix: str = "", names: Mapping[str, Iterable[str]] | None = None) -> None:
+    """Check every field's `min`/`max`/`choices`; raise ConfigError naming the first bad key.
+    `names` maps a registry kind to its allowed names; fields of kinds not given are not checked."""
     for f in dataclasses.fields(obj):
         key = f"{prefix}.{f.name}" if prefix else f.name
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            validate(value, key)
+            validate(value, key, names)
             continue
         choices = f.metadata.get("choices")
+        registry = f.metadata.get("registry")
+        if registry is not None and names is not None and registry in names:
+            choices = names[registry]
         if choices is not None:
-            allowed = list(choices() if callable(choices) else choices)
+            allowed = list(choices)
             if value not in allowed:
                 raise ConfigError(f"{key}: {value!r} is not allowed; choose one of "
                                   f"{', '.join(map(str, allowed))}")
-        lo, hi = f.metadata.get("min"), f.metadata.get("max")
-        if lo is not None and value is not None and value < lo:
-            raise ConfigError(f"{key}: {value!r} is below the minimum {lo}")
-        if hi is not None and value is not None and value > hi:
-            raise ConfigError(f"{key}: {value!r} is above the maximum {hi}")
+        length = f.metadata.get("length")
+        if length is not None and len(value) != length:
+            raise ConfigError(f"{key}: {value!r} has {len(value)} values, expected {length}")
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            where = f"{key}[{i}]" if isinstance(value, list) else key
+            _check_bounds(where, item, f.metadata)
+
+
+def _check_bounds(key: str, value: Any, meta: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
+    lo, hi, below = meta.get("min"), meta.get("max"), meta.get("below")
+    if value is None or isinstance(value, (str, bool)):
+        return
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key}: {value!r} is below the minimum {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} is above the maximum {hi}")
+    if below is not None and value >= below:
+        raise ConfigError(f"{key}: {value!r} must be below {below}")
 
 
 def _merge(base: dict, delta: dict, prefix: str = "") -> dict:
@@ -242,16 +254,18 @@ def parse_override(text: str) -> dict:
     return out
 
 
-def from_dict(data: dict, overrides: Iterable[str] = ()) -> Config:
+def from_dict(data: dict, overrides: Iterable[str] = (), names: Mapping[str, Iterable[str]] | None = None
+              ) -> Config:
     merged = dict(data or {})
     for text in overrides:
         merged = _merge(merged, parse_override(text))
     cfg = build_dataclass(Config, merged, "")
-    validate(cfg)
+    validate(cfg, "", names)
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Iterable[str] = (),
+                names: Mapping[str, Iterable[str]] | None = None) -> Config:
     """Defaults, then the YAML file at `path` (a delta), then `key=value` overrides."""
     data: dict = {}
     if path is not None:
@@ -265,7 +279,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
     try:
-        return from_dict(data, overrides)
+        return from_dict(data, overrides, names)
     except ConfigError as exc:
         where = f" (in {path})" if path is not None else ""
         raise ConfigError(f"{exc}{where}") from None
@@ -275,8 +289,13 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, every key in declaration order."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))
 
 
 def config_hash(cfg: Config) -> str:
@@ -298,17 +317,3 @@ def diff_configs(a: Config, b: Config) -> list[str]:
         return out
     fa, fb = flat(to_dict(a)), flat(to_dict(b))
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
-
-
-# ----------------------------------------------------------------------------------------------
-# `ganpipe config [--config FILE] [key=value ...]`: print the resolved config (a dry run).
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--config", default=None, help="YAML file from configs/ (default: built-in defaults)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=32")
-
-
-def run(args) -> int:
-    cfg = load_config(args.config, args.overrides)
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-    return 0

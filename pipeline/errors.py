@@ -1,13 +1,39 @@
-"""Errors the CLI prints as one line (no traceback): each message names the file, key or shard
-and says what to do. Kept in a module without heavy imports so the CLI can catch them cheaply."""
+"""Every user-facing error type. The CLI prints any of them as one line (no traceback) and exits
+with status 2 (bad input) or 1 (training cannot go on). Each message names the file, key or shard
+and says what to do. This module imports nothing, so every floor of the package can raise them.
+"""
 
 
 class UserError(Exception):
     """Bad input from the user (arguments, paths, options)."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config problem; the message names the dotted key and the remedy."""
+
+
+class SourceError(UserError, ValueError):
+    """An image collection `ganpipe prepare` cannot read; names the path and what was expected."""
+
+
+class SnapshotError(UserError, ValueError):
+    """A snapshot that is incomplete, corrupt or of an unknown format; the message names it."""
+
+
 class DataError(RuntimeError):
     """Data that cannot be trained on or evaluated; names the shard and what to do."""
+
+
+class BadSample(ValueError):
+    """One sample that cannot be used (skipped and counted); `kind` is its counter name."""
+
+    def __init__(self, message: str, kind: str = "undecodable"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class TruncatedTar(EOFError):
+    """A tar stream that ends early or holds a corrupt header."""
 
 
 class TrainingError(RuntimeError):

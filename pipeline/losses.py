@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
 LOSSES = Registry("loss")
@@ -246,34 +246,33 @@ class WGANGP(Penalty):
         return ((grad_norm_sq + 1e-12).sqrt() - 1).square()
 
 
-@PENALTIES.register("r1")
-class R1(Penalty):
-    """Mescheder et al. (2018), Eq. 9: gamma/2 E_{x ~ data}[||grad D(x)||^2]."""
+class ZeroCentred(Penalty):
+    """Mescheder et al. (2018): gamma/2 E[||grad D(x)||^2] at the real (R1) or fake (R2) samples."""
 
-    name = "r1"
+    on: ClassVar[str]           # "real" or "fake"
 
     def points(self, real: Tensor | None, fake: Tensor | None) -> Tensor:
-        if real is None:
-            raise ValueError("r1 needs real samples")
-        return real
+        x = real if self.on == "real" else fake
+        if x is None:
+            raise ValueError(f"{self.name} needs {self.on} samples")
+        return x
 
     def per_sample(self, grad_norm_sq: Tensor) -> Tensor:
         return 0.5 * grad_norm_sq
+
+
+@PENALTIES.register("r1")
+class R1(ZeroCentred):
+    """Mescheder et al. (2018), Eq. 9: gamma/2 E_{x ~ data}[||grad D(x)||^2]."""
+
+    name, on = "r1", "real"
 
 
 @PENALTIES.register("r2")
-class R2(Penalty):
+class R2(ZeroCentred):
     """Mescheder et al. (2018), Eq. 10: gamma/2 E_{x ~ G}[||grad D(x)||^2]."""
 
-    name = "r2"
-
-    def points(self, real: Tensor | None, fake: Tensor | None) -> Tensor:
-        if fake is None:
-            raise ValueError("r2 needs fake samples")
-        return fake
-
-    def per_sample(self, grad_norm_sq: Tensor) -> Tensor:
-        return 0.5 * grad_norm_sq
+    name, on = "r2", "fake"
 
 
 def build_penalty(loss_cfg) -> Penalty | None:

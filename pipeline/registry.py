@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 class Registry:

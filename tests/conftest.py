@@ -17,11 +17,13 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600
-        ) -> subprocess.CompletedProcess:
-    """Run `python -m pipeline ARGS` and return the completed process (stdout+stderr text)."""
+def cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600,
+        faults: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline ARGS` and return the completed process (stdout+stderr text).
+    `faults` runs it through tests/faults.py, which injects them (e.g. "nan-d-steps=2,5")."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=full_env,
+    entry = [str(REPO / "tests" / "faults.py"), *faults, "--"] if faults else ["-m", "pipeline"]
+    proc = subprocess.run([sys.executable, *entry, *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"ganpipe {' '.join(args)} exited {proc.returncode}\n"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import cli
-from pipeline.config import ConfigError, config_hash, diff_configs, dump_config, load_config
+from pipeline.catalog import load_config
+from pipeline.config import ConfigError, config_hash, diff_configs, dump_config
 
 
 def test_defaults_yaml_and_overrides_compose(tmp_path):

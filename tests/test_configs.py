@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, cli, make_npz
-from pipeline.config import load_config
+from pipeline.catalog import load_config
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 

@@ -16,7 +16,9 @@ from PIL import Image
 
 from conftest import cli, make_npz
 from pipeline.data.loader import DataError, ShardSet, StreamLoader, epoch_assignment
-from pipeline.data.manifest import TruncatedTar, decode_image, iter_tar_samples, read_manifest
+from pipeline.data.manifest import read_manifest
+from pipeline.data.shards import decode_image, decode_sample, iter_tar_samples
+from pipeline.errors import BadSample, TruncatedTar
 from pipeline.data.prepare import prepare
 
 
@@ -277,7 +279,7 @@ def test_url_patterns_and_pipe_urls(small_dir):
         ShardSet.resolve(f"{small_dir}/train-{{000000..000007}}.tar")
     with pytest.raises(DataError, match="do not exist"):
         ShardSet.resolve(f"{small_dir}/nope-{{000000..000001}}.tar", resolution=8, channels=3)
-    with pytest.raises(FileNotFoundError, match="ganpipe prepare"):
+    with pytest.raises(DataError, match="not a prepared data directory.*ganpipe prepare"):
         ShardSet.resolve(str(small_dir.parent))
 
 
@@ -319,3 +321,145 @@ def test_cifar10_source_reads_the_standard_batches_folder(tmp_path):
     assert m["splits"]["train"]["num_samples"] == 30 and m["splits"]["test"]["num_samples"] == 4
     out = cli("prepare", "--source", f"cifar10:{root}", "--out", str(tmp_path / "c2"), "--holdout", "5", check=False)
     assert out.returncode == 2 and "own test split" in out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# one decoder for every reader: loader, verify and whole-split reading
+
+def _encode(image: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _smooth(i: int, res: int = 8) -> np.ndarray:
+    """A smooth RGB image (JPEG keeps it close to the original), different for every i."""
+    y, x = np.mgrid[0:res, 0:res]
+    return np.stack([(x * 16 + i * 7) % 256, (y * 16 + i * 11) % 256, np.full_like(x, i * 19 % 256)],
+                    axis=-1).astype(np.uint8)
+
+
+def _hand_made_dir(root: Path, samples: list[dict[str, bytes]], num_classes: int = 4) -> Path:
+    """A prepared directory written by hand: one train shard of 8x8 RGB samples `s0000`, `s0001`, ..."""
+    from pipeline.data.manifest import FORMAT, FORMAT_VERSION, write_manifest
+    from pipeline.io import sha256_file
+
+    root.mkdir()
+    shard = root / "train-000000.tar"
+    with tarfile.open(shard, mode="w") as tar:
+        for i, files in enumerate(samples):
+            for ext, data in sorted(files.items()):
+                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    entry = {"name": shard.name, "num_samples": len(samples), "bytes": shard.stat().st_size,
+             "sha256": sha256_file(shard)}
+    write_manifest(root, {"format": FORMAT, "format_version": FORMAT_VERSION, "source": "test",
+                          "resolution": 8, "channels": 3, "classes": [str(c) for c in range(num_classes)],
+                          "num_classes": num_classes,
+                          "splits": {"train": {"num_samples": len(samples), "shards": [entry]}}})
+    return root
+
+
+def _problem_keys(stdout: str) -> dict[str, str]:
+    """{key: message} of verify's per-sample problems."""
+    out = {}
+    for line in stdout.splitlines():
+        if line.startswith("PROBLEM train-000000.tar key "):
+            key, _, msg = line.removeprefix("PROBLEM train-000000.tar key ").partition(": ")
+            out[key] = msg
+    return out
+
+
+def test_jpeg_samples_verify_load_and_read_like_png(tmp_path):
+    from pipeline.data.splits import read_split
+
+    exts = ["jpg", "jpeg", "png"] * 4
+    originals = [_smooth(i) for i in range(len(exts))]
+    samples = [{ext: _encode(img, "PNG" if ext == "png" else "JPEG"), "cls": str(i % 4).encode()}
+               for i, (ext, img) in enumerate(zip(exts, originals))]
+    data = _hand_made_dir(tmp_path / "jpeg", samples)
+    out = cli("verify", str(data), "--quiet")
+    assert "OK, 1 shards, 12 samples verified" in out.stdout
+    ld = loader(data, batch_size=12)
+    x, y = ld.next()
+    assert [i for _, i in ld.last_refs.tolist()] == list(range(12)) and y.tolist() == [i % 4 for i in range(12)]
+    got = ((x + 1) * 127.5).round().numpy().transpose(0, 2, 3, 1)
+    for ext, g, o in zip(exts, got, originals):
+        err = np.abs(g - o.astype(np.float64)).mean()
+        assert (err == 0) if ext == "png" else (err < 6), (ext, err)   # lossy JPEG stays close
+    images, labels = read_split(data, "train")
+    assert np.array_equal(images, ((x + 1) * 127.5).round().to(torch.uint8).numpy())
+    assert labels.tolist() == y.tolist()
+
+
+def test_verify_reports_a_corrupt_jpeg_by_shard_and_key(tmp_path):
+    samples = [{"jpg": _encode(_smooth(i), "JPEG"), "cls": b"1"} for i in range(6)]
+    samples[3]["jpg"] = samples[3]["jpg"][:40] + b"\x00" * 8      # header survives, the scan does not
+    samples[4] = {"cls": b"2"}                                     # no image entry at all
+    data = _hand_made_dir(tmp_path / "bad", samples)
+    out = cli("verify", str(data), "--quiet", check=False)
+    assert out.returncode == 1
+    problems = _problem_keys(out.stdout)
+    assert set(problems) == {"s0003", "s0004"}, out.stdout
+    assert problems["s0003"].startswith("undecodable image")
+    assert problems["s0004"].startswith("no image entry") and "has: cls" in problems["s0004"]
+
+
+def test_loader_verify_and_split_reading_agree_on_bad_samples(tmp_path):
+    from pipeline.data.splits import iter_split
+    from pipeline.errors import UserError
+
+    good = lambda i, ext="png": {ext: _encode(_smooth(i), "PNG" if ext == "png" else "JPEG"),  # noqa: E731
+                                 "cls": str(i % 4).encode()}
+    samples = [good(i, "png" if i % 2 else "jpg") for i in range(12)]
+    samples[1]["png"] = b"\x89PNG\r\n\x1a\n broken"                             # undecodable
+    samples[2]["jpg"] = _encode(np.zeros((16, 16, 3), np.uint8), "JPEG")         # wrong_shape
+    samples[4]["cls"] = b"seven"                                                 # bad_label
+    samples[6]["cls"] = b"9"                                                     # bad_label: 4 classes
+    del samples[8]["jpg"]                                                        # undecodable: no image
+    del samples[9]["cls"]                                                        # missing_label
+    samples[10] = {"webp": _encode(_smooth(10), "WEBP"), "cls": b"2"}            # good, WebP
+    data = _hand_made_dir(tmp_path / "mixed", samples)
+    bad = {1, 2, 4, 6, 8, 9}
+
+    problems = _problem_keys(cli("verify", str(data), "--quiet", check=False).stdout)
+    assert set(problems) == {f"s{i:04d}" for i in bad}
+    # The loader (labels required, as verify requires them for labelled data) keeps exactly the rest.
+    ld = loader(data, batch_size=12 - len(bad), require_labels=True, max_bad_fraction=1.0)
+    ld.next()
+    assert sorted(i for _, i in ld.last_refs.tolist()) == sorted(set(range(12)) - bad)
+    ld.next()                                # counts are committed when a shard pass ends
+    assert ld.bad_counts() == {"undecodable": 2, "wrong_shape": 1, "bad_label": 2, "missing_label": 1}
+    # Both say the same thing about each sample, because both ask decode_sample.
+    for key, files in iter_tar_samples(open(data / "train-000000.tar", "rb")):
+        try:
+            decode_sample(files, channels=3, resolution=8, num_classes=4, require_label=True)
+        except BadSample as exc:
+            assert problems.pop(key) == str(exc)
+    assert problems == {}
+    # Whole-split reading refuses the first bad sample, naming the shard and the key.
+    with pytest.raises(UserError, match=r"train-000000\.tar key s0001: undecodable image.*ganpipe verify"):
+        list(iter_split(data, "train"))
+
+
+def test_from_config_requires_labels_when_the_model_or_the_config_asks(small_dir):
+    from pipeline.config import DataConfig
+
+    _rewrite_sample(small_dir / "train-000000.tar", 2, drop_label=True)
+    counts = {}
+    for data_flag, model_flag in ((False, False), (True, False), (False, True)):
+        cfg = DataConfig(path=str(small_dir), num_workers=0, shuffle_buffer=0, cache_mb=0,
+                         max_bad_fraction=0.2, require_labels=data_flag)
+        ld = StreamLoader.from_config(cfg, batch_size=79, seed=0, rank=0, world_size=1,
+                                      require_labels=model_flag)
+        _, y = ld.next()
+        counts[data_flag, model_flag] = (ld.bad_counts(), int((y == -1).sum()))
+    assert counts[False, False] == ({}, 1)
+    assert counts[True, False] == counts[False, True] == ({"missing_label": 1}, 0)
+    # An unlabelled dataset cannot feed a conditional model: said before the first batch.
+    np.savez(small_dir.parent / "u.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+    prepare(f"npz:{small_dir.parent / 'u.npz'}", small_dir.parent / "u", workers=1, progress=False)
+    with pytest.raises(DataError, match="labels are required.*model.conditional=false"):
+        StreamLoader.from_config(DataConfig(path=str(small_dir.parent / "u")), batch_size=4, seed=0,
+                                 rank=0, world_size=1, require_labels=True)

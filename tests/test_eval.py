@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO, cli
-from pipeline.data.manifest import sha256_file
+from pipeline.io import sha256_file
 from test_metrics import (make_run, mlp_generator, mnist_ext, mnist_ref, one_digit_generator,  # noqa: F401
                           records)
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.config import ConfigError, LossConfig, from_dict
+from pipeline.catalog import from_dict
+from pipeline.config import ConfigError, LossConfig
 from pipeline.losses import LOSSES, build_loss, clip_weights
 
 REAL = [2.0, -1.0, 0.5, 0.0]

@@ -19,10 +19,12 @@ from torch import nn
 
 from conftest import cli
 from pipeline.config import Config, DataConfig, ModelConfig, dump_config
-from pipeline.metrics.evaluate import generate, generated_features, latents
+from pipeline.generate import images, latents, to_uint8
+from pipeline.metrics.evaluator import generated_features
 from pipeline.metrics.features import INCEPTION_FILE, INCEPTION_URL, get_extractor
 from pipeline.metrics.fid import feature_stats, frechet_distance, kernel_distance
-from pipeline.metrics.refstats import (cache_name, compute_refstats, read_split, reference_stats)
+from pipeline.data.splits import read_split
+from pipeline.metrics.refstats import (cache_name, compute_refstats, reference_stats)
 from pipeline.networks import build_networks
 from pipeline.training.snapshot import load_snapshot, save_snapshot
 
@@ -158,7 +160,7 @@ def test_prepare_is_cleanfids_clean_resize(tmp_path, mnist_ext):
 
 
 def test_mnist_extractor_is_a_real_digit_classifier(mnist_dir, mnist_ext):
-    from pipeline.metrics.mnist_extractor import load_mnist_net
+    from pipeline.metrics.mnist_net import load_mnist_net
 
     net, meta = load_mnist_net(mnist_ext.weights)
     images, labels = read_split(mnist_dir, "test")      # the holdout it never trained on
@@ -308,7 +310,7 @@ def test_latents_and_labels_do_not_depend_on_batching(tmp_path):
                          resolution=28, channels=1, num_classes=10)
     G2, meta = load_snapshot(snap)
     assert meta["model"]["conditional"] and G2.num_classes == 10
-    got = generate(G2, start=30, count=20, seed=3, device=torch.device("cpu"))
+    got = to_uint8(images(G2, start=30, count=20, seed=3, device=torch.device("cpu")))
     with torch.no_grad():
         want = G(latents(3, 30, 20, G.z_dim), torch.arange(30, 50) % 10)
     assert got.dtype == np.uint8 and got.shape == (20, 1, 28, 28)
@@ -317,7 +319,7 @@ def test_latents_and_labels_do_not_depend_on_batching(tmp_path):
 
 def test_metrics_jsonl_survives_a_torn_last_line(tmp_path):
     """A crash mid-append leaves a partial line: readers skip it and the next append starts afresh."""
-    from pipeline.metrics.evaluate import append_records, read_records
+    from pipeline.metrics.records import append_records, read_records
 
     rec = {"name": "fid_mnist", "metric": "fid", "value": 1.5, "snapshot": "s", "snapshot_sha256": "ab",
            "cur_nimg": 1, "kimg": 0.001, "extractor": "mnist", "extractor_sha256": "cd", "resize": "clean28",

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ConfigError, ModelConfig, from_dict
+from pipeline.catalog import from_dict
+from pipeline.config import ConfigError, ModelConfig
 from pipeline.networks import NETWORKS, build_networks, dcgan, mlp, param_count, resnet, stylegan2
 
 RESOLUTIONS = {"mlp": (0, 28, 32, 48), "dcgan": dcgan.RESOLUTIONS, "resnet": resnet.RESOLUTIONS,
@@ -200,7 +201,7 @@ def test_stylegan2_truncation_and_noise_modes():
 
 
 def test_resolution_plan_and_width_scaling():
-    from pipeline.networks.layers import resolution_plan, scaled
+    from pipeline.networks.base import resolution_plan, scaled
     assert resolution_plan(28) == (7, 2) and resolution_plan(256) == (4, 6)
     assert scaled(64, 1 / 32) == 2 and scaled(64, 1e-3) == 1
     G, D = build("dcgan", 64)                   # widths 512..64 times 1/32
@@ -208,14 +209,12 @@ def test_resolution_plan_and_width_scaling():
 
 
 def test_bench_counts_flops_and_reports_skips():
-    import argparse
-
     from pipeline.bench import networks as bench
+    from pipeline.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    args = parser.parse_args(["--networks", "mlp", "dcgan", "--resolutions", "28", "48", "--batch", "2",
-                              "--iters", "1", "--width", "0.0625", "--matmul-size", "128"])
+    argv = ["bench", "networks", "--networks", "mlp", "dcgan", "--resolutions", "28", "48", "--batch", "2",
+            "--iters", "1", "--width", "0.0625", "--matmul-size", "128"]
+    args = build_parser(argv).parse_args(argv)
     result = bench.run(args)
     rows = {(r["network"], r["resolution"]): r for r in result["networks"]}
     assert set(rows) == {("mlp", 28), ("mlp", 48), ("dcgan", 28), ("dcgan", 48)}

@@ -23,9 +23,10 @@ TINY = ["model.g_width=0.125", "model.d_width=0.125", "data.batch_size=16", "dat
         "train.ema_halflife_kimg=0.1"]
 
 
-def train(run_dir: Path, data: Path, *extra: str, check: bool = True, env: dict | None = None):
+def train(run_dir: Path, data: Path, *extra: str, check: bool = True, env: dict | None = None,
+          faults: list[str] | None = None):
     return cli("train", "--config", "configs/mnist_dcgan.yaml", "--run-dir", str(run_dir),
-               f"data.path={data}", *TINY, *extra, check=check, env=env)
+               f"data.path={data}", *TINY, *extra, check=check, env=env, faults=faults)
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -146,10 +147,10 @@ def test_mixed_precision_runs_finish_with_finite_losses(tmp_path, mnist_dir, pre
 
 def test_injected_nan_is_skipped_and_counted_then_stops_when_persistent(tmp_path, mnist_dir):
     run = tmp_path / "nan"
-    train(run, mnist_dir, "train.total_kimg=0.128", "train.tick_kimg=0.128", "train.inject_nan_steps=[2,5]")
+    train(run, mnist_dir, "train.total_kimg=0.128", "train.tick_kimg=0.128", faults=["nan-d-steps=2,5"])
     assert rows(run)[-1]["Steps/skipped_nonfinite"] == 2
     out = train(tmp_path / "nan2", mnist_dir, "train.total_kimg=0.256", "train.checkpoint_kimg=0.064",
-                "train.inject_nan_steps=[6,7,8]", "train.max_nonfinite_steps=3", check=False)
+                "train.max_nonfinite_steps=3", check=False, faults=["nan-d-steps=6,7,8"])
     assert out.returncode == 1
     assert "3 consecutive D steps with non-finite gradients" in out.stderr
     named = out.stderr.split("last good checkpoint: ")[1].split(". ")[0]

@@ -24,20 +24,6 @@ from pathlib import Path
 import torch
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from pipeline.metrics.features import EXTRACTORS
-
-    p.add_argument("--num-gen", type=int, default=5000, help="generated images scored")
-    p.add_argument("--extractor", default="mnist", choices=EXTRACTORS.keys())
-    p.add_argument("--inception-weights", default=None, help="for --extractor inception")
-    p.add_argument("--model", default="dcgan", help="network family of the (untrained) generator")
-    p.add_argument("--data", type=Path, default=None, help="prepared data dir (default: bundled MNIST)")
-    p.add_argument("--split", default="train", help="reference split")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
-    p.add_argument("--cleanfid-workers", type=int, default=0, help="clean-fid's folder DataLoader workers")
-
-
 class Replay:
     """A `gen` for clean-fid: ignores its z and returns our next seeded images, float [0, 255] RGB."""
 
@@ -45,11 +31,13 @@ class Replay:
         self.G, self.seed, self.device, self.next = G, seed, device, 0
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        from pipeline.metrics.evaluate import generate
+        from pipeline.generate import images, to_uint8
 
-        images = generate(self.G, start=self.next, count=z.shape[0], seed=self.seed, device=self.device)
+        # clean-fid asks for whole batches of --batch-size, which `run` rounds to whole micro-batches
+        # as the evaluator does: no image is generated twice, so the timing stays fair.
+        x = to_uint8(images(self.G, seed=self.seed, start=self.next, count=z.shape[0], device=self.device))
         self.next += z.shape[0]
-        x = torch.from_numpy(images).float()
+        x = torch.from_numpy(x).float()
         return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x
 
 
@@ -59,16 +47,21 @@ def run(args: argparse.Namespace) -> dict:
 
     from pipeline.config import ModelConfig
     from pipeline.data.prepare import prepare
-    from pipeline.metrics.evaluate import generate, generated_features
+    from pipeline.data.splits import iter_split
+    from pipeline.generate import images as generate_images, to_uint8
+    from pipeline.metrics.evaluator import generated_features, generation_batch
     from pipeline.metrics.features import get_extractor
     from pipeline.metrics.fid import feature_stats, frechet_distance
-    from pipeline.metrics.refstats import compute_refstats, default_device, iter_split
+    from pipeline.dist import default_device
+    from pipeline.metrics.refstats import compute_refstats
     from pipeline.networks import build_networks
     from pipeline.training.snapshot import load_snapshot, save_snapshot
 
     device = default_device(args.device)
     ext = get_extractor(args.extractor, device, args.inception_weights)
-    n, bs, seed = args.num_gen, args.batch_size, 0
+    # Whole micro-batches of pipeline.generate, as the evaluator uses them (250 -> 256); clean-fid
+    # gets the same batches, so both featurise the same images in the same groups.
+    n, bs, seed = args.num_gen, generation_batch(args.batch_size), 0
     with tempfile.TemporaryDirectory(prefix="ganpipe-bench-eval-") as tmp:
         tmp = Path(tmp)
         data = args.data
@@ -95,7 +88,8 @@ def run(args: argparse.Namespace) -> dict:
         ours_fid = frechet_distance(mu, sigma, ref.mu, ref.sigma)
         eval_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        images = [generate(G, start=s, count=min(bs, n - s), seed=seed, device=ext.device) for s in range(0, n, bs)]
+        images = [to_uint8(generate_images(G, seed=seed, start=s, count=min(bs, n - s), device=ext.device))
+                  for s in range(0, n, bs)]
         gen_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for batch in images:

@@ -27,10 +27,6 @@ from pipeline.data.loader import ShardSet, StreamLoader
 from pipeline.data.prepare import prepare
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batches", type=int, default=150, help="timed batches per measurement")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
 
 
 def smooth_rgb(n: int, res: int, seed: int = 0) -> np.ndarray:

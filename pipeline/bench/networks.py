@@ -18,23 +18,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.config import ConfigError, ModelConfig
-from pipeline.networks import NETWORKS, build_networks
+from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError
+from pipeline.networks import build_networks
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--networks", nargs="+", default=NETWORKS.keys(), choices=NETWORKS.keys(),
-                        metavar="NAME", help=f"networks to measure (default: all of {', '.join(NETWORKS.keys())})")
-    parser.add_argument("--resolutions", nargs="+", type=int, default=[32], metavar="PIXELS",
-                        help="image sides to measure; unsupported ones are reported as skipped (default: 32)")
-    parser.add_argument("--batch", type=int, default=8, help="images per timed step (default: 8)")
-    parser.add_argument("--iters", type=int, default=3, help="timed steps, after warm-up steps (default: 3)")
-    parser.add_argument("--width", type=float, default=1.0,
-                        help="multiplier on the published layer widths, as model.g_width/d_width (default: 1)")
-    parser.add_argument("--channels", type=int, default=3, help="image channels (default: 3)")
-    parser.add_argument("--classes", type=int, default=0, help="classes for conditional networks (default: 0)")
-    parser.add_argument("--matmul-size", type=int, default=2048,
-                        help="side of the square fp32 matrix multiply used as the reference peak (default: 2048)")
 
 
 def matmul_gflops(n: int, reps: int = 10) -> float:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.bench.loader import smooth_rgb
-from pipeline.config import load_config
+from pipeline.catalog import load_config
 from pipeline.data.loader import ShardSet, StreamLoader
 from pipeline.data.prepare import prepare
 from pipeline.losses import build_loss, build_penalty
@@ -41,10 +41,6 @@ CASES = {
 }
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kimg", type=float, default=12.0, help="kimg per trainer measurement")
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--skip-multiprocess", action="store_true", help="skip the 2 processes x 1 thread runs")
 
 
 def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg: float, procs: int,

@@ -1,6 +1,7 @@
 """Endless, deterministic, resumable streaming of shard batches to every rank and worker.
 
-    loader = StreamLoader.from_config(cfg.data, batch_size=32, rank=0, world_size=1, seed=cfg.seed)
+    loader = StreamLoader.from_config(cfg.data, batch_size=32, seed=cfg.seed, rank=0, world_size=1,
+                                      device=device, require_labels=cfg.model.conditional)
     for images, labels in loader:        # images float [-1, 1] NCHW, labels int64 (-1 = none)
         ...
     state = loader.state_dict()          # exact position of every stream; load_state_dict resumes
@@ -14,18 +15,29 @@ With fewer shards than streams, each shard is split into k = ceil(S / num_shards
 index (part r keeps samples i with i % k == r), so the dealing still covers every sample once per
 epoch without overlap.
 
-Each stream reads its shards sequentially (webdataset's `gopen`, so `pipe:` URLs work), decodes
-and checks each sample, feeds a shuffle buffer, and emits whole batches. Every batch carries the
+Each stream reads its shards sequentially (webdataset's `gopen`, so `pipe:` URLs work; plain or
+gzip tar), decodes and checks each sample (`shards.read_samples`, the reader `ganpipe verify` uses
+too), feeds a shuffle buffer, and emits whole batches. Every batch carries the
 stream's state after it: epoch, shard position, sample index, RNG state, the (shard, index)
 references of what is in the shuffle buffer, and bad-sample counters. The main process keeps the
 newest state per stream; restoring re-reads exactly the buffered samples, so a resumed stream
 continues with the very batches the uninterrupted one would have produced.
+
+Worker processes ignore the signals the trainer handles (`dist.Preemption`: SIGTERM, SIGUSR1,
+SIGINT): Slurm, `kill -- -PGID` and launchers signal the whole process group, and a worker that
+died of it would take the preemption checkpoint with it. On Linux a worker is also killed when
+its parent dies (PR_SET_PDEATHSIG), so a SIGKILLed trainer leaves no workers behind. A DataError
+in a worker travels to the main process as a record and is raised there as one line.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
+import signal
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +47,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline import dist
+from pipeline.data.manifest import read_manifest
+from pipeline.data.shards import read_samples
 from pipeline.errors import DataError
-from pipeline.data.manifest import (BadSample, decode_image, decode_label, iter_tar_samples,
-                                    read_manifest)
+
 
 @dataclass
 class ShardSet:
@@ -49,8 +63,14 @@ class ShardSet:
     num_classes: int                # 0 = unlabelled or unknown
 
     @staticmethod
-    def resolve(path: str, split: str = "train", resolution: int = 0, channels: int = 0) -> "ShardSet":
-        """A prepared directory (manifest.json) or a URL pattern with brace expansion ('::' joins lists)."""
+    def resolve(path: str, split: str = "train", resolution: int = 0, channels: int = 0,
+                num_classes: int = 0) -> "ShardSet":
+        """A prepared directory (manifest.json) or a URL pattern with brace expansion ('::' joins lists).
+
+        A URL pattern has no manifest, so its shape and number of classes come from the
+        arguments (`data.resolution`, `data.channels`, `data.num_classes`); for a directory the
+        manifest's count is used, and a different nonzero `num_classes` is an error.
+        """
         if not path:
             raise DataError("data.path is empty: set it to a directory made by `ganpipe prepare` "
                             "or to a shard URL pattern like 'shards/train-{000000..000009}.tar'")
@@ -60,6 +80,10 @@ class ShardSet:
             if split not in m["splits"]:
                 raise DataError(f"{p}: no split '{split}' in the manifest (has: {', '.join(m['splits'])}); "
                                 "set data.split")
+            if num_classes and num_classes != m["num_classes"]:
+                raise DataError(f"data.num_classes={num_classes} but {p}'s manifest says {m['num_classes']} "
+                                "classes; set data.num_classes=0 (the manifest's count) or point data.path "
+                                "at the intended data")
             shards = m["splits"][split]["shards"]
             return ShardSet([str(p / s["name"]) for s in shards], [s["num_samples"] for s in shards],
                             m["resolution"], m["channels"], m["num_classes"])
@@ -75,7 +99,7 @@ class ShardSet:
         if not resolution or not channels:
             raise DataError(f"data.path '{path}' is a URL pattern without a manifest: set data.resolution "
                             "and data.channels to the shape of its images")
-        return ShardSet(list(urls), [None] * len(urls), resolution, channels, 0)
+        return ShardSet(list(urls), [None] * len(urls), resolution, channels, num_classes)
 
 
 def epoch_assignment(num_shards: int, num_streams: int, seed: int, epoch: int, stream: int
@@ -88,6 +112,27 @@ def epoch_assignment(num_shards: int, num_streams: int, seed: int, epoch: int, s
 
 def _collate_identity(batch):
     return batch
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _init_worker(parent_pid: int, direct_child: bool, worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: survive the trainer's signals, die with the trainer."""
+    # The main process turns these into a checkpoint and a clean exit; a worker must not die of
+    # them first (the main process then fails with "DataLoader worker ... killed by signal").
+    for sig in dist.Preemption.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if not (direct_child and sys.platform.startswith("linux")):
+        return
+    # PDEATHSIG fires when the parent (thread) that started us exits, even by SIGKILL. Armed only
+    # now, so the parent may already be gone: then we were re-parented, and exit ourselves.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:
+        os._exit(1)
 
 
 class ShardStreamDataset(IterableDataset):
@@ -122,7 +167,15 @@ class ShardStreamDataset(IterableDataset):
         info = get_worker_info()
         worker = info.id if info is not None else 0
         local = (worker + self.worker_offset) % self.workers
-        yield from self.stream(self.rank * self.workers + local)
+        if info is None:
+            yield from self.stream(self.rank * self.workers + local)
+            return
+        try:
+            yield from self.stream(self.rank * self.workers + local)
+        except DataError as exc:
+            # Raised in a worker, torch would wrap it in a RuntimeError with the worker's whole
+            # traceback; the main process raises it again from this record (`StreamLoader.next_raw`).
+            yield {"error": str(exc)}
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -154,20 +207,13 @@ class ShardStreamDataset(IterableDataset):
         index, error, record = -1, "", start == 0 and self.cache_used < self.cache_bytes
         entries: list = []
         try:
-            for index, (_, files) in enumerate(iter_tar_samples(gopen(url, "rb"), url)):
-                if index < start or index % parts != part:
-                    continue
-                try:
-                    data = files.get("png") or files.get("jpg")
-                    if data is None:
-                        raise BadSample(f"no image entry (has {', '.join(sorted(files))})")
-                    image = decode_image(data, self.shards.channels, self.shards.resolution)
-                    label = decode_label(files.get("cls"), self.shards.num_classes, self.require_labels)
-                except BadSample as exc:
-                    counts[exc.kind] += 1
-                    image, label, kind = None, -1, exc.kind
-                else:
-                    kind = None
+            for index, _, image, label, bad in read_samples(
+                    gopen(url, "rb"), url, channels=self.shards.channels, resolution=self.shards.resolution,
+                    num_classes=self.shards.num_classes, require_label=self.require_labels,
+                    select=lambda i: i >= start and i % parts == part):
+                kind = bad.kind if bad is not None else None
+                if kind is not None:
+                    counts[kind] += 1
                 if record:
                     entries.append((index, image, label, kind))
                 yield index, image, label
@@ -252,8 +298,12 @@ class ShardStreamDataset(IterableDataset):
                     good_this_epoch += good
                     pos, start = pos + 1, 0
                 if full_epoch and good_this_epoch == 0:
+                    cause = f"bad samples: {dict(counts) or 'none'}"
+                    if self.last_error:
+                        cause += f"; last read error: {self.last_error}"
                     raise DataError(f"stream {sid} read a whole epoch of shards without one usable sample "
-                                    f"(first shard: {self.shards.urls[0]}); check data.path and run `ganpipe verify`")
+                                    f"(first shard: {self.shards.urls[0]}; {cause}); check data.path, "
+                                    "data.resolution and data.channels, and run `ganpipe verify`")
                 epoch, pos = epoch + 1, 0
 
         source = samples()
@@ -287,17 +337,24 @@ class ShardStreamDataset(IterableDataset):
 
 
 class StreamLoader:
-    """The main-process half: a DataLoader over the streams of one rank, with resumable state."""
+    """The main-process half: a DataLoader over the streams of one rank, with resumable state.
+
+    Training builds it with `from_config`; the constructor spells every option (tests, benches).
+    """
 
     def __init__(self, shards: ShardSet, *, batch_size: int, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, num_workers: int = 0, shuffle_buffer: int = 1000,
                  hflip: bool = False, require_labels: bool = False, max_bad_fraction: float = 0.05,
                  cache_mb: float = 0, device: torch.device | str | None = None):
         if rank is None or world_size is None:
-            rank, world_size = _dist_rank_world()
+            rank, world_size = dist.rank(), dist.world_size()
+        if not 0 <= rank < world_size:
+            raise DataError(f"loader rank {rank} is outside world_size {world_size}: start the process group "
+                            "before building the loader, or pass rank and world_size that match the launch")
         if require_labels and shards.num_classes == 0:
             raise DataError(f"labels are required but the data ({shards.urls[0]} ...) has no classes; "
-                            "prepare labelled data or train an unconditional model")
+                            "prepare labelled data (for a URL pattern, set data.num_classes), or train an "
+                            "unconditional model (model.conditional=false, data.require_labels=false)")
         self.shards = shards
         self.batch_size = batch_size
         self.seed = seed
@@ -315,11 +372,19 @@ class StreamLoader:
 
     @classmethod
     def from_config(cls, data_cfg, *, batch_size: int, seed: int, rank: int | None = None,
-                    world_size: int | None = None, device=None) -> "StreamLoader":
-        shards = ShardSet.resolve(data_cfg.path, data_cfg.split, data_cfg.resolution, data_cfg.channels)
+                    world_size: int | None = None, device: torch.device | str | None = None,
+                    require_labels: bool) -> "StreamLoader":
+        """The loader `data_cfg` (a `DataConfig`) describes: the way training builds one.
+
+        `batch_size` is per process; rank and world size default to `pipeline.dist`'s. Labels are
+        required when the model needs them (`require_labels`, a conditional model) or when
+        `data.require_labels` says so: the config can add the requirement, never waive it.
+        """
+        shards = ShardSet.resolve(data_cfg.path, data_cfg.split, data_cfg.resolution, data_cfg.channels,
+                                  data_cfg.num_classes)
         return cls(shards, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                    num_workers=data_cfg.num_workers, shuffle_buffer=data_cfg.shuffle_buffer,
-                   hflip=data_cfg.hflip, require_labels=data_cfg.require_labels,
+                   hflip=data_cfg.hflip, require_labels=data_cfg.require_labels or require_labels,
                    max_bad_fraction=data_cfg.max_bad_fraction, cache_mb=data_cfg.cache_mb, device=device)
 
     def _start(self) -> Iterator[dict]:
@@ -329,9 +394,13 @@ class StreamLoader:
             worker_offset=self.next_local, **self.options)
         if self.num_workers == 0:
             return iter(dataset)
+        context = torch.multiprocessing.get_context()
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             collate_fn=_collate_identity, pin_memory=bool(self.device and self.device.type == "cuda"),
-                            prefetch_factor=2, persistent_workers=False,
+                            prefetch_factor=2, persistent_workers=False, multiprocessing_context=context,
+                            # A forkserver's children are not ours: only fork and spawn get PDEATHSIG.
+                            worker_init_fn=functools.partial(_init_worker, os.getpid(),
+                                                             context.get_start_method() in ("fork", "spawn")),
                             # Its own generator: starting workers draws a base seed, and drawing it
                             # from the global RNG would shift training randomness on every resume.
                             generator=torch.Generator().manual_seed(self.seed))
@@ -342,6 +411,9 @@ class StreamLoader:
         if self._iter is None:
             self._iter = self._start()
         batch = next(self._iter)
+        if "error" in batch:
+            self._iter = None                  # shuts the workers down
+            raise DataError(batch["error"])
         st = batch["state"]
         self.streams[st["stream"]] = st
         workers = max(1, self.num_workers)
@@ -390,8 +462,3 @@ class StreamLoader:
         self.next_local = state["next_local"]
         self._iter = None
 
-
-def _dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

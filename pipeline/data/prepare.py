@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +23,14 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from pipeline import __version__
+from pipeline.data.manifest import FORMAT, FORMAT_VERSION, write_manifest
+from pipeline.data.shards import encode_png
+from pipeline.data.sources import parse_source
 from pipeline.errors import UserError
-from pipeline.data.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, encode_png, sha256_file,
-                                    write_json_atomic)
-from pipeline.data.sources import SOURCES, SourceError, parse_source
+from pipeline.io import atomic_path, sha256_file
 
 # At most this many skipped paths are listed in the manifest (all are counted).
 MAX_LISTED_SKIPS = 1000
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", required=True,
-                   help=f"one of: {', '.join(SOURCES.keys())}; folder/npz/cifar10 take :PATH "
-                        "(e.g. folder:~/images, npz:data.npz, cifar10:~/cifar-10-batches-py)")
-    p.add_argument("--out", required=True, type=Path, help="output directory (must not exist, or be empty)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="square side in pixels (default: the source's native size; required for folders)")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                   help="1 = grey, 3 = RGB (default: the source's own)")
-    p.add_argument("--holdout", type=int, default=0,
-                   help="images held out into the 'test' split (default 0: train only)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the one-off shuffle and holdout choice")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="encoding processes (default: all cores)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def load_and_encode(task: tuple[Any, int, int]) -> tuple[bytes | None, str | None]:
@@ -141,10 +122,7 @@ def prepare(source_spec: str, out: Path, *, resolution: int | None = None, chann
         raise UserError(f"--shard-size must be >= 1, got {shard_size}")
     if holdout < 0:
         raise UserError(f"--holdout must be >= 0, got {holdout}")
-    try:
-        source = parse_source(source_spec)
-    except SourceError as exc:
-        raise UserError(str(exc)) from None
+    source = parse_source(source_spec)      # a SourceError (a UserError) names the path and the remedy
     resolution = resolution or source.resolution
     if not resolution:
         raise UserError(f"source '{source_spec}' has images of varying size: pass --resolution (e.g. 64)")
@@ -162,39 +140,34 @@ def prepare(source_spec: str, out: Path, *, resolution: int | None = None, chann
             raise UserError(f"--holdout {holdout} leaves no training images (source has {len(source.items)})")
         splits = split_items(source.items, holdout, seed)
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     skipped: list[tuple[str, str]] = []
     pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        entries = {name: write_split(name, items, tmp, resolution, channels, shard_size, pool, progress, skipped)
-                   for name, items in splits.items()}
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created_by": f"ganpipe {__version__}",
-            "source": source.name,
-            "source_spec": source_spec,
-            "resolution": resolution,
-            "channels": channels,
-            "image_format": "png",
-            "classes": source.classes,
-            "num_classes": len(source.classes),
-            "seed": seed,
-            "holdout": holdout,
-            "shard_size": shard_size,
-            "splits": entries,
-            "skipped": {"count": len(skipped),
-                        "files": [{"path": p, "error": e} for p, e in skipped[:MAX_LISTED_SKIPS]]},
-        }
-        write_json_atomic(tmp / MANIFEST, manifest)
-        if out.exists():
-            out.rmdir()           # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_path(out, directory=True) as tmp:
+            entries = {name: write_split(name, items, tmp, resolution, channels, shard_size, pool, progress,
+                                         skipped)
+                       for name, items in splits.items()}
+            manifest = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "created_by": f"ganpipe {__version__}",
+                "source": source.name,
+                "source_spec": source_spec,
+                "resolution": resolution,
+                "channels": channels,
+                "image_format": "png",
+                "classes": source.classes,
+                "num_classes": len(source.classes),
+                "seed": seed,
+                "holdout": holdout,
+                "shard_size": shard_size,
+                "splits": entries,
+                "skipped": {"count": len(skipped),
+                            "files": [{"path": p, "error": e} for p, e in skipped[:MAX_LISTED_SKIPS]]},
+            }
+            write_manifest(tmp, manifest)
+            if out.exists():
+                out.rmdir()       # empty, checked above; rmdir (not rmtree) fails if someone wrote there since
     finally:
         if pool is not None:
             pool.close()
@@ -213,7 +186,7 @@ def summary(manifest: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def prepare_command(args: argparse.Namespace) -> int:
     manifest = prepare(args.source, args.out, resolution=args.resolution, channels=args.channels,
                        holdout=args.holdout, shard_size=args.shard_size, seed=args.seed,
                        workers=max(1, args.workers), progress=not args.no_progress)

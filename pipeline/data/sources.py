@@ -15,15 +15,12 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.errors import SourceError
 from pipeline.registry import Registry
 
 SOURCES = Registry("data source")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-class SourceError(ValueError):
-    """A source that is missing, empty or malformed; the message says what was expected."""
 
 
 @dataclass
@@ -145,26 +142,71 @@ def folder_source(spec: str, arg: str) -> Source:
     return Source("folder", spec, 3, None, classes, items)
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds: dicts, lists, bytes, ints and numpy arrays.
+
+    `pickle.load` calls whatever a file names (`os.system` included); here any global other than
+    the numpy constructors of arrays, dtypes and scalars is refused before it is looked up.
+    """
+
+    _ALLOWED = {
+        **{(mod, name): ("multiarray", name) for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+           for name in ("_reconstruct", "scalar")},
+        **{(mod, "_frombuffer"): ("numeric", "_frombuffer") for mod in ("numpy.core.numeric", "numpy._core.numeric")},
+        ("numpy", "ndarray"): ("numpy", "ndarray"),
+        ("numpy", "dtype"): ("numpy", "dtype"),
+    }
+
+    @staticmethod
+    def _latin1(text: str, encoding: str) -> bytes:
+        """What protocol-2 pickles written by Python 3 call (`_codecs.encode`) to rebuild bytes."""
+        if encoding not in ("latin1", "latin-1"):
+            raise pickle.UnpicklingError(f"refused to load _codecs.encode with encoding {encoding!r}")
+        return text.encode("latin1")
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return self._latin1
+        target = self._ALLOWED.get((module, name))
+        if target is None:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+        where, attr = target
+        core = getattr(np, "_core", None) or np.core           # numpy >= 2 renamed numpy.core
+        return getattr({"numpy": np, "multiarray": core.multiarray, "numeric": core.numeric}[where], attr)
+
+
 @SOURCES.register("cifar10")
 def cifar10_source(spec: str, arg: str) -> Source:
     """`cifar10:PATH`: the standard `cifar-10-batches-py` folder (train 50,000, test 10,000)."""
     expect = "cifar10:PATH to the 'cifar-10-batches-py' folder (data_batch_1..5, test_batch, batches.meta)"
     root = _existing(arg, expect, spec)
 
-    def load(name: str) -> dict:
+    def load(name: str, keys: tuple[bytes, ...]) -> dict:
         f = root / name
         if not f.is_file():
             raise SourceError(f"{f} is missing (expected {expect})")
-        with open(f, "rb") as fh:
-            return pickle.load(fh, encoding="bytes")   # the official format is a pickle
+        try:
+            with open(f, "rb") as fh:
+                # The official format is a pickle; a crafted one must not run code.
+                batch = _ArrayUnpickler(fh, encoding="bytes").load()
+        except pickle.UnpicklingError as exc:
+            raise SourceError(f"{f}: {exc}; a CIFAR-10 batch holds only numpy arrays, lists and dicts, so this "
+                              "file is not from the official cifar-10-batches-py (it may try to run code)") from None
+        except Exception as exc:  # truncated or not a pickle: EOFError, ValueError, KeyError, ...
+            raise SourceError(f"{f} is not a readable CIFAR-10 batch ({type(exc).__name__}: {exc}); "
+                              f"expected {expect}") from None
+        if not isinstance(batch, dict) or any(k not in batch for k in keys):
+            raise SourceError(f"{f}: not a CIFAR-10 batch (expected a dict with "
+                              f"{', '.join(k.decode() for k in keys)})")
+        return batch
 
-    meta = load("batches.meta")
+    meta = load("batches.meta", (b"label_names",))
     classes = [c.decode() for c in meta[b"label_names"]]
     splits = {}
     for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
         xs, ys = [], []
         for n in names:
-            b = load(n)
+            b = load(n, (b"data", b"labels"))
             xs.append(np.asarray(b[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             ys.append(np.asarray(b[b"labels"], dtype=np.int64))
         x, y = np.concatenate(xs), np.concatenate(ys)

@@ -3,8 +3,10 @@
     ganpipe verify data/mnist
 
 Each problem is printed with its shard (and key, where there is one); the exit status is 0 only
-when every shard matches its size and sha256, every sample decodes to the manifest's shape, and
-every label is present (for labelled data) and in range.
+when every shard (tar or tar.gz) matches its size and sha256, every sample decodes to the
+manifest's shape (with `read_samples`, the loader's reader: PNG, JPEG or WebP, no duplicate keys),
+and every label is present (for labelled data) and in range. A damaged shard is a reported
+problem, never a crash; a damaged manifest is a one-line error naming it.
 """
 
 from __future__ import annotations
@@ -14,19 +16,43 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.data.manifest import (BadSample, decode_image, decode_label, iter_tar_samples, read_manifest,
-                                    sha256_file)
+from pipeline.data.manifest import read_manifest
+from pipeline.data.shards import read_samples
+from pipeline.errors import TruncatedTar
+from pipeline.io import sha256_file
+
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_dir", type=Path, help="a directory written by `ganpipe prepare`")
-    p.add_argument("--quiet", action="store_true", help="print only problems and the final line")
+def verify_shard(path: Path, name: str, shard: dict, shape: dict, progress: bool) -> tuple[list[str], int]:
+    """(problems, samples read) of one listed shard: size, sha256, then every sample."""
+    problems: list[str] = []
+    size = path.stat().st_size
+    if size != shard["bytes"]:
+        problems.append(f"{name}: {size} bytes, manifest says {shard['bytes']}")
+    digest = sha256_file(path)
+    if digest != shard["sha256"]:
+        problems.append(f"{name}: sha256 {digest[:12]}... does not match the manifest's "
+                        f"{shard['sha256'][:12]}... (file changed or corrupt)")
+    n = 0
+    try:
+        samples = read_samples(open(path, "rb"), name, **shape, require_label=shape["num_classes"] > 0)
+        for _, key, _, _, bad in tqdm(samples, total=shard["num_samples"], disable=not progress, desc=name,
+                                      leave=False):
+            n += 1
+            if bad is not None:
+                problems.append(f"{name} key {key}: {bad}")
+    except (TruncatedTar, OSError) as exc:
+        problems.append(f"{name}: unreadable tar after {n} samples ({type(exc).__name__}: {exc})")
+    if n != shard["num_samples"]:
+        problems.append(f"{name}: {n} samples, manifest says {shard['num_samples']}")
+    return problems, n
 
 
 def verify_dir(data_dir: Path, progress: bool = True) -> tuple[list[str], dict]:
     """Returns (problems, counts); each problem names the shard and, if any, the key."""
     m = read_manifest(data_dir)
-    res, ch, ncls = m["resolution"], m["channels"], m["num_classes"]
+    shape = dict(channels=m["channels"], resolution=m["resolution"], num_classes=m["num_classes"])
     problems: list[str] = []
     counts = {"shards": 0, "samples": 0}
     listed = set()
@@ -40,42 +66,22 @@ def verify_dir(data_dir: Path, progress: bool = True) -> tuple[list[str], dict]:
             if not path.is_file():
                 problems.append(f"{name}: missing (listed in the manifest)")
                 continue
-            size = path.stat().st_size
-            if size != shard["bytes"]:
-                problems.append(f"{name}: {size} bytes, manifest says {shard['bytes']}")
-            digest = sha256_file(path)
-            if digest != shard["sha256"]:
-                problems.append(f"{name}: sha256 {digest[:12]}... does not match the manifest's "
-                                f"{shard['sha256'][:12]}... (file changed or corrupt)")
-            n, seen = 0, set()
             try:
-                for key, files in tqdm(iter_tar_samples(open(path, "rb"), name), total=shard["num_samples"],
-                                       disable=not progress, desc=name, leave=False):
-                    n += 1
-                    if key in seen:
-                        problems.append(f"{name} key {key}: duplicate key")
-                    seen.add(key)
-                    try:
-                        if "png" not in files:
-                            raise BadSample(f"no .png entry (has: {', '.join(sorted(files)) or 'nothing'})")
-                        decode_image(files["png"], ch, res)
-                        decode_label(files.get("cls"), ncls, required=ncls > 0)
-                    except BadSample as exc:
-                        problems.append(f"{name} key {key}: {exc}")
-            except (EOFError, OSError) as exc:
-                problems.append(f"{name}: unreadable tar after {n} samples ({type(exc).__name__}: {exc})")
-            if n != shard["num_samples"]:
-                problems.append(f"{name}: {n} samples, manifest says {shard['num_samples']}")
+                found, n = verify_shard(path, name, shard, shape, progress)
+            except OSError as exc:             # unreadable file (permissions, I/O error)
+                found, n = [f"{name}: cannot be read ({type(exc).__name__}: {exc})"], 0
+            problems += found
             counts["samples"] += n
             total += n
         if total != entry["num_samples"]:
             problems.append(f"split {split}: {total} samples, manifest says {entry['num_samples']}")
-    for extra in sorted(p.name for p in data_dir.glob("*.tar") if p.name not in listed):
+    extras = (p.name for p in data_dir.iterdir() if p.name.endswith(SHARD_SUFFIXES) and p.name not in listed)
+    for extra in sorted(extras):
         problems.append(f"{extra}: shard not listed in the manifest (left over from another run?)")
     return problems, counts
 
 
-def run(args: argparse.Namespace) -> int:
+def verify_command(args: argparse.Namespace) -> int:
     problems, counts = verify_dir(args.data_dir, progress=not args.quiet)
     for p in problems:
         print(f"PROBLEM {p}")

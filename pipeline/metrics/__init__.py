@@ -4,8 +4,10 @@
     ganpipe eval --run-dir RUN --all --extractor mnist # score every snapshot not yet scored
     ganpipe watch --run-dir RUN --extractor mnist      # periodic job: each new snapshot once
 
-Modules: `features` (extractor registry: inception, mnist), `fid` (statistics, Fréchet distance
-and KID through clean-fid), `refstats` (reference statistics cache), `evaluate` (generation from
-a snapshot, records in RUN/metrics.jsonl, RUN/best.json, TensorBoard, RUN/metrics.png), `watch`
-(the polling job), `mnist_extractor` (the offline feature network and its training script).
+Modules: `features` (extractor registry: inception, mnist), `mnist_net` (the offline feature
+network and its weights), `fid` (statistics, Fréchet distance and KID through clean-fid),
+`refstats` (reference statistics cache), `records` (RUN/metrics.jsonl, RUN/best.json,
+RUN/metrics.png), `evaluator` (scores snapshots under one protocol; images from
+`pipeline.generate`), `commands` (`ganpipe eval` and `ganpipe watch`), and
+`train_mnist_extractor` (the script that reproduces the mnist weights).
 """

@@ -13,7 +13,7 @@ handed to `cleanfid.fid.compute_fid(custom_feat_extractor=...)` and gives the sa
   network behind published FIDs), loaded from a local file, never downloaded (clean-fid would
   fetch it into /tmp without a checksum). Path: `--inception-weights PATH`, else the
   `GANPIPE_INCEPTION_WEIGHTS` environment variable, else clean-fid's own location.
-- `mnist`: the project's own 64-d digit embedding (`mnist_extractor.py`), weights committed, so
+- `mnist`: the project's own 64-d digit embedding (`mnist_net.py`), weights committed, so
   FID-style evaluation is real on machines without network.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data.manifest import sha256_file
+from pipeline.io import sha256_file
 from pipeline.registry import Registry
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -148,13 +148,13 @@ def build_inception(device: torch.device, weights: str | Path | None = None) -> 
 @EXTRACTORS.register("mnist")
 def build_mnist(device: torch.device, weights: str | Path | None = None) -> Extractor:
     from pipeline.errors import UserError
-    from pipeline.metrics.mnist_extractor import FEATURE_DIM, INPUT_SIZE, WEIGHTS, load_mnist_net
+    from pipeline.metrics.mnist_net import FEATURE_DIM, INPUT_SIZE, WEIGHTS, load_mnist_net
 
     path = Path(weights or WEIGHTS)
     if not path.is_file():
         raise UserError(f"mnist extractor weights {path} not found; they ship with ganpipe "
                         f"(pipeline/metrics/weights/); rebuild them with `python -m "
-                        f"pipeline.metrics.mnist_extractor --out {path}`")
+                        f"pipeline.metrics.train_mnist_extractor --out {path}`")
     net, _ = load_mnist_net(path)
     return Extractor("mnist", net.to(device), FEATURE_DIM, INPUT_SIZE, str(path), sha256_file(path),
                      device, 10_000)

@@ -88,7 +88,7 @@ def parse_metrics(text: str) -> list[str]:
     """'fid,kid' -> ['fid', 'kid'], each checked against METRICS (ConfigError names the choices)."""
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
-        from pipeline.config import ConfigError
+        from pipeline.errors import ConfigError
 
         raise ConfigError(f"--metrics is empty; choose from {', '.join(METRICS.keys())}")
     for name in names:

@@ -24,13 +24,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from pipeline.data.manifest import (BadSample, TruncatedTar, decode_image, decode_label,
-                                    iter_tar_samples, manifest_hash, read_manifest)
+from pipeline.data.manifest import manifest_hash, read_manifest
+from pipeline.data.splits import iter_split
 from pipeline.metrics.features import Extractor
+from pipeline.io import atomic_path
 from pipeline.metrics.fid import feature_stats
 
 CACHE_SUBDIR = "refstats"
@@ -48,52 +49,6 @@ class RefStats:
     @property
     def num(self) -> int:
         return int(self.feats.shape[0])
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading a split, in manifest order (every sample once).
-
-def iter_split(data_dir: str | Path, split: str, batch_size: int = 250
-               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(uint8 images (B, C, H, W), int64 labels (B,)) batches of every sample of `split`.
-
-    A bad sample or a truncated shard is an error, not a skip: it would silently change N and
-    the statistics. The message names the shard and what to run.
-    """
-    data_dir = Path(data_dir)
-    m = read_manifest(data_dir)
-    if split not in m["splits"]:
-        from pipeline.errors import UserError
-
-        raise UserError(f"{data_dir}: no split '{split}' in the manifest (has: {', '.join(m['splits'])}); "
-                        "choose --split, or re-prepare with --holdout N for a test split")
-    res, ch, classes = m["resolution"], m["channels"], m["num_classes"]
-    images, labels = [], []
-    for shard in m["splits"][split]["shards"]:
-        path = data_dir / shard["name"]
-        try:
-            for key, files in iter_tar_samples(open(path, "rb"), str(path)):
-                data = files.get("png") or files.get("jpg")
-                if data is None:
-                    raise BadSample(f"no image entry (has {', '.join(sorted(files))})")
-                images.append(decode_image(data, ch, res))
-                labels.append(decode_label(files.get("cls"), classes, False))
-                if len(images) == batch_size:
-                    yield np.stack(images), np.asarray(labels, dtype=np.int64)
-                    images, labels = [], []
-        except (BadSample, TruncatedTar, OSError) as exc:
-            from pipeline.errors import UserError
-
-            raise UserError(f"{path}: {exc}; reference statistics need every sample of the split: "
-                            f"run `ganpipe verify {data_dir}` and re-prepare the data") from None
-    if images:
-        yield np.stack(images), np.asarray(labels, dtype=np.int64)
-
-
-def read_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Every image and label of a (small) split in memory."""
-    parts = list(iter_split(data_dir, split, batch_size=1000))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,11 +80,8 @@ def compute_refstats(data_dir: str | Path, split: str, extractor: Extractor, *, 
 
 
 def save_refstats(stats: RefStats, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, mu=stats.mu, sigma=stats.sigma, feats=stats.feats, meta=np.array(json.dumps(stats.meta)))
-    os.replace(tmp, path)
     stats.path = path
     return path
 
@@ -173,30 +125,12 @@ def reference_stats(data_dir: str | Path, split: str, extractor: Extractor, *, b
 # ---------------------------------------------------------------------------------------------
 # `ganpipe refstats DATA_DIR [--split train|test] [--extractor NAME]`
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from pipeline.metrics.features import EXTRACTORS, INCEPTION_ENV
-
-    p.add_argument("data_dir", type=Path, help="prepared data directory (has manifest.json)")
-    p.add_argument("--split", default="train", help="manifest split to describe (default train)")
-    p.add_argument("--extractor", default="inception", choices=EXTRACTORS.keys(),
-                   help="feature network (default inception; mnist works offline)")
-    p.add_argument("--inception-weights", default=None,
-                   help=f"path of inception-2015-12-05.pt (default ${INCEPTION_ENV}, else clean-fid's /tmp path)")
-    p.add_argument("--batch-size", type=int, default=250, help="images per feature batch")
-    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
-    p.add_argument("--force", action="store_true", help="recompute even if cached")
-
-
-def default_device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def run(args: argparse.Namespace) -> int:
+def refstats_command(args: argparse.Namespace) -> int:
     from pipeline.metrics.features import get_extractor
 
     read_manifest(args.data_dir)                       # a clear error before loading any network
+    from pipeline.dist import default_device
+
     ext = get_extractor(args.extractor, default_device(args.device), args.inception_weights)
     stats = reference_stats(args.data_dir, args.split, ext, batch_size=args.batch_size, force=args.force,
                             log=lambda msg: print(msg, file=sys.stderr, flush=True))

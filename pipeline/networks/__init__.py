@@ -6,7 +6,9 @@
 
 Every G has `z_dim`, `num_classes` (0 = unconditional), `resolution` (0 = flat vectors of
 `channels` numbers, `mlp` only) and `channels`; G and D have `num_params()`. An unconditional
-network ignores labels; a conditional one requires them. Families:
+network ignores labels; a conditional one requires them. Every G also takes `G(z, labels,
+noise=[...])` with the per-image noise maps of `G.noise_shapes()` (stylegan2; [] elsewhere, where
+`noise` is ignored), so `pipeline.generate` can seed each image's noise itself. Families:
 
 - `mlp`: fully connected GAN (Goodfellow et al. 2014), any resolution and flat data.
 - `dcgan`: Radford et al. 2016, 28/32/64/128/256 pixels, optional spectral norm in D.
@@ -23,9 +25,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 from pipeline.networks import dcgan, mlp, resnet, stylegan2
-from pipeline.networks.layers import param_count
+from pipeline.networks.base import param_count
 from pipeline.registry import Registry
 
 # name -> build(model_cfg, *, resolution, channels, num_classes) -> (G, D)

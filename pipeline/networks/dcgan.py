@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.networks.layers import (Network, check_resolution, projection, resolution_plan,
+from pipeline.networks.base import (Network, projection, resolution_plan,
                                       scaled, sn)
 
 RESOLUTIONS = (28, 32, 64, 128, 256)
@@ -28,9 +28,8 @@ def _widths(steps: int, base: int) -> list[int]:
 class Generator(Network):
     def __init__(self, *, resolution: int, channels: int, z_dim: int = Z_DIM, num_classes: int = 0,
                  base: int = BASE):
-        super().__init__()
-        check_resolution("dcgan", resolution, RESOLUTIONS)
-        self.z_dim, self.num_classes, self.resolution, self.channels = z_dim, num_classes, resolution, channels
+        super().__init__(resolution=resolution, channels=channels, num_classes=num_classes, z_dim=z_dim,
+                         family="dcgan", resolutions=RESOLUTIONS)
         start, steps = resolution_plan(resolution)
         widths = _widths(steps, base)
         self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
@@ -43,19 +42,18 @@ class Generator(Network):
         layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        labels = self._check_labels(z, labels)
-        if labels is not None:
-            z = torch.cat([z, self.embed(labels).to(z.dtype)], 1)
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                noise: list[torch.Tensor] | None = None) -> torch.Tensor:
+        # `noise` is ignored: this G has no noise inputs (see Network.noise_shapes).
+        z = self._latent_with_label(z, labels)
         return self.net(z[:, :, None, None])
 
 
 class Discriminator(Network):
     def __init__(self, *, resolution: int, channels: int, num_classes: int = 0, base: int = BASE,
                  spectral_norm: bool = False):
-        super().__init__()
-        check_resolution("dcgan", resolution, RESOLUTIONS)
-        self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
+        super().__init__(resolution=resolution, channels=channels, num_classes=num_classes,
+                         family="dcgan", resolutions=RESOLUTIONS)
         start, steps = resolution_plan(resolution)
         widths = list(reversed(_widths(steps, base)))
         layers: list[nn.Module] = []

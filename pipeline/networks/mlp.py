@@ -12,8 +12,8 @@ import math
 import torch
 from torch import nn
 
-from pipeline.config import ConfigError
-from pipeline.networks.layers import Network, projection, scaled, sn
+from pipeline.errors import ConfigError
+from pipeline.networks.base import Network, projection, scaled, sn
 
 HIDDEN = (256, 512, 1024)   # G's hidden widths; D uses them reversed
 Z_DIM = 100
@@ -26,8 +26,7 @@ def _data_shape(resolution: int, channels: int) -> tuple[int, ...]:
 class Generator(Network):
     def __init__(self, *, resolution: int, channels: int, z_dim: int = Z_DIM, num_classes: int = 0,
                  hidden: tuple[int, ...] = HIDDEN):
-        super().__init__()
-        self.z_dim, self.num_classes, self.resolution, self.channels = z_dim, num_classes, resolution, channels
+        super().__init__(resolution=resolution, channels=channels, num_classes=num_classes, z_dim=z_dim)
         self.data_shape = _data_shape(resolution, channels)
         # The label enters as a learned embedding concatenated to z (Mirza & Osindero 2014).
         self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
@@ -39,18 +38,17 @@ class Generator(Network):
         layers += [nn.Linear(width, math.prod(self.data_shape)), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        labels = self._check_labels(z, labels)
-        if labels is not None:
-            z = torch.cat([z, self.embed(labels).to(z.dtype)], 1)
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                noise: list[torch.Tensor] | None = None) -> torch.Tensor:
+        # `noise` is ignored: this G has no noise inputs (see Network.noise_shapes).
+        z = self._latent_with_label(z, labels)
         return self.net(z).view(z.shape[0], *self.data_shape)
 
 
 class Discriminator(Network):
     def __init__(self, *, resolution: int, channels: int, num_classes: int = 0,
                  hidden: tuple[int, ...] = tuple(reversed(HIDDEN)), spectral_norm: bool = False):
-        super().__init__()
-        self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
+        super().__init__(resolution=resolution, channels=channels, num_classes=num_classes)
         layers: list[nn.Module] = []
         width = math.prod(_data_shape(resolution, channels))
         for h in hidden:

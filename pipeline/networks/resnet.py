@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.networks.layers import (Network, check_resolution, projection, resolution_plan,
+from pipeline.networks.base import (Network, projection, resolution_plan,
                                       scaled, sn)
 
 BASE = 64
@@ -96,9 +96,8 @@ class DBlock(nn.Module):
 class Generator(Network):
     def __init__(self, *, resolution: int, channels: int, z_dim: int = Z_DIM, num_classes: int = 0,
                  base: int = BASE):
-        super().__init__()
-        check_resolution("resnet", resolution, RESOLUTIONS)
-        self.z_dim, self.num_classes, self.resolution, self.channels = z_dim, num_classes, resolution, channels
+        super().__init__(resolution=resolution, channels=channels, num_classes=num_classes, z_dim=z_dim,
+                         family="resnet", resolutions=RESOLUTIONS)
         self.start, _ = resolution_plan(resolution)
         widths = [base * m for m in G_MULTS[resolution]]
         self.linear = nn.Linear(z_dim, widths[0] * self.start ** 2)
@@ -106,7 +105,9 @@ class Generator(Network):
         self.bn = nn.BatchNorm2d(widths[-1])
         self.to_image = nn.Conv2d(widths[-1], channels, 3, 1, 1)
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                noise: list[torch.Tensor] | None = None) -> torch.Tensor:
+        # `noise` is ignored: this G has no noise inputs (see Network.noise_shapes).
         labels = self._check_labels(z, labels)
         h = self.linear(z).view(z.shape[0], -1, self.start, self.start)
         for block in self.blocks:
@@ -117,9 +118,8 @@ class Generator(Network):
 class Discriminator(Network):
     def __init__(self, *, resolution: int, channels: int, num_classes: int = 0, base: int = BASE,
                  spectral_norm: bool = True):
-        super().__init__()
-        check_resolution("resnet", resolution, RESOLUTIONS)
-        self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
+        super().__init__(resolution=resolution, channels=channels, num_classes=num_classes,
+                         family="resnet", resolutions=RESOLUTIONS)
         blocks, c_in = [], channels
         for i, (mult, down) in enumerate(D_BLOCKS[resolution]):
             blocks.append(DBlock(c_in, base * mult, down, first=(i == 0), spectral_norm=spectral_norm))

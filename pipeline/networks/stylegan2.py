@@ -6,6 +6,9 @@ Written from the paper (config E/F of Table 1: skip G, residual D), not from NVl
 - modulated convolution (Sec. 2.2, Eq. 1): w'_ijk = s_i * w_ijk; demodulation (Eq. 3):
   w''_ijk = w'_ijk / sqrt(sum_{i,k} w'_ijk^2 + eps);
 - per-pixel noise inputs with a learned per-layer strength; a learned constant 4x4 input;
+  the noise is drawn from torch's global RNG unless given explicitly (`G(z, labels, noise=[...])`,
+  one (N, 1, side, side) map per synthesis layer, shapes from `G.noise_shapes()`), which is how
+  `pipeline.generate` makes image i depend only on (seed, i);
 - skip generator (Fig. 7b): each resolution adds its tRGB output to the upsampled image;
 - residual discriminator (Fig. 7c) with the minibatch standard deviation layer of ProGAN (Sec. 3);
 - equalized learning rate everywhere: weights stored as N(0, 1) and scaled by He's constant per call.
@@ -23,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import ConfigError
-from pipeline.networks.layers import Network, check_resolution, resolution_plan, scaled
+from pipeline.errors import ConfigError
+from pipeline.networks.base import Network, resolution_plan, scaled
 
 RESOLUTIONS = (28, 32, 64, 128, 256, 512, 1024)
 Z_DIM = 512
@@ -113,9 +116,12 @@ class SynthesisLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(c_out))
         self.register_buffer("noise_const", torch.randn(1, 1, side, side))  # for repeatable samples
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
         x = self.conv(x, w)
-        if noise_mode == "random":
+        if noise is not None:
+            x = x + noise.to(x.dtype) * self.noise_strength      # the caller's draw, (N, 1, side, side)
+        elif noise_mode == "random":
             x = x + torch.randn_like(x[:, :1]) * self.noise_strength
         elif noise_mode == "const":
             x = x + self.noise_const.to(x.dtype) * self.noise_strength
@@ -177,14 +183,28 @@ class SynthesisNetwork(nn.Module):
         # One w per conv; each tRGB shares its w with the next block's first conv.
         self.num_ws = len(self.convs) + 1
 
-    def forward(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
-        """ws: (N, num_ws, w_dim); different rows per layer give style mixing."""
+    def noise_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(layer.noise_const.shape[1:]) for layer in self.convs]
+
+    def forward(self, ws: torch.Tensor, noise_mode: str = "random",
+                noise: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """ws: (N, num_ws, w_dim); different rows per layer give style mixing. `noise`: one
+        (N, 1, side, side) map per conv (replaces the random draw), or None."""
+        if noise is not None:
+            want = [(ws.shape[0], *s) for s in self.noise_shapes()]
+            got = [tuple(n.shape) for n in noise]
+            if got != want:
+                raise ValueError(f"noise: expected {len(want)} maps of shapes {want} (one per synthesis layer, "
+                                 f"see G.noise_shapes()), got {got}")
+            if noise_mode != "random":
+                raise ValueError(f"noise_mode={noise_mode!r} with explicit noise: pass one or the other")
+        layer_noise = noise if noise is not None else [None] * len(self.convs)
         x = self.const.expand(ws.shape[0], *self.const.shape)
-        x = self.convs[0](x, ws[:, 0], noise_mode)
+        x = self.convs[0](x, ws[:, 0], noise_mode, layer_noise[0])
         img = self.to_rgbs[0](x, ws[:, 1])
         for b, to_rgb in enumerate(self.to_rgbs[1:], start=1):
-            x = self.convs[2 * b - 1](x, ws[:, 2 * b - 1], noise_mode)
-            x = self.convs[2 * b](x, ws[:, 2 * b], noise_mode)
+            x = self.convs[2 * b - 1](x, ws[:, 2 * b - 1], noise_mode, layer_noise[2 * b - 1])
+            x = self.convs[2 * b](x, ws[:, 2 * b], noise_mode, layer_noise[2 * b])
             img = upsample(img) + to_rgb(x, ws[:, 2 * b + 1])
         return img
 
@@ -192,19 +212,24 @@ class SynthesisNetwork(nn.Module):
 class Generator(Network):
     def __init__(self, *, resolution: int, channels: int, z_dim: int = Z_DIM, num_classes: int = 0,
                  w_dim: int = 512, mapping_layers: int = 8, width: float = 1.0):
-        super().__init__()
-        check_resolution("stylegan2", resolution, RESOLUTIONS)
-        self.z_dim, self.num_classes, self.resolution, self.channels = z_dim, num_classes, resolution, channels
+        super().__init__(resolution=resolution, channels=channels, num_classes=num_classes, z_dim=z_dim,
+                         family="stylegan2", resolutions=RESOLUTIONS)
         self.w_dim = w_dim
         self.mapping = MappingNetwork(z_dim, w_dim, num_classes, mapping_layers)
         self.synthesis = SynthesisNetwork(resolution=resolution, channels=channels, w_dim=w_dim, width=width)
         self.num_ws = self.synthesis.num_ws
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None, *, truncation_psi: float = 1.0,
+    def noise_shapes(self) -> list[tuple[int, ...]]:
+        return self.synthesis.noise_shapes()
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None,
+                noise: list[torch.Tensor] | None = None, *, truncation_psi: float = 1.0,
                 noise_mode: str = "random") -> torch.Tensor:
+        """`noise`: the per-pixel noise maps (see `noise_shapes`); None draws them as `noise_mode`
+        says: "random" from torch's global RNG (training), "const" the fixed buffers, or "none"."""
         labels = self._check_labels(z, labels)
         w = self.mapping(z, labels, truncation_psi)
-        img = self.synthesis(w[:, None].expand(-1, self.num_ws, -1), noise_mode)
+        img = self.synthesis(w[:, None].expand(-1, self.num_ws, -1), noise_mode, noise)
         return img if self.training else img.clamp(-1, 1)
 
 
@@ -234,9 +259,8 @@ class DBlock(nn.Module):
 class Discriminator(Network):
     def __init__(self, *, resolution: int, channels: int, num_classes: int = 0, width: float = 1.0,
                  mbstd_group: int = 4):
-        super().__init__()
-        check_resolution("stylegan2", resolution, RESOLUTIONS)
-        self.num_classes, self.resolution, self.channels = num_classes, resolution, channels
+        super().__init__(resolution=resolution, channels=channels, num_classes=num_classes,
+                         family="stylegan2", resolutions=RESOLUTIONS)
         start, steps = resolution_plan(resolution)
         sides = [resolution // 2 ** i for i in range(steps + 1)]
         ch = {s: scaled(min(CHANNEL_BASE // s, CHANNEL_MAX), width) for s in sides}

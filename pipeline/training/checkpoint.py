@@ -4,14 +4,17 @@
                                                  counters, resolved config (written by rank 0)
     RUN/checkpoints/ckpt-000012345/rank-0003.pt  that rank's RNG states and loader position
 
-Every file goes into `.ckpt-...tmp/` first and the directory is renamed when all ranks have
-written theirs: a directory named `ckpt-*` is always complete. Loading uses
+Every file goes into `.ckpt-....tmp-partial/` first and the directory is renamed when all ranks have
+written theirs: a directory named `ckpt-*` is always complete. `checksums.json` holds the sha256
+of every file, so damage (a truncated copy, a bad disk) is recognised before unpickling; resume
+then names the file and falls back to the checkpoint before. Loading uses
 `torch.load(weights_only=True)`: a checkpoint cannot execute code.
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +22,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from pipeline import dist
+from pipeline.io import atomic_path, sha256_file, temp_path, write_json_atomic
+
 PREFIX = "ckpt-"
+CHECKSUMS = "checksums.json"     # sha256 of every file, written last
+TMP_TAG = "partial"         # one temp name all ranks can compute (not a pid: ranks differ)
 
 
 def _portable(obj: Any) -> Any:
@@ -46,38 +54,85 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, cur_nimg: int, *, rank: int, world_size: int, shared: Callable[[], dict] | None,
-                    per_rank: dict, barrier: Callable[[], None], keep: int) -> Path:
-    """Collective: every rank calls it. `shared()` is evaluated on rank 0 only."""
+                    per_rank: dict, keep: int) -> Path:
+    """Collective: every rank calls it. `shared()` is evaluated on rank 0 only; the directory is
+    renamed into place by rank 0 once every rank's file is in it."""
     root = checkpoint_dir(run_dir)
     final = root / f"{PREFIX}{cur_nimg:09d}"
-    tmp = root / f".{final.name}.tmp"
+    tmp = temp_path(final, TMP_TAG)
+    with (atomic_path(final, directory=True, tag=TMP_TAG) if rank == 0 else contextlib.nullcontext(tmp)):
+        dist.barrier()                          # rank 0 made the directory
+        torch.save(_portable(per_rank), tmp / f"rank-{rank:04d}.pt")
+        if rank == 0:
+            torch.save(_portable(shared()), tmp / "state.pt")
+        dist.barrier()                          # every rank wrote its file
+        if rank == 0:
+            missing = {f"rank-{r:04d}.pt" for r in range(world_size)} - {p.name for p in tmp.iterdir()}
+            if missing:
+                raise RuntimeError(f"checkpoint {final}: ranks did not write {sorted(missing)}; is {run_dir} "
+                                   "on storage shared by every node?")
+            # Written last: a damaged file is recognised before it is unpickled.
+            write_json_atomic(tmp / CHECKSUMS, {p.name: sha256_file(p) for p in sorted(tmp.glob("*.pt"))})
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    barrier()
-    torch.save(_portable(per_rank), tmp / f"rank-{rank:04d}.pt")
-    if rank == 0:
-        torch.save(_portable(shared()), tmp / "state.pt")
-    barrier()
-    if rank == 0:
-        expected = {f"rank-{r:04d}.pt" for r in range(world_size)}
-        missing = expected - {p.name for p in tmp.iterdir()}
-        if missing:
-            raise RuntimeError(f"checkpoint {final}: ranks did not write {sorted(missing)}; is {run_dir} "
-                               "on storage shared by every node?")
-        if final.exists():          # the same nimg saved twice (e.g. preempted right after a save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    barrier()
+    dist.barrier()
     return final
 
 
 def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict | None]:
-    """(shared state, this rank's state or None when the checkpoint has no file for this rank)."""
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    """(shared state, this rank's state or None when the checkpoint has no file for this rank).
+    Raises `CheckpointDamaged` naming the file when a checksum, the safe unpickler or a counter
+    says it is not what was written."""
+    sums = _checksums(path)
+    state = _load(path / "state.pt", sums)
+    for key in ("cur_nimg", "d_steps", "g_steps", "skipped", "world_size"):
+        if not isinstance(state.get(key), int) or isinstance(state.get(key), bool) or state[key] < 0:
+            raise CheckpointDamaged(f"{path / 'state.pt'}: counter {key}={state.get(key)!r} is not a count")
+    if state["cur_nimg"] != int(path.name[len(PREFIX):]) or state["world_size"] < 1:
+        raise CheckpointDamaged(f"{path / 'state.pt'}: cur_nimg {state['cur_nimg']} does not match the directory")
     rank_file = path / f"rank-{rank:04d}.pt"
-    per_rank = torch.load(rank_file, map_location="cpu", weights_only=True) if rank_file.is_file() else None
+    per_rank = _load(rank_file, sums) if rank_file.is_file() else None
     return state, per_rank
+
+
+def load_newest_checkpoint(run_dir: Path, rank: int, log: Callable[[str], None]
+                           ) -> tuple[Path, dict, dict | None] | None:
+    """The newest checkpoint that loads, falling back past damaged ones (each named in the log)."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return (path, *load_checkpoint(path, rank))
+        except CheckpointDamaged as exc:
+            log(f"resume: skipping damaged checkpoint: {exc}; trying the one before")
+    return None
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint file that does not match its checksum or does not load safely."""
+
+
+def _checksums(path: Path) -> dict | None:
+    """The checksums written with the checkpoint (None for checkpoints that predate them)."""
+    f = path / CHECKSUMS
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointDamaged(f"{f}: unreadable ({exc})") from None
+
+
+def _load(file: Path, sums: dict | None) -> dict:
+    try:
+        if sums is not None and sums.get(file.name) != sha256_file(file):
+            raise CheckpointDamaged(f"{file}: sha256 does not match {CHECKSUMS} (truncated or modified)")
+        # weights_only: a checkpoint never runs code. Its own errors suggest unsafe loading: not ours.
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except CheckpointDamaged:
+        raise
+    except Exception as exc:  # noqa: BLE001 - EOF, unpickling, zip errors come in many types
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise CheckpointDamaged(f"{file}: does not load ({type(exc).__name__}: {first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointDamaged(f"{file}: holds {type(state).__name__}, not a checkpoint")
+    return state

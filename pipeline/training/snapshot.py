@@ -14,21 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ModelConfig, build_dataclass
-from pipeline.data.manifest import sha256_file, write_json_atomic
+from pipeline.errors import SnapshotError
+from pipeline.io import atomic_path, sha256_file, write_json_atomic
 
 FORMAT = "ganpipe-snapshot"
 FORMAT_VERSION = 1
-
-
-class SnapshotError(ValueError):
-    """A snapshot that is incomplete, corrupt or of an unknown format; the message names it."""
 
 
 def snapshot_name(cur_nimg: int) -> str:
@@ -42,10 +38,9 @@ def save_snapshot(G: torch.nn.Module, directory: str | Path, *, cur_nimg: int, m
     directory.mkdir(parents=True, exist_ok=True)
     name = snapshot_name(cur_nimg)
     weights = directory / f"{name}.safetensors"
-    tmp = directory / f".{name}.safetensors.tmp-{os.getpid()}"
     state = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
-    save_file(state, str(tmp), metadata={"format": FORMAT})
-    os.replace(tmp, weights)
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -74,11 +69,18 @@ def read_snapshot_meta(path: str | Path, check_hash: bool = True) -> dict:
         raise SnapshotError(f"{path}: no snapshot record; a snapshot is complete only when its JSON exists")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SnapshotError(f"{path}: unreadable snapshot record ({exc})") from None
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise SnapshotError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} record")
-    weights = path.parent / meta["weights"]
+    missing = sorted({"weights", "sha256", "model", "resolution", "channels", "num_classes", "cur_nimg"} - meta.keys())
+    if missing:
+        raise SnapshotError(f"{path}: record lacks {', '.join(missing)}")
+    name = meta.get("weights")
+    # The weights sit beside their record: a bare file name, never a path into another run.
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or "\\" in name:
+        raise SnapshotError(f"{path}: weights {name!r} is not a file name beside the record")
+    weights = path.parent / name
     if not weights.is_file():
         raise SnapshotError(f"{path}: weights file {weights.name} is missing")
     if check_hash and sha256_file(weights) != meta["sha256"]:

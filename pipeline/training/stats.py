@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from pipeline import dist
+from pipeline.io import write_text_atomic
 
 
 class Stats:
@@ -35,18 +37,11 @@ class Stats:
 
     def reduce(self) -> dict[str, float]:
         """Means over this tick's finite reports on all ranks (NaN if none); clears the sums."""
-        names = sorted(self.acc)
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if distributed:
-            everyone: list = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, names)
-            names = sorted(set().union(*everyone))
+        names = sorted(set().union(*dist.all_gather_objects(sorted(self.acc))))
         if not names:
             return {}
         zero = torch.zeros(2, device=self.device)
-        packed = torch.stack([self.acc.get(n, zero) for n in names])
-        if distributed:
-            dist.all_reduce(packed)
+        packed = dist.all_reduce_sum(torch.stack([self.acc.get(n, zero) for n in names]))
         sums, counts = packed[:, 0].tolist(), packed[:, 1].tolist()
         self.acc.clear()
         return {n: (s / c if c else float("nan")) for n, s, c in zip(names, sums, counts)}
@@ -55,13 +50,28 @@ class Stats:
 class StatsWriter:
     """Rank 0's sink: one JSON line per tick in RUN/stats.jsonl plus TensorBoard scalars."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, resume_nimg: int = 0):
         self.enabled = enabled
         self.path = run_dir / "stats.jsonl"
         self.tb = None
+        if enabled and self.path.is_file():
+            self._drop_rows_after(resume_nimg)
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def _drop_rows_after(self, nimg: int) -> None:
+        """A run killed after its last checkpoint logged ticks that the resumed run logs again:
+        keep only the rows up to the checkpoint (and drop a torn last line)."""
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("cur_nimg", 0) <= nimg:
+                keep.append(line + "\n")
+        write_text_atomic(self.path, "".join(keep))
 
     def write(self, row: dict, step: int) -> None:
         if not self.enabled:

@@ -1,10 +1,23 @@
-"""`ganpipe watch`: a periodic job beside training that scores each new snapshot exactly once.
+"""`ganpipe eval` and `ganpipe watch`: score a run's snapshots (FID/KID) and record the protocol.
+
+    ganpipe eval --run-dir RUN --extractor mnist                 # the newest snapshot
+    ganpipe eval --run-dir RUN --all --extractor mnist           # every snapshot not yet scored
+    ganpipe eval --run-dir RUN --snapshot snapshot-000004000.json --metrics fid --num-gen 5000
+    torchrun --nproc_per_node 2 -m pipeline eval --run-dir RUN --all   # generation split over 2 processes
 
     ganpipe watch --run-dir RUN --extractor mnist --interval 60     # until the run finishes
     ganpipe watch --run-dir RUN --extractor mnist --once            # one pass (cron / Slurm array)
 
-Every `--interval` seconds: list the complete snapshots (their JSON record exists; the trainer
-writes it last), skip those already in RUN/metrics.jsonl under the same protocol, score the rest
+Both build one `Evaluator` (evaluator.py) from the same arguments (cli.py). Outputs, all in RUN:
+`metrics.jsonl` (one line per snapshot and metric: the value with extractor and its weights hash,
+resize, N generated, reference data/split/N/manifest hash, seed and seeding convention, snapshot
+sha256, kimg, seconds), `best.json` (the lowest value per metric under the newest protocol),
+TensorBoard scalars `Metrics/{metric}_{extractor}` in RUN/tb at step cur_nimg, and `metrics.png`
+(each metric against kimg). Same seed, snapshot and extractor give the same score.
+
+The watcher, a periodic job beside training, scores each new snapshot exactly once: every
+`--interval` seconds it lists the complete snapshots (their JSON record exists; the trainer writes
+it last), skips those already in RUN/metrics.jsonl under the same protocol, and scores the rest
 oldest first with the sha256 checked before loading (a truncated or modified snapshot is reported
 once and ignored, never scored). metrics.jsonl is the state, appended one snapshot at a time, so
 a restarted watcher continues where it stopped and never scores a snapshot twice. When RUN/FINISHED
@@ -22,23 +35,71 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
-from pipeline.errors import UserError
-from pipeline.metrics.evaluate import add_eval_arguments, evaluator_from_args
-from pipeline.training.snapshot import SnapshotError
+from pipeline import dist
+from pipeline.errors import SnapshotError, UserError
+from pipeline.metrics.evaluator import Evaluator
+from pipeline.metrics.fid import parse_metrics
+from pipeline.training.snapshot import list_snapshots
 
-FINISHED = "FINISHED"
+FINISHED = "FINISHED"       # the trainer's end marker in RUN
 LOCK = ".watch.lock"
 
 
+def evaluator_from_args(args: argparse.Namespace, log: Callable[[str], None] = print) -> Evaluator:
+    return Evaluator(args.run_dir, metrics=parse_metrics(args.metrics), extractor=args.extractor,
+                     num_gen=args.num_gen, split=args.split, seed=args.seed, batch_size=args.batch_size,
+                     device=args.device, inception_weights=args.inception_weights, data=args.data, log=log)
+
+
+# ---------------------------------------------------------------------------------------------
+# ganpipe eval
+
+def _resolve_snapshot(run_dir: Path, name: str) -> Path:
+    for path in (Path(name), run_dir / "snapshots" / name, run_dir / "snapshots" / f"{name}.json"):
+        if path.is_file():
+            return path
+    raise UserError(f"snapshot {name} not found (looked in . and {run_dir / 'snapshots'})")
+
+
+def _select(ev: Evaluator, args: argparse.Namespace) -> list[str]:
+    """Snapshot JSON paths to score, in order (decided on rank 0)."""
+    if args.snapshot:
+        return [str(_resolve_snapshot(args.run_dir, args.snapshot))]
+    if args.all and not args.force:
+        pending = [m["json_path"] for m in ev.pending()]
+        if not pending:
+            ev.log("every snapshot is already scored under this protocol (use --force to score again)")
+        return pending
+    found = [str(p) for p in list_snapshots(args.run_dir / "snapshots")]
+    if not found:
+        raise UserError(f"no snapshots in {args.run_dir / 'snapshots'} yet (training writes them "
+                        "periodically; `ganpipe watch` waits for them)")
+    return found if args.all else found[-1:]
+
+
+def eval_command(args: argparse.Namespace) -> int:
+    if not args.run_dir.is_dir():
+        raise UserError(f"run directory {args.run_dir} does not exist")
+    ev = None
+    try:
+        ev = evaluator_from_args(args)
+        targets = dist.broadcast_object(dist.on_main(lambda: _select(ev, args), (UserError,)))
+        for path in targets:
+            ev.record(ev.score(path))      # a SnapshotError is a UserError: one line, exit 2
+    finally:
+        if ev is not None:
+            ev.close()
+        dist.destroy_process_group()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# ganpipe watch
+
 class Stop(Exception):
     """Raised by the signal handler to abandon a snapshot being scored."""
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_eval_arguments(p)
-    p.add_argument("--interval", type=float, default=60.0, help="seconds between polls (default 60)")
-    p.add_argument("--once", action="store_true", help="score what is pending, then exit (no polling)")
 
 
 def _log(msg: str) -> None:
@@ -64,11 +125,11 @@ def _lock(run_dir: Path):
     return f
 
 
-def run(args: argparse.Namespace) -> int:
+def watch_command(args: argparse.Namespace) -> int:
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist (start training first, or fix --run-dir)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if dist.launch_env().world_size > 1:
         raise UserError("`ganpipe watch` runs as one process; use `ganpipe eval --all` under torchrun to "
                         "split generation over several")
     lock = _lock(run_dir)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from pipeline.config import ConfigError
+from pipeline.errors import ConfigError
 
 
 def param_count(module: nn.Module) -> int:
@@ -24,8 +24,22 @@ class Network(nn.Module):
     resolution: int = 0         # image side in pixels; 0 = flat vectors of `channels` numbers
     channels: int = 0
 
+    def __init__(self, *, resolution: int = 0, channels: int = 0, num_classes: int = 0, z_dim: int = 0,
+                 family: str | None = None, resolutions: tuple[int, ...] = ()):
+        """Record the shape the trainer reads; a `family` with fixed `resolutions` checks it first."""
+        super().__init__()
+        if family is not None:
+            check_resolution(family, resolution, resolutions)
+        self.z_dim, self.num_classes, self.resolution, self.channels = z_dim, num_classes, resolution, channels
+
     def num_params(self) -> int:
         return param_count(self)
+
+    def noise_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes (without the batch dimension) of the per-image noise inputs a G takes as
+        `G(z, labels, noise=[...])`, in order; [] for networks without noise inputs, which accept
+        `noise=` and ignore it so that `pipeline.generate` calls every G the same way."""
+        return []
 
     def _check_labels(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
         """Labels for a conditional network; an unconditional one ignores them (data may be labelled)."""
@@ -37,6 +51,12 @@ class Network(nn.Module):
         if labels.shape != (x.shape[0],):
             raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
         return labels.long()
+
+    def _latent_with_label(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """z, with the label's learned embedding `self.embed` concatenated for a conditional G
+        (Mirza & Osindero 2014), as the mlp and dcgan generators take it."""
+        labels = self._check_labels(z, labels)
+        return z if labels is None else torch.cat([z, self.embed(labels).to(z.dtype)], 1)
 
 
 def sn(module: nn.Module, enabled: bool) -> nn.Module:

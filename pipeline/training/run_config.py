@@ -1,4 +1,5 @@
-"""`ganpipe train --config FILE --run-dir RUN [key=value ...]`: validate, record, run the loop.
+"""`ganpipe train --config FILE --run-dir RUN [key=value ...]`: resolve the run's config (new or
+resumed), record it, run the loop.
 
     ganpipe train --config configs/mnist_dcgan.yaml --run-dir runs/mnist
     accelerate launch --multi_gpu --num_processes 2 -m pipeline train --config ... --run-dir ...
@@ -13,25 +14,21 @@ input, 1 anything else.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
+from pipeline import dist
+from pipeline.catalog import load_config
+from pipeline.config import Config, config_yaml, diff_configs
 from pipeline.errors import UserError
-from pipeline.config import diff_configs, dump_config, load_config
+from pipeline.io import write_text_atomic
 
 # Keys that may differ between a run's recorded config and the resuming command.
 RESUMABLE = {"train.total_kimg", "train.tick_kimg", "train.snapshot_kimg", "train.checkpoint_kimg",
              "train.keep_checkpoints", "train.progress", "train.threads", "train.max_nonfinite_steps",
-             "train.inject_nan_steps", "train.grid_size", "data.num_workers", "data.path"}
+             "train.grid_size", "data.num_workers", "data.path"}
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML file from configs/ (optional when resuming RUN)")
-    p.add_argument("--run-dir", required=True, type=Path, help="run directory; resumed when it has checkpoints")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_kimg=50 loss.name=hinge")
-
-
-def resolve_run_config(config: str | None, run_dir: Path, overrides: list[str]):
+def resolve_run_config(config: str | None, run_dir: Path, overrides: list[str]) -> Config:
     recorded = run_dir / "config.yaml"
     if recorded.is_file():
         old = load_config(recorded)
@@ -46,13 +43,15 @@ def resolve_run_config(config: str | None, run_dir: Path, overrides: list[str]):
     return load_config(config, overrides)
 
 
-def run(args: argparse.Namespace) -> int:
+def record_config(cfg: Config, run_dir: Path) -> None:
+    """RUN/config.yaml, written atomically by the first process only (before any process group)."""
+    if dist.launch_env().rank == 0:
+        write_text_atomic(run_dir / "config.yaml", config_yaml(cfg))
+
+
+def train_command(args: argparse.Namespace) -> int:
     cfg = resolve_run_config(args.config, args.run_dir, args.overrides)
-    if int(os.environ.get("RANK", 0)) == 0:
-        args.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = args.run_dir / f".config.yaml.tmp-{os.getpid()}"
-        dump_config(cfg, tmp)
-        os.replace(tmp, args.run_dir / "config.yaml")
+    record_config(cfg, args.run_dir)
     from pipeline.training.loop import training_loop
 
     return training_loop(cfg, args.run_dir)

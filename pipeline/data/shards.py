@@ -1,0 +1,450 @@
+"""Shard samples: reading tar shards, and the one decoder of a sample used by every reader.
+
+    for index, key, image, label, bad in read_samples(open("data/mnist/train-000000.tar", "rb"),
+                                                      "train-000000.tar", channels=1, resolution=28,
+                                                      num_classes=10, require_label=False):
+        ...                              # image uint8 CHW, or None with `bad` (a BadSample) saying why
+
+A shard is a webdataset-style tar, plain or gzip-compressed (`.tar.gz`, detected by its magic
+bytes): the members of one sample share a key, the member path up to the first dot of its file
+name (`a/1.png` and `a/1.cls` are sample `a/1`; `b/1.png` is another one), and the rest of the
+name, lower-cased, is the entry's extension. The image entry may be PNG (what `ganpipe prepare`
+writes, via `encode_png`), JPEG or WebP; `cls` holds the class index as text. The loader,
+`ganpipe verify` and whole-split reading all go through `read_samples` and `decode_sample`, so
+they agree on which samples are good.
+
+No byte sequence may crash or exhaust the process. torchvision's libpng binding dies with SIGSEGV
+on any libpng error raised while it reads the image rows (a flipped bit in the compressed data, a
+wrong filter byte, too little data), and every decoder allocates what the header claims before it
+looks further. So each image is checked before it is decoded: its header's size and channels
+against the expected shape (a 100000x100000 "bomb" is refused after reading 33 bytes), and for PNG
+every chunk's CRC, the chunk order and the whole inflated stream (bounded by the size the header
+claims: exact length and valid row filters), which leaves libpng nothing to fail on while it reads
+rows. `python -m pipeline.bench.fuzz_shards` checks this against thousands of damaged samples.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import warnings
+import zlib
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image as _tv_decode_image
+
+from pipeline.errors import BadSample, TruncatedTar
+
+# Extensions of the image entry, in the order looked for when a sample has more than one.
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+
+# A tar member larger than this ends the shard (TruncatedTar): no image a shard can hold at
+# data.resolution <= 8192 comes near it, and a gzip bomb must not be read into memory.
+MAX_MEMBER_BYTES = 256 << 20
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding (prepare).
+
+def encode_png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=6)   # lossless, deterministic bytes
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Header checks: the cheap part of a decode, done before any decoder allocates or reads rows.
+
+def _bad(message: str) -> BadSample:
+    return BadSample(f"undecodable image ({message})")
+
+
+def _check_size(fmt: str, width: int, height: int, channels: int | None, expected_channels: int,
+                resolution: int) -> None:
+    """The header's claim against the expected shape (channels None: not known from the header)."""
+    if (width, height) != (resolution, resolution) or channels not in (None, expected_channels):
+        got = f"{channels if channels is not None else '?'}x{height}x{width}"
+        raise BadSample(f"image shape {got} (CxHxW, {fmt} header), "
+                        f"expected {expected_channels}x{resolution}x{resolution}", "wrong_shape")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# colour type -> (samples per pixel in the file, channels torchvision returns, allowed bit depths)
+_PNG_COLOUR = {0: (1, 1, (1, 2, 4, 8, 16)), 2: (3, 3, (8, 16)), 3: (1, None, (1, 2, 4, 8)),
+               4: (2, 2, (8, 16)), 6: (4, 4, (8, 16))}
+# Adam7 passes: (x0, y0, dx, dy).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _png_rows(width: int, height: int, bits_per_pixel: int, interlaced: bool) -> list[tuple[int, int]]:
+    """(rows, bytes per row without the filter byte) of each pass of the inflated image stream."""
+    passes = _ADAM7 if interlaced else ((0, 0, 1, 1),)
+    out = []
+    for x0, y0, dx, dy in passes:
+        w, h = max(0, -(-(width - x0) // dx)), max(0, -(-(height - y0) // dy))
+        if w and h:
+            out.append((h, (w * bits_per_pixel + 7) // 8))
+    return out
+
+
+def _check_png(data: bytes, channels: int, resolution: int) -> None:
+    """Raise BadSample unless `data` is a structurally valid PNG of the expected size."""
+    view = memoryview(data)
+    pos, n = 8, len(data)
+    ihdr, idat, seen_plte, idat_done, has_trns = None, [], False, False, False
+    while True:
+        if pos + 12 > n:
+            raise _bad("PNG ends before its IEND chunk")
+        length = int.from_bytes(view[pos:pos + 4], "big")
+        kind = bytes(view[pos + 4:pos + 8])
+        end = pos + 12 + length
+        if length > 0x7FFFFFFF or end > n:
+            raise _bad(f"PNG chunk {kind!r} of {length} bytes runs past the end of the data")
+        if not kind.isalpha() or not kind.isascii():
+            raise _bad(f"PNG chunk type {kind!r} is not four letters")
+        if zlib.crc32(view[pos + 4:pos + 8 + length]) != int.from_bytes(view[end - 4:end], "big"):
+            raise _bad(f"PNG chunk {kind.decode()} fails its CRC check")
+        body = view[pos + 8:end - 4]
+        pos = end
+        if ihdr is None:
+            if kind != b"IHDR" or length != 13:
+                raise _bad("PNG does not start with an IHDR chunk")
+            ihdr = bytes(body)
+            continue
+        if kind == b"IDAT":
+            if idat_done:
+                raise _bad("PNG has IDAT chunks that are not consecutive")
+            idat.append(body)
+            continue
+        if idat:
+            idat_done = True
+        if kind == b"IEND":
+            break
+        if kind == b"PLTE":
+            if seen_plte or idat or length == 0 or length % 3 or length > 768:
+                raise _bad("PNG has a misplaced or malformed PLTE chunk")
+            seen_plte = True
+        elif kind == b"tRNS":
+            has_trns = True
+        elif kind[0] < 0x61:           # an upper-case first letter marks a critical chunk
+            raise _bad(f"PNG has an unexpected critical chunk {kind.decode()}")
+    width, height = int.from_bytes(ihdr[0:4], "big"), int.from_bytes(ihdr[4:8], "big")
+    depth, colour, compression, filtering, interlace = ihdr[8:13]
+    if colour not in _PNG_COLOUR or depth not in _PNG_COLOUR[colour][2] or compression or filtering \
+            or interlace > 1 or not width or not height:
+        raise _bad(f"PNG header is invalid (bit depth {depth}, colour type {colour}, "
+                   f"compression {compression}, filter {filtering}, interlace {interlace})")
+    samples, out_channels, _ = _PNG_COLOUR[colour]
+    _check_size("PNG", width, height, None if has_trns else out_channels, channels, resolution)
+    if depth == 16:
+        raise BadSample("image is 16-bit PNG, expected 8-bit", "wrong_shape")
+    if not idat or (colour == 3 and not seen_plte):
+        raise _bad("PNG has no image data" if not idat else "palette PNG without a PLTE chunk")
+    # Inflate once, never past the size the header implies: the exact length and every row's
+    # filter type (0..4) are what libpng would otherwise fail on halfway through the rows.
+    rows = _png_rows(width, height, samples * depth, bool(interlace))
+    expected = sum(h * (1 + w) for h, w in rows)
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(b"".join(idat), expected)
+        if len(raw) == expected and not inflater.eof and inflater.decompress(inflater.unconsumed_tail, 1):
+            raise _bad(f"PNG image data holds more than the {expected} bytes its header implies")
+    except zlib.error as exc:
+        raise _bad(f"PNG image data is corrupt: {exc}") from None
+    if not inflater.eof or inflater.unused_data:
+        raise _bad(f"PNG image data is {'truncated' if len(raw) < expected else 'followed by extra bytes'} "
+                   f"({len(raw)} of {expected} bytes)")
+    arr, offset = np.frombuffer(raw, np.uint8), 0
+    for h, w in rows:
+        if arr[offset:offset + h * (1 + w):1 + w].max() > 4:
+            raise _bad("PNG has an invalid row filter type")
+        offset += h * (1 + w)
+
+
+# SOF markers that carry the frame size: C0..CF except DHT (C4), JPG (C8) and DAC (CC).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _check_jpeg(data: bytes, channels: int, resolution: int) -> None:
+    """Walk the JPEG markers up to the first scan; check the frame header's size and components."""
+    pos, n = 2, len(data)
+    while True:
+        if pos + 4 > n or data[pos] != 0xFF:
+            raise _bad("JPEG ends or breaks before its first scan")
+        marker = data[pos + 1]
+        if marker == 0xFF:                          # fill byte before a marker
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):    # TEM, RSTn: no length
+            pos += 2
+            continue
+        if marker in (0xD8, 0xD9):
+            raise _bad("JPEG has no frame header before its end")
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2 or pos + 2 + length > n:
+            raise _bad(f"JPEG segment 0x{marker:02X} of {length} bytes runs past the end of the data")
+        if marker == 0xDA:
+            raise _bad("JPEG scan before any frame header")
+        if marker in _JPEG_SOF:
+            if length < 8:
+                raise _bad("JPEG frame header is truncated")
+            precision, components = data[pos + 4], data[pos + 9]
+            height, width = int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
+            if length != 8 + 3 * components or components not in (1, 3, 4) or not width or not height:
+                raise _bad(f"JPEG frame header is invalid ({components} components, {width}x{height})")
+            _check_size("JPEG", width, height, components, channels, resolution)
+            if precision != 8:
+                raise BadSample(f"image is {precision}-bit JPEG, expected 8-bit", "wrong_shape")
+            return
+        pos += 2 + length
+
+
+def _check_webp(data: bytes, channels: int, resolution: int) -> None:
+    """RIFF size, then the canvas size from the VP8, VP8L or VP8X header."""
+    n = len(data)
+    if n < 30 or data[8:12] != b"WEBP":
+        raise _bad("WebP header is truncated")
+    if 8 + int.from_bytes(data[4:8], "little") > n:
+        raise _bad("WebP data is shorter than its RIFF header says")
+    kind, body = data[12:16], data[20:]
+    if kind == b"VP8 ":
+        if body[0] & 1 or body[3:6] != b"\x9d\x01\x2a":
+            raise _bad("WebP VP8 frame is not a key frame")
+        width, height = int.from_bytes(body[6:8], "little") & 0x3FFF, int.from_bytes(body[8:10], "little") & 0x3FFF
+        alpha = False
+    elif kind == b"VP8L":
+        bits = int.from_bytes(body[1:5], "little")
+        if body[0] != 0x2F or bits >> 29:
+            raise _bad("WebP VP8L header is invalid")
+        width, height, alpha = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1, bool(bits >> 28 & 1)
+    elif kind == b"VP8X":
+        flags = body[0]
+        if flags & 0x02:
+            raise _bad("animated WebP")
+        width, height = int.from_bytes(body[4:7], "little") + 1, int.from_bytes(body[7:10], "little") + 1
+        alpha = bool(flags & 0x10)
+    else:
+        raise _bad(f"WebP chunk {kind!r} is not VP8, VP8L or VP8X")
+    _check_size("WebP", width, height, 4 if alpha else 3, channels, resolution)
+
+
+def check_image_header(data: bytes, channels: int, resolution: int) -> None:
+    """Raise BadSample unless `data` is PNG, JPEG or WebP whose header says (channels, resolution)."""
+    if data.startswith(_PNG_SIGNATURE):
+        _check_png(data, channels, resolution)
+    elif data.startswith(b"\xff\xd8"):
+        _check_jpeg(data, channels, resolution)
+    elif data.startswith(b"RIFF"):
+        _check_webp(data, channels, resolution)
+    else:
+        raise _bad(f"not PNG, JPEG or WebP: starts with {bytes(data[:8])!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (every reader).
+
+def decode_image(data: bytes, channels: int, resolution: int) -> np.ndarray:
+    """PNG/JPEG/WebP bytes -> uint8 CHW array of exactly (channels, resolution, resolution)."""
+    check_image_header(data, channels, resolution)
+    try:
+        # torchvision's libpng/libjpeg binding costs about half of PIL on small images. Its
+        # deprecation (since 0.29, which we pin) is not news to the user at every sample.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            arr = _tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                   mode=ImageReadMode.UNCHANGED).numpy()
+    except Exception as exc:  # codec errors on broken data come in many types
+        raise _bad(f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}") from None
+    if arr.dtype != np.uint8:
+        raise BadSample(f"image dtype {arr.dtype}, expected 8-bit", "wrong_shape")
+    expected = (channels, resolution, resolution)
+    if arr.shape != expected:
+        raise BadSample(f"image shape {'x'.join(map(str, arr.shape))} (CxHxW), "
+                        f"expected {'x'.join(map(str, expected))}", "wrong_shape")
+    return arr
+
+
+def decode_label(data: bytes | None, num_classes: int, required: bool) -> int:
+    """`cls` bytes -> int label, -1 when absent and not required."""
+    if data is None:
+        if required:
+            raise BadSample("missing label (.cls) but labels are required", "missing_label")
+        return -1
+    try:
+        label = int(data.decode().strip())
+    except (UnicodeDecodeError, ValueError):
+        raise BadSample(f"label {data[:20]!r} is not an integer", "bad_label") from None
+    if num_classes and not 0 <= label < num_classes:
+        raise BadSample(f"label {label} outside 0..{num_classes - 1}", "bad_label")
+    return label
+
+
+def decode_sample(files: dict[str, bytes], *, channels: int, resolution: int, num_classes: int,
+                  require_label: bool) -> tuple[np.ndarray, int]:
+    """One sample's {ext: bytes} -> (uint8 CHW image, label or -1); `BadSample` says what is wrong."""
+    for ext in IMAGE_EXTS:
+        if ext in files:
+            break
+    else:
+        raise BadSample(f"no image entry (.{', .'.join(IMAGE_EXTS)}); has: {', '.join(sorted(files)) or 'nothing'}")
+    image = decode_image(files[ext], channels, resolution)
+    return image, decode_label(files.get("cls"), num_classes, require_label)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tar shards.
+
+_ZERO_BLOCK = bytes(512)
+
+
+class _Prefixed:
+    """A stream that returns `head` first, then the rest of `stream` (a peek that works on pipes)."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        head, self.head = self.head, b""
+        if n is not None and 0 <= n <= len(head):
+            self.head = head[n:]
+            return head[:n]
+        return head + self.stream.read(-1 if n is None or n < 0 else n - len(head))
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _octal(field: bytes, what: str, name: str) -> int:
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise TruncatedTar(f"{name}: tar header {what} {bytes(field)!r} is not a number (corrupt or not a tar)") from None
+
+
+def _tar_members(stream, name: str):
+    """(member name, bytes) of the regular files in a tar stream, read sequentially.
+
+    A small reader of our own: the standard `tarfile` module parses every header field in Python
+    and costs more than decoding a small PNG. This reads only what a shard needs (name, size,
+    type), checks every header's checksum, and understands the PAX and GNU long-name records other
+    writers emit. A short read, a bad header or a member over MAX_MEMBER_BYTES raises `TruncatedTar`.
+    """
+    long_name = None
+    while True:
+        header = stream.read(512)
+        if len(header) == 0:
+            return                                   # no end-of-archive blocks: tolerate
+        if len(header) < 512:
+            raise TruncatedTar(f"{name}: truncated header")
+        if header == _ZERO_BLOCK:
+            return                                   # end of archive
+        if _octal(header[148:156], "checksum", name) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise TruncatedTar(f"{name}: bad tar header checksum (corrupt or not a tar)")
+        size_field = header[124:136]
+        size = (int.from_bytes(size_field[1:], "big") if size_field[0] & 0x80
+                else _octal(size_field, "size", name))
+        if size > MAX_MEMBER_BYTES:
+            raise TruncatedTar(f"{name}: a member of {size} bytes, above the {MAX_MEMBER_BYTES >> 20} MiB "
+                               "a shard entry may have (corrupt, or not an image shard)")
+        kind = header[156:157]
+        padded = (size + 511) & ~511
+        data = stream.read(padded)
+        if len(data) < padded:
+            raise TruncatedTar(f"{name}: truncated data ({len(data)} of {padded} bytes)")
+        data = data[:size]
+        if kind == b"x":                             # PAX extended header for the next member
+            for record in data.decode("utf-8", "replace").split("\n"):
+                _, _, kv = record.partition(" ")
+                if kv.startswith("path="):
+                    long_name = kv[5:]
+            continue
+        if kind == b"L":                             # GNU long name for the next member
+            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+            continue
+        if kind not in (b"0", b"\0", b"7"):          # directories, links, global headers: skip
+            long_name = None
+            continue
+        if long_name is not None:
+            member, long_name = long_name, None
+        else:
+            member = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if header[257:262] == b"ustar" and prefix:
+                member = prefix.decode("utf-8", "replace") + "/" + member
+        yield member, data
+
+
+def _open_tar_stream(fileobj, name: str):
+    """`fileobj` itself, or a gzip reader over it when it starts with the gzip magic bytes."""
+    head = fileobj.read(2)
+    stream = _Prefixed(head, fileobj)
+    if head != b"\x1f\x8b":
+        return stream
+    return gzip.GzipFile(fileobj=stream, mode="rb")
+
+
+def iter_tar_samples(fileobj, name: str = "tar") -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {ext: bytes}) from a tar or tar.gz stream, grouping consecutive members by key.
+
+    The key is webdataset's: the member path up to the first dot of the file name; the extension
+    is the rest, lower-cased. A member whose extension the current sample already has starts a
+    new sample with the same key (`read_samples` counts it as a duplicate) instead of silently
+    replacing the first. Works on pipes (reads sequentially); the file object is closed at the
+    end. A truncated or corrupt tar (or gzip stream) raises `TruncatedTar` after the last whole
+    sample (a partial one is dropped).
+    """
+    key, files = None, {}
+    with fileobj:
+        stream = _open_tar_stream(fileobj, name)
+        try:
+            for member, data in _tar_members(stream, name):
+                folder, slash, file_name = member.rpartition("/")
+                stem, _, ext = file_name.partition(".")
+                base, ext = folder + slash + stem, ext.lower()
+                if base != key or ext in files:
+                    if key is not None:
+                        yield key, files
+                    key, files = base, {}
+                files[ext] = data
+            if isinstance(stream, gzip.GzipFile):
+                # The gzip CRC is checked at the end of the stream, after the tar's end blocks:
+                # read on (a little) so that damage it catches is not missed.
+                for _ in range(16):
+                    if not stream.read(1 << 16):
+                        break
+        except (zlib.error, EOFError, gzip.BadGzipFile) as exc:
+            if isinstance(exc, TruncatedTar):
+                raise
+            raise TruncatedTar(f"{name}: corrupt or truncated gzip stream ({type(exc).__name__}: {exc})") from None
+    if key is not None:
+        yield key, files
+
+
+def read_samples(fileobj, name: str, *, channels: int, resolution: int, num_classes: int,
+                 require_label: bool, select: Callable[[int], bool] | None = None
+                 ) -> Iterator[tuple[int, str, np.ndarray | None, int, BadSample | None]]:
+    """(index, key, image, label, bad) of each sample of a shard, decoded with `decode_sample`.
+
+    `index` counts every sample in file order; `select(index)` False skips one undecoded. A bad
+    sample comes out with image None, label -1 and `bad` (kind "duplicate" for a key an earlier
+    sample of the shard had: webdataset would merge or reorder them, so it is skipped, not kept
+    twice). A truncated or corrupt tar raises `TruncatedTar` after the last whole sample.
+    """
+    seen: set[str] = set()
+    for index, (key, files) in enumerate(iter_tar_samples(fileobj, name)):
+        duplicate = key in seen
+        seen.add(key)
+        if select is not None and not select(index):
+            continue
+        try:
+            if duplicate:
+                raise BadSample("duplicate key: an earlier sample of this shard has the same key", "duplicate")
+            image, label = decode_sample(files, channels=channels, resolution=resolution,
+                                         num_classes=num_classes, require_label=require_label)
+        except BadSample as exc:
+            yield index, key, None, -1, exc
+        else:
+            yield index, key, image, label, None

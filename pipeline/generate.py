@@ -1,0 +1,207 @@
+"""The one way to turn (generator, seed, index range, labels) into images: `ganpipe sample`, the
+trainer's tick grid and `ganpipe eval` all call `images()` here, and one grid writer serves them.
+
+    ganpipe sample --snapshot RUN/snapshots/snapshot-000200000.json --num 64 --out grid.png
+    ganpipe sample --snapshot ... --num 1000 --start 5000 --out samples/ --label 3 --seed 1
+
+    x = images(G, seed=0, start=0, count=64)           # float32 (64, C, H, W) in [-1, 1], on the CPU
+    grid = save_grid(x, RUN / "samples" / "fakes-000004000.png")
+    u8 = to_uint8(x)                                   # what a saved PNG holds; what eval scores
+
+The convention: image i of seed S is made from a `torch.Generator` seeded by (S, i) alone (mixed
+by numpy's SeedSequence), which draws the latent z (z_dim normals) and then, for networks with
+noise inputs (stylegan2), every per-pixel noise map, on the CPU. Labels are i % num_classes for
+conditional networks unless one class is fixed. So image i depends only on (S, i, label): not on
+`--batch`, not on `--start`, not on the number of processes, not on what was generated before in
+the same process and not on torch's global RNG (which is left untouched).
+
+Bit-identical, not just the same image: on the CPU, matmul and conv kernels give bitwise different
+rows for different batch sizes (measured with torch 2.14 on this project's CPUs, one thread, 40
+images cut into batches of 1 to 32: resnet and stylegan2 rows changed for every batch size, mlp's
+for batches of 1 to 3 and 13, by up to 1e-5; dcgan happened to agree). So G always runs on the
+same index-aligned micro-batches of `MICRO_BATCH` images, [0, 16), [16, 32), ..., each computed
+from exactly the same inputs whatever range was asked for (the images of a micro-batch outside
+the range are computed and dropped); `batch` only groups how many images are drawn and moved to
+the device at once. This holds for one device type, library build and thread count: a GPU gives
+other bits than a CPU. Changing `MICRO_BATCH` or how inputs are drawn changes images, hence
+`SEEDING`, which ganpipe eval records as part of the protocol.
+
+Changed in the refactor that introduced this module: `ganpipe sample --seed S` used to draw all
+latents from one generator seeded with S and ran G in --batch-sized forwards, and
+`ganpipe eval` drew them in seeded chunks of 1000; stylegan2's noise came from the global RNG
+(its FID depended on batch size, process count and what was scored before). Images for a given
+seed therefore changed once; `ganpipe sample` and `ganpipe eval` now agree: same seed, same
+index, same image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import UserError
+from pipeline.io import atomic_path
+
+MICRO_BATCH = 16           # images per G forward, aligned to multiples of it (see the docstring)
+SEEDING = "seed-index-v1"  # name of this convention, recorded with every score
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of image `index` of `seed` (SeedSequence mixes them: no two pairs collide
+    in practice, and neighbouring seeds give unrelated streams)."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed ({seed}) and image index ({index}) must be >= 0")
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0])
+
+
+def draw(G: torch.nn.Module, seed: int, start: int, count: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """CPU inputs of images start..start+count-1: z (count, z_dim) and one (count, *shape) tensor per
+    entry of `G.noise_shapes()` (an empty list for networks without noise inputs)."""
+    return _draw(G.z_dim, G.noise_shapes(), seed, start, count)
+
+
+def latents(seed: int, start: int, count: int, z_dim: int) -> torch.Tensor:
+    """Latents of images start..start+count-1 of `seed`, (count, z_dim), as `images()` draws them."""
+    return _draw(z_dim, [], seed, start, count)[0]
+
+
+def _draw(z_dim: int, shapes: list[tuple[int, ...]], seed: int, start: int, count: int
+          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    zs, noise = [], [[] for _ in shapes]
+    for i in range(start, start + count):
+        gen = torch.Generator().manual_seed(image_seed(seed, i))
+        zs.append(torch.randn(z_dim, generator=gen))
+        # The noise maps follow z from the same stream, so z is the same for every family.
+        for maps, shape in zip(noise, shapes):
+            maps.append(torch.randn(shape, generator=gen))
+    if not count:
+        return torch.empty(0, z_dim), [torch.empty(0, *shape) for shape in shapes]
+    return torch.stack(zs), [torch.stack(m) for m in noise]
+
+
+def labels_for(G: torch.nn.Module, start: int, count: int, label: int | None = None) -> torch.Tensor | None:
+    """Labels of images start..start+count-1: None if unconditional, else `label` for every image
+    or, without one, i % num_classes (balanced over any range of a multiple of the classes)."""
+    if not G.num_classes:
+        if label is not None:
+            raise UserError(f"label {label} given but the generator is unconditional (no classes)")
+        return None
+    if label is None:
+        return torch.arange(start, start + count) % G.num_classes
+    if not 0 <= label < G.num_classes:
+        raise UserError(f"label {label} outside 0..{G.num_classes - 1} (the generator has {G.num_classes} classes)")
+    return torch.full((count,), label, dtype=torch.long)
+
+
+@torch.no_grad()
+def images(G: torch.nn.Module, *, seed: int, start: int = 0, count: int, label: int | None = None,
+           device: str | torch.device | None = None, batch: int = 256) -> torch.Tensor:
+    """Images start..start+count-1 of `seed`: float32 on the CPU, (count, C, H, W) (flat data:
+    (count, C)), in [-1, 1]. G runs in eval mode (restored afterwards) on `device` (default: where
+    its parameters are); `batch` images are drawn and moved per group (rounded up to a multiple of
+    MICRO_BATCH) and changes nothing in the result."""
+    if start < 0 or count < 0 or batch < 1:
+        raise ValueError(f"start ({start}) and count ({count}) must be >= 0 and batch ({batch}) >= 1")
+    device = torch.device(device) if device is not None else next(G.parameters()).device
+    group = math.ceil(batch / MICRO_BATCH) * MICRO_BATCH
+    end = start + count
+    first = start // MICRO_BATCH * MICRO_BATCH
+    out = []
+    was_training = G.training
+    if was_training:
+        G.eval()        # BatchNorm running statistics, stylegan2's clamp: per-image, no batch coupling
+    try:
+        for lo in range(first, end, group):
+            hi = min(lo + group, math.ceil(end / MICRO_BATCH) * MICRO_BATCH)   # whole micro-batches
+            z, noise = draw(G, seed, lo, hi - lo)
+            labels = labels_for(G, lo, hi - lo, label)
+            z, noise = z.to(device), [n.to(device) for n in noise]
+            labels = None if labels is None else labels.to(device)
+            parts = []
+            for m in range(0, hi - lo, MICRO_BATCH):
+                sl = slice(m, m + MICRO_BATCH)
+                parts.append(G(z[sl], None if labels is None else labels[sl], noise=[n[sl] for n in noise]))
+            x = torch.cat(parts).float().cpu()
+            out.append(x[max(start, lo) - lo:min(end, hi) - lo])
+    finally:
+        if was_training:
+            G.train()
+    if not out:
+        return torch.empty(0, *((G.channels,) if not G.resolution else (G.channels, G.resolution, G.resolution)))
+    return torch.cat(out)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float images -> uint8 numpy, rounding as the data's u / 127.5 - 1 inverts. Every PNG
+    ganpipe writes and every image ganpipe eval scores goes through this."""
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu().numpy()
+
+
+def _png(array: np.ndarray, path: Path) -> None:
+    """Write a uint8 (C, H, W) array (C = 1 or 3) as PNG, atomically."""
+    from PIL import Image
+
+    img = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
+
+
+def save_grid(x: torch.Tensor, path: str | Path) -> torch.Tensor | None:
+    """Write float images in [-1, 1] as one square-ish PNG grid (round(sqrt(N)) per row, 2-pixel
+    black gaps), atomically. Returns the grid as float (3, H, W) in [0, 1] for TensorBoard, or
+    None (nothing written) for flat data, which has no image to show."""
+    from torchvision.utils import make_grid
+
+    if x.dim() != 4:
+        return None
+    grid = make_grid(torch.from_numpy(to_uint8(x)), nrow=int(math.sqrt(len(x)) + 0.5), padding=2, pad_value=0)
+    _png(grid.numpy(), Path(path))
+    return grid.float() / 255
+
+
+def save_pngs(x: torch.Tensor, directory: str | Path, start: int = 0) -> None:
+    """Write float images in [-1, 1] as DIRECTORY/{index:06d}.png, numbered from `start`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(to_uint8(x)):
+        _png(img, directory / f"{start + i:06d}.png")
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    """`ganpipe sample`: an output ending in .png gets one grid; otherwise OUT is a directory of
+    PNGs named by image index (START, START+1, ...)."""
+    from pipeline.training.snapshot import load_snapshot
+
+    for flag, value, low in (("--num", args.num, 1), ("--seed", args.seed, 0), ("--start", args.start, 0),
+                             ("--batch", args.batch, 1)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    # cuda when there is one: sampling a snapshot needs no process group.
+    from pipeline.dist import default_device
+
+    device = default_device(args.device)
+    G, meta = load_snapshot(args.snapshot, device=device)
+    if not G.resolution:
+        raise UserError(f"{args.snapshot}: this generator makes flat vectors (resolution 0), not images; "
+                        "there is nothing to write as PNG")
+    if args.label is not None and not G.num_classes:
+        raise UserError(f"--label {args.label} given but {args.snapshot} is unconditional")
+    if args.label is not None and not 0 <= args.label < G.num_classes:
+        raise UserError(f"--label {args.label} outside 0..{G.num_classes - 1} (classes of {args.snapshot})")
+    kw = dict(seed=args.seed, label=args.label, device=device, batch=args.batch)
+    if args.out.suffix.lower() == ".png":
+        save_grid(images(G, start=args.start, count=args.num, **kw), args.out)
+    else:
+        # A directory may take many images: one group at a time, on micro-batch boundaries so
+        # that no micro-batch is computed twice.
+        end, step = args.start + args.num, math.ceil(args.batch / MICRO_BATCH) * MICRO_BATCH
+        for lo in range(args.start // MICRO_BATCH * MICRO_BATCH, end, step):
+            first, last = max(lo, args.start), min(lo + step, end)
+            save_pngs(images(G, start=first, count=last - first, **kw), args.out, start=first)
+    print(f"wrote {args.num} images (seed {args.seed}, indices {args.start}..{args.start + args.num - 1}) "
+          f"from {args.snapshot} (kimg {meta['kimg']:.1f}) to {args.out}")
+    return 0

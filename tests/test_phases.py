@@ -1,0 +1,91 @@
+"""The trainer's phases: a global batch split into micro-batches gives the update of one batch.
+
+Every phase of the real `build_phases` (D main with an every-step penalty, D's lazy penalty on its
+own step, G main) is accumulated once over the whole batch and once over micro-batches, from the
+same weights and the same images. Tolerances: gradients within atol 1e-6 (float32 summation
+order); parameters after the Adam step within atol 1e-6, i.e. 0.5% of one step of lr 2e-4 (Adam
+divides by sqrt(v), so a near-zero gradient moves its weight by up to lr whatever its size, and
+its summation error shows there). The MLP GAN is used because it has no batch statistics: with
+BatchNorm in G each micro-batch sees its own statistics, as under any gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from pipeline.catalog import from_dict
+from pipeline.networks import build_networks
+from pipeline.training.phases import MicroBatch, NonFiniteGuard, accumulate, autocast_for, build_phases, step
+
+CPU = torch.device("cpu")
+
+
+def setup(penalty: str, interval: int, model: str = "mlp"):
+    cfg = from_dict({"model": {"name": model, "g_width": 0.125, "d_width": 0.125},
+                     "loss": {"penalty": penalty, "penalty_weight": 1.0, "penalty_interval": interval}})
+    torch.manual_seed(0)
+    G, D = build_networks(cfg.model, resolution=8, channels=1, num_classes=0)
+    gen = torch.Generator().manual_seed(1)
+    batch = 8
+    z = torch.randn(batch, G.z_dim, generator=gen)
+    real = torch.rand(batch, 1, 8, 8, generator=gen) * 2 - 1
+    with torch.no_grad():
+        fake = G(z, None)
+    return cfg, G, D, z, real, fake
+
+
+def split(t: torch.Tensor | None, parts: int) -> list:
+    return [None] * parts if t is None else list(t.chunk(parts))
+
+
+def run_phase(cfg, G, D, name: str, z, real, fake, parts: int):
+    G, D = copy.deepcopy(G), copy.deepcopy(D)
+    phases = build_phases(cfg, G=G, D=D, device=CPU, dtype=None, report=lambda name, value: None)
+    phase = phases.named(name)
+    mbs = [MicroBatch(z=a, labels=None, real=b, fake=c)
+           for a, b, c in zip(split(z, parts), split(real, parts), split(fake, parts))]
+    torch.manual_seed(5)            # wgan-gp draws its interpolation weights from the global RNG
+    accumulate(phase, mbs, autocast_for(CPU, None))
+    grads = [p.grad.clone() for p in phase.params]
+    step(phase, NonFiniteGuard(10, lambda: "none", lambda: 0.0), lambda name, value: None)
+    return grads, [p.detach().clone() for p in phase.params]
+
+
+@pytest.mark.parametrize("penalty,interval,name", [
+    ("r1", 1, "D"), ("r2", 1, "D"), ("none", 1, "D"), ("wgan-gp", 1, "D"),
+    ("r1", 4, "Dreg"), ("r2", 2, "Dreg"), ("wgan-gp", 2, "Dreg"), ("none", 1, "G"),
+])
+@pytest.mark.parametrize("parts", [2, 4])
+def test_micro_batches_give_the_update_of_one_batch(penalty, interval, name, parts):
+    cfg, G, D, z, real, fake = setup(penalty, interval)
+    whole_grads, whole_params = run_phase(cfg, G, D, name, z, real, fake, 1)
+    split_grads, split_params = run_phase(cfg, G, D, name, z, real, fake, parts)
+    assert any(g.abs().max() > 0 for g in whole_grads)
+    for a, b in zip(whole_grads, split_grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    for a, b in zip(whole_params, split_params):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def test_phase_list_is_data_and_a_lazy_penalty_is_its_own_entry():
+    cfg, G, D, *_ = setup("r1", 4)
+    phases = build_phases(cfg, G=G, D=D, device=CPU, dtype=None, report=lambda name, value: None)
+    assert [(p.name, p.side, p.interval, len(p.terms)) for p in phases] == [
+        ("D", "D", 1, 1), ("Dreg", "D", 4, 1), ("G", "G", 1, 1)]
+    assert [p.name for p in phases.due("D", 0)] == ["D", "Dreg"]
+    assert [p.name for p in phases.due("D", 1)] == ["D"]
+    # StyleGAN2's lazy adjustment: lr x 4/5, betas ** (4/5)
+    assert phases.named("D").optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.d_lr * 0.8)
+    every = build_phases(setup("r1", 1)[0], G=G, D=D, device=CPU, dtype=None, report=lambda name, value: None)
+    assert [(p.name, len(p.terms)) for p in every] == [("D", 2), ("G", 1)]
+
+
+def test_a_phase_computes_no_gradients_for_the_network_it_does_not_train():
+    cfg, G, D, z, real, fake = setup("r1", 1)
+    phases = build_phases(cfg, G=G, D=D, device=CPU, dtype=None, report=lambda name, value: None)
+    accumulate(phases.named("G"), [MicroBatch(z=z, labels=None)], autocast_for(CPU, None))
+    assert all(p.grad is None for p in D.parameters()) and any(p.grad is not None for p in G.parameters())
+    assert all(p.requires_grad for p in D.parameters())        # unfrozen again afterwards
