@@ -257,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"ganpipe {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:      # a full disk, a read-only or unwritable directory: say which and why
+        if exc.errno is None:
+            raise
+        print(f"ganpipe {args.command}: error: {exc.strerror}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
     return int(status or 0)
 
 

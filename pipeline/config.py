@@ -87,6 +87,7 @@ class TrainConfig:
     snapshot_kimg: float = opt(20.0, min=0.0)    # kimg between EMA-G snapshots for eval (0 = only at the end)
     checkpoint_kimg: float = opt(20.0, min=0.0)  # kimg between full resumable checkpoints (0 = only at the end)
     keep_checkpoints: int = opt(3, min=1, max=10_000)        # newest full checkpoints kept on disk
+    keep_snapshots: int = opt(0, min=0, max=1_000_000)      # newest snapshots kept, plus every unscored and best one (0 = all)
     batch_per_process: int = opt(0, min=0, max=1 << 20)       # images per process per forward (0 = data.batch_size / processes)
     g_lr: float = opt(2e-4, min=0.0)             # Adam learning rate of G
     d_lr: float = opt(2e-4, min=0.0)             # Adam learning rate of D
@@ -101,6 +102,7 @@ class TrainConfig:
     max_nonfinite_steps: int = opt(10, min=1, max=1_000_000)    # consecutive skipped (inf/NaN) steps that stop the run
     grid_size: int = opt(64, min=1, max=4096)              # images in the fixed-z sample grid
     threads: int = opt(0, min=0, max=4096)                 # torch CPU threads per process (0 = cores / local processes)
+    peer_timeout_s: float = opt(300.0, min=1.0, max=86400.0)  # a collective waiting longer for another rank ends the run
     progress: bool = opt(True)                   # progress bar on rank 0 (status lines are printed either way)
 
 

@@ -13,6 +13,7 @@ Slurm scripts) are read by `launch_env()` only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from dataclasses import dataclass
@@ -153,6 +154,36 @@ def on_main(fn: Callable[[], Any], errors: tuple[type[BaseException], ...]) -> A
     if failure is not None:
         raise failure[0](failure[1])
     return result
+
+
+def process_group_timeout(seconds: float):
+    """The Accelerate kwargs handler that bounds every collective: a rank whose peer died (or
+    hangs) fails within `seconds` instead of waiting forever."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=timedelta(seconds=seconds))
+
+
+PEER_FAILURE_HINTS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe")
+
+
+@contextlib.contextmanager
+def peer_failures(what: str, timeout_s: float):
+    """Turn a collective's failure (a dead or hung peer rank) into one TrainingError line."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not _group() or isinstance(exc, TrainingError):
+            raise
+        text = str(exc).strip()
+        if not isinstance(exc, _dist.DistError) and not any(h in text.lower() for h in PEER_FAILURE_HINTS):
+            raise
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
+        raise TrainingError(f"rank {rank()} of {world_size()} lost contact with another rank during {what} "
+                            f"(within train.peer_timeout_s={timeout_s:g} s: {first}); the job must be restarted, "
+                            "and resumes from its last checkpoint") from None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.skipif(bool(missing_binaries()),
                                 reason=f"Slurm not installed (missing {', '.join(missing_binaries())}); "
                                        "install slurmctld slurmd slurm-client munge")
 
-TINY = ["model.g_width=0.125", "model.d_width=0.125", "data.batch_size=16", "data.num_workers=0",
+# Loader workers on (the default users run): Slurm signals them too.
+TINY = ["model.g_width=0.125", "model.d_width=0.125", "data.batch_size=16", "data.num_workers=1",
         "data.shuffle_buffer=100", "train.progress=false", "train.grid_size=16", "train.ema_halflife_kimg=0.1"]
 
 
@@ -119,6 +120,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path, mnist
     info = wait_state(cluster, job, {"COMPLETED", "FAILED", "CANCELLED"})
     out = job_output(cluster, job)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, out
-    assert "requeueing job" in out and "resumed from" in out and "training finished" in out
+    assert "preempted with a checkpoint" in out and "requeueing job" in out
+    assert "resumed from" in out and "training finished" in out
     rows = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
     assert rows[-1]["kimg"] >= 0.8 and all(r["world_size"] == 2 for r in rows)

@@ -25,8 +25,9 @@ continues with the very batches the uninterrupted one would have produced.
 
 Worker processes ignore the signals the trainer handles (`dist.Preemption`: SIGTERM, SIGUSR1,
 SIGINT): Slurm, `kill -- -PGID` and launchers signal the whole process group, and a worker that
-died of it would take the preemption checkpoint with it. On Linux a worker is also killed when
-its parent dies (PR_SET_PDEATHSIG), so a SIGKILLed trainer leaves no workers behind. A DataError
+died of it would take the preemption checkpoint with it. Only a SIGTERM sent by the worker's own
+parent (how DataLoader stops a worker that does not exit in time) ends it. On Linux a worker is
+also killed when its parent dies (PR_SET_PDEATHSIG), so a SIGKILLed trainer leaves no workers. A DataError
 in a worker travels to the main process as a record and is raised there as one line.
 """
 
@@ -38,6 +39,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,13 +119,21 @@ def _collate_identity(batch):
 _PR_SET_PDEATHSIG = 1
 
 
-def _init_worker(parent_pid: int, direct_child: bool, worker_id: int) -> None:
+def _init_worker(trainer_pid: int, direct_child: bool, worker_id: int) -> None:
     """DataLoader `worker_init_fn`: survive the trainer's signals, die with the trainer."""
     # The main process turns these into a checkpoint and a clean exit; a worker must not die of
     # them first (the main process then fails with "DataLoader worker ... killed by signal").
     for sig in dist.Preemption.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    if not (direct_child and sys.platform.startswith("linux")):
+    if not sys.platform.startswith("linux"):
+        return
+    # Yet the trainer itself stops workers with SIGTERM (one slow to shut down; exiting with the
+    # loader still alive). Only it means it: take SIGTERM synchronously, where the sender's pid is
+    # visible, and exit when the sender is the trainer.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # threads started later inherit it
+    threading.Thread(target=_exit_on_sigterm_from, args=(trainer_pid,), daemon=True,
+                     name="sigterm-from-trainer").start()
+    if not direct_child:
         return
     # PDEATHSIG fires when the parent (thread) that started us exits, even by SIGKILL. Armed only
     # now, so the parent may already be gone: then we were re-parented, and exit ourselves.
@@ -131,8 +141,14 @@ def _init_worker(parent_pid: int, direct_child: bool, worker_id: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent_pid:
+    if os.getppid() != trainer_pid:
         os._exit(1)
+
+
+def _exit_on_sigterm_from(trainer_pid: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == trainer_pid:
+            os._exit(0)
 
 
 class ShardStreamDataset(IterableDataset):

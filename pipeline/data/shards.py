@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import struct
 import warnings
 import zlib
 from typing import Callable, Iterator
@@ -75,6 +76,8 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # colour type -> (samples per pixel in the file, channels torchvision returns, allowed bit depths)
 _PNG_COLOUR = {0: (1, 1, (1, 2, 4, 8, 16)), 2: (3, 3, (8, 16)), 3: (1, None, (1, 2, 4, 8)),
                4: (2, 2, (8, 16)), 6: (4, 4, (8, 16))}
+_CHUNK_HEAD, _CRC, _IHDR = struct.Struct(">I4s"), struct.Struct(">I"), struct.Struct(">IIBBBBB")
+_PNG_FILTERS = bytes(range(5))
 # Adam7 passes: (x0, y0, dx, dy).
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
@@ -92,47 +95,42 @@ def _png_rows(width: int, height: int, bits_per_pixel: int, interlaced: bool) ->
 
 def _check_png(data: bytes, channels: int, resolution: int) -> None:
     """Raise BadSample unless `data` is a structurally valid PNG of the expected size."""
-    view = memoryview(data)
+    view = memoryview(data)                # CRCs and IDAT bodies without copies
     pos, n = 8, len(data)
-    ihdr, idat, seen_plte, idat_done, has_trns = None, [], False, False, False
+    ihdr, idat, seen_plte, idat_done, has_trns = b"", [], False, False, False
     while True:
         if pos + 12 > n:
             raise _bad("PNG ends before its IEND chunk")
-        length = int.from_bytes(view[pos:pos + 4], "big")
-        kind = bytes(view[pos + 4:pos + 8])
+        length, kind = _CHUNK_HEAD.unpack_from(data, pos)
         end = pos + 12 + length
-        if length > 0x7FFFFFFF or end > n:
+        if end > n:
             raise _bad(f"PNG chunk {kind!r} of {length} bytes runs past the end of the data")
-        if not kind.isalpha() or not kind.isascii():
+        if zlib.crc32(view[pos + 4:end - 4]) != _CRC.unpack_from(data, end - 4)[0]:
+            raise _bad(f"PNG chunk {kind!r} fails its CRC check")
+        if not (kind.isalpha() and kind.isascii()):
             raise _bad(f"PNG chunk type {kind!r} is not four letters")
-        if zlib.crc32(view[pos + 4:pos + 8 + length]) != int.from_bytes(view[end - 4:end], "big"):
-            raise _bad(f"PNG chunk {kind.decode()} fails its CRC check")
-        body = view[pos + 8:end - 4]
-        pos = end
-        if ihdr is None:
+        body, pos = view[pos + 8:end - 4], end
+        if not ihdr:
             if kind != b"IHDR" or length != 13:
                 raise _bad("PNG does not start with an IHDR chunk")
             ihdr = bytes(body)
-            continue
-        if kind == b"IDAT":
+        elif kind == b"IDAT":
             if idat_done:
                 raise _bad("PNG has IDAT chunks that are not consecutive")
             idat.append(body)
-            continue
-        if idat:
-            idat_done = True
-        if kind == b"IEND":
+        elif kind == b"IEND":
             break
-        if kind == b"PLTE":
-            if seen_plte or idat or length == 0 or length % 3 or length > 768:
-                raise _bad("PNG has a misplaced or malformed PLTE chunk")
-            seen_plte = True
-        elif kind == b"tRNS":
-            has_trns = True
-        elif kind[0] < 0x61:           # an upper-case first letter marks a critical chunk
-            raise _bad(f"PNG has an unexpected critical chunk {kind.decode()}")
-    width, height = int.from_bytes(ihdr[0:4], "big"), int.from_bytes(ihdr[4:8], "big")
-    depth, colour, compression, filtering, interlace = ihdr[8:13]
+        else:
+            idat_done = bool(idat)
+            if kind == b"PLTE":
+                if seen_plte or idat or length == 0 or length % 3 or length > 768:
+                    raise _bad("PNG has a misplaced or malformed PLTE chunk")
+                seen_plte = True
+            elif kind == b"tRNS":
+                has_trns = True
+            elif kind[0] < 0x61:               # an upper-case first letter marks a critical chunk
+                raise _bad(f"PNG has an unexpected critical chunk {kind.decode()}")
+    width, height, depth, colour, compression, filtering, interlace = _IHDR.unpack(ihdr)
     if colour not in _PNG_COLOUR or depth not in _PNG_COLOUR[colour][2] or compression or filtering \
             or interlace > 1 or not width or not height:
         raise _bad(f"PNG header is invalid (bit depth {depth}, colour type {colour}, "
@@ -149,17 +147,18 @@ def _check_png(data: bytes, channels: int, resolution: int) -> None:
     expected = sum(h * (1 + w) for h, w in rows)
     inflater = zlib.decompressobj()
     try:
-        raw = inflater.decompress(b"".join(idat), expected)
+        raw = inflater.decompress(idat[0] if len(idat) == 1 else b"".join(idat), expected)
         if len(raw) == expected and not inflater.eof and inflater.decompress(inflater.unconsumed_tail, 1):
             raise _bad(f"PNG image data holds more than the {expected} bytes its header implies")
     except zlib.error as exc:
         raise _bad(f"PNG image data is corrupt: {exc}") from None
-    if not inflater.eof or inflater.unused_data:
-        raise _bad(f"PNG image data is {'truncated' if len(raw) < expected else 'followed by extra bytes'} "
-                   f"({len(raw)} of {expected} bytes)")
-    arr, offset = np.frombuffer(raw, np.uint8), 0
+    if len(raw) < expected or not inflater.eof:
+        raise _bad(f"PNG image data is truncated ({len(raw)} of the {expected} bytes its header implies)")
+    if inflater.unused_data:
+        raise _bad("PNG image data is followed by extra bytes")
+    offset = 0
     for h, w in rows:
-        if arr[offset:offset + h * (1 + w):1 + w].max() > 4:
+        if raw[offset:offset + h * (1 + w):1 + w].translate(None, _PNG_FILTERS):   # left: not 0..4
             raise _bad("PNG has an invalid row filter type")
         offset += h * (1 + w)
 

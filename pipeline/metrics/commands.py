@@ -168,7 +168,7 @@ def watch_command(args: argparse.Namespace) -> int:
                 try:
                     st = os.stat(meta["weights_path"])
                 except OSError:
-                    continue                      # removed since the listing (pruned by the trainer)
+                    continue                      # removed since the listing (train.keep_snapshots prunes scored ones)
                 ident = (meta["json_path"], st.st_size, st.st_mtime_ns)
                 if ident in bad:
                     continue                      # reported once; a rewritten file gets a new identity

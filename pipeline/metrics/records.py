@@ -44,6 +44,21 @@ def read_records(run_dir: str | Path) -> list[dict]:
     return out
 
 
+def protected_snapshots(run_dir: str | Path) -> tuple[set[str], set[str]]:
+    """(sha256 of every scored snapshot, names of the best ones in best.json): what snapshot
+    retention must know to keep every unscored snapshot and every best one."""
+    scored = {r["snapshot_sha256"] for r in read_records(run_dir)}
+    best: set[str] = set()
+    path = Path(run_dir) / BEST_FILE
+    try:
+        entries = json.loads(path.read_text()) if path.is_file() else {}
+        best = {e["snapshot"] for e in entries.values() if isinstance(e, dict) and "snapshot" in e}
+    except (OSError, ValueError, AttributeError):
+        best = set()                # unreadable: prune nothing that could be best, see the caller
+        scored = set()
+    return scored, best
+
+
 def append_records(run_dir: str | Path, records: list[dict]) -> None:
     """All lines of one snapshot in one write with O_APPEND: a crash leaves all of them or none."""
     path = Path(run_dir) / METRICS_FILE

@@ -14,6 +14,7 @@ then names the file and falls back to the checkpoint before. Loading uses
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from pipeline import dist
+from pipeline.errors import TrainingError
 from pipeline.io import atomic_path, sha256_file, temp_path, write_json_atomic
 
 PREFIX = "ckpt-"
@@ -62,9 +64,14 @@ def save_checkpoint(run_dir: Path, cur_nimg: int, *, rank: int, world_size: int,
     tmp = temp_path(final, TMP_TAG)
     with (atomic_path(final, directory=True, tag=TMP_TAG) if rank == 0 else contextlib.nullcontext(tmp)):
         dist.barrier()                          # rank 0 made the directory
-        torch.save(_portable(per_rank), tmp / f"rank-{rank:04d}.pt")
-        if rank == 0:
-            torch.save(_portable(shared()), tmp / "state.pt")
+        try:
+            _write(_portable(per_rank), tmp / f"rank-{rank:04d}.pt")
+            if rank == 0:
+                _write(_portable(shared()), tmp / "state.pt")
+        except OSError as exc:
+            raise TrainingError(f"checkpoint {final} not written: {exc.strerror or exc} ({exc.filename}); the "
+                                f"earlier checkpoints in {root} are kept; free the space (or fix the permissions) "
+                                "and run the same command again to resume") from None
         dist.barrier()                          # every rank wrote its file
         if rank == 0:
             missing = {f"rank-{r:04d}.pt" for r in range(world_size)} - {p.name for p in tmp.iterdir()}
@@ -78,6 +85,15 @@ def save_checkpoint(run_dir: Path, cur_nimg: int, *, rank: int, world_size: int,
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _write(obj: dict, path: Path) -> None:
+    """torch.save through a Python file, so that a full disk or a read-only directory is an
+    OSError naming the file and the reason (torch's own writer reports only a stream failure)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with open(path, "wb") as f:
+        f.write(buf.getbuffer())
 
 
 def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict | None]:
@@ -131,7 +147,7 @@ def _load(file: Path, sums: dict | None) -> dict:
     except CheckpointDamaged:
         raise
     except Exception as exc:  # noqa: BLE001 - EOF, unpickling, zip errors come in many types
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "empty or truncated"
         raise CheckpointDamaged(f"{file}: does not load ({type(exc).__name__}: {first})") from None
     if not isinstance(state, dict):
         raise CheckpointDamaged(f"{file}: holds {type(state).__name__}, not a checkpoint")

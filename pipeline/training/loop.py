@@ -39,7 +39,7 @@ from pipeline.training.checkpoint import load_newest_checkpoint, save_checkpoint
 from pipeline.training.ema import EMA
 from pipeline.training.phases import (MicroBatch, NonFiniteGuard, Phases, accumulate, autocast_for, build_phases,
                                       step, unwrap)
-from pipeline.training.snapshot import save_snapshot
+from pipeline.training.snapshot import prune_snapshots, save_snapshot
 from pipeline.training.stats import Stats, StatsWriter
 
 EXIT_PREEMPTED = 3          # checkpoint written after SIGTERM/SIGUSR1/Ctrl-C: requeue and run again to resume
@@ -77,14 +77,15 @@ def crossed(prev_nimg: int, cur_nimg: int, every_kimg: float) -> bool:
     return math.floor(cur_nimg / every) > math.floor(prev_nimg / every)
 
 
-def start_processes(threads: int) -> Accelerator:
+def start_processes(threads: int, peer_timeout_s: float) -> Accelerator:
     """The Accelerator, and torch threads so that all local processes together fill the cores."""
     # broadcast_buffers=False is what we mean (BatchNorm statistics stay per rank, no in-place
     # broadcast between D's forwards); torch calls it deprecated in favour of an option that would
     # still sync buffers at init. mixed_precision="no": autocast and scalers are ours.
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
-                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+                      kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
+                                       dist.process_group_timeout(peer_timeout_s)])
     local = dist.launch_env().local_world_size if acc.num_processes > 1 else 1
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
     return acc
@@ -107,7 +108,12 @@ def training_state(G, D, ema: EMA, phases: Phases, progress: Progress, guard: No
             "opt_G": g.optimizer.state_dict(), "opt_D": d.optimizer.state_dict(),
             "scaler_G": g.scaler.state_dict(), "scaler_D": d.scaler.state_dict(),
             "cur_nimg": progress.cur_nimg, "d_steps": progress.d_steps, "g_steps": progress.g_steps,
-            "skipped": guard.skipped, "world_size": world, "config": to_dict(cfg)}
+            "skipped": guard.skipped, "world_size": world, "config": to_dict(cfg), "finite": finite(G, D)}
+
+
+def finite(G, D) -> bool:
+    """Whether every weight of G and D is finite: only such a checkpoint is a good one to go back to."""
+    return all(bool(torch.isfinite(p).all()) for net in (G, D) for p in unwrap(net).parameters())
 
 
 def rank_state(G, D, loader: StreamLoader, device: torch.device) -> dict:
@@ -186,7 +192,7 @@ def status_line(row: dict) -> str:
 def training_loop(cfg: Config, run_dir: Path) -> int:
     t_cfg = cfg.train
     # Start the processes and split the global batch into processes x micro-batches x per-process batch.
-    acc = start_processes(t_cfg.threads)
+    acc = start_processes(t_cfg.threads, t_cfg.peer_timeout_s)
     rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
     batch = cfg.data.batch_size
@@ -206,11 +212,12 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     z_dim, num_classes = unwrap(G).z_dim, unwrap(G).num_classes
     stats = Stats(device)
     phases = build_phases(cfg, G=G, D=D, device=device, dtype=dtype, report=stats.report)
-    last_ckpt: Path | None = None
-    guard = NonFiniteGuard(t_cfg.max_nonfinite_steps, lambda: str(last_ckpt or "none yet"),
+    good = {"checkpoint": None}                 # newest checkpoint whose weights are finite
+    guard = NonFiniteGuard(t_cfg.max_nonfinite_steps, lambda: str(good["checkpoint"] or "none yet"),
                            lambda: progress.cur_nimg / 1000)
     progress, loader_state, last_ckpt = resume(run_dir, G, D, ema, phases, guard, rank=rank, world=world,
                                                device=device, seed=cfg.seed, log=log)
+    good["checkpoint"] = last_ckpt
     # Streams restored exactly when possible; otherwise fresh ones, seeded away from the run's start.
     fresh = loader_state is None and progress.cur_nimg > 0
     loader = StreamLoader.from_config(cfg.data, batch_size=per_proc, seed=cfg.seed + (progress.cur_nimg if fresh else 0),
@@ -236,7 +243,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                             disable=None, bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]")
     since, start_time = (progress.cur_nimg, time.time()), time.time()
 
-    with dist.Preemption() as preemption:
+    with dist.Preemption() as preemption, dist.peer_failures("training", t_cfg.peer_timeout_s):
         while progress.cur_nimg < total_nimg:
             prev_nimg = progress.cur_nimg
             # D side: n_critic steps, each one global batch of real images and the fakes G makes for it.
@@ -287,12 +294,14 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                 save_snapshot(ema.model, run_dir / "snapshots", cur_nimg=progress.cur_nimg, model_cfg=cfg.model,
                               resolution=shards.resolution, channels=shards.channels, num_classes=num_classes,
                               extra={"config_hash": config_hash(cfg), "data_path": cfg.data.path})
+                prune_snapshots(run_dir, t_cfg.keep_snapshots, log)
             if crossed(prev_nimg, progress.cur_nimg, t_cfg.checkpoint_kimg) or done or stop:
                 dist.check_ranks_identical({"G": unwrap(G), "D": unwrap(D)}, device)
                 last_ckpt = save_checkpoint(
                     run_dir, progress.cur_nimg, rank=rank, world_size=world, keep=t_cfg.keep_checkpoints,
                     per_rank=rank_state(G, D, loader, device),
                     shared=lambda: training_state(G, D, ema, phases, progress, guard, world, cfg))
+                good["checkpoint"] = last_ckpt if finite(G, D) else good["checkpoint"]
             if stop and not done:
                 if main:    # launchers may not keep exit status 3: the marker says it to the job script
                     write_json_atomic(run_dir / PREEMPTED, {"cur_nimg": progress.cur_nimg, "checkpoint": str(last_ckpt)})

@@ -14,6 +14,7 @@ input, 1 anything else.
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from pipeline import dist
@@ -24,7 +25,8 @@ from pipeline.io import write_text_atomic
 
 # Keys that may differ between a run's recorded config and the resuming command.
 RESUMABLE = {"train.total_kimg", "train.tick_kimg", "train.snapshot_kimg", "train.checkpoint_kimg",
-             "train.keep_checkpoints", "train.progress", "train.threads", "train.max_nonfinite_steps",
+             "train.keep_checkpoints", "train.keep_snapshots", "train.peer_timeout_s",
+             "train.progress", "train.threads", "train.max_nonfinite_steps",
              "train.grid_size", "data.num_workers", "data.path"}
 
 
@@ -46,7 +48,17 @@ def resolve_run_config(config: str | None, run_dir: Path, overrides: list[str]) 
 def record_config(cfg: Config, run_dir: Path) -> None:
     """RUN/config.yaml, written atomically by the first process only (before any process group)."""
     if dist.launch_env().rank == 0:
+        remove_temporaries(run_dir)
         write_text_atomic(run_dir / "config.yaml", config_yaml(cfg))
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """What a killed trainer left half-written (`.NAME.tmp-*` of its config, stats, markers,
+    checkpoints, snapshots and grids); the evaluator's own temporaries in RUN are not touched."""
+    for pattern in (".config.yaml.tmp-*", ".stats.jsonl.tmp-*", ".FINISHED.tmp-*", ".PREEMPTED.tmp-*",
+                    "checkpoints/.ckpt-*.tmp-*", "snapshots/.snapshot-*.tmp-*", "samples/.fakes-*.tmp-*"):
+        for path in run_dir.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def train_command(args: argparse.Namespace) -> int:

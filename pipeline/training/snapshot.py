@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -109,3 +110,32 @@ def list_snapshots(directory: str | Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.glob("snapshot-*.json"))
+
+
+def prune_snapshots(run_dir: Path, keep: int, log: Callable[[str], None]) -> list[Path]:
+    """Delete old snapshots beyond the newest `keep` (0 = keep all), but never one that the
+    evaluation has not scored yet (no metrics.jsonl record with its sha256) nor one named in
+    best.json. The record goes first: a reader never sees weights without their JSON being
+    complete, and a half-pruned snapshot is simply incomplete."""
+    from pipeline.metrics.records import protected_snapshots
+
+    if keep <= 0:
+        return []
+    snaps = list_snapshots(Path(run_dir) / "snapshots")
+    scored, best = protected_snapshots(run_dir)
+    removed = []
+    for record in snaps[:-keep]:
+        try:
+            meta = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("sha256") not in scored or record.stem in best:
+            continue
+        record.unlink(missing_ok=True)
+        weights = meta.get("weights")
+        if isinstance(weights, str) and weights and Path(weights).name == weights:
+            (record.parent / weights).unlink(missing_ok=True)
+        removed.append(record)
+    if removed:
+        log(f"pruned {len(removed)} scored snapshot(s) beyond the newest {keep} (train.keep_snapshots)")
+    return removed
