@@ -49,3 +49,19 @@ def test_cli_prints_resolved_config_and_rejects_bad_keys():
     assert "batch_size: 48" in out.stdout and "seed: 7" in out.stdout
     bad = cli("config", "data.nope=1", check=False)
     assert bad.returncode == 2 and "unknown config key 'data.nope'" in bad.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.g_betas=[0.5]", "train.g_betas: [0.5] has 1 values, expected 2"),
+    ("train.d_betas=[0.5, 1.0]", "train.d_betas[1]: 1.0 must be below 1.0"),
+    ("train.d_betas=[-0.1, 0.9]", "train.d_betas[0]: -0.1 is below the minimum 0.0"),
+    ("train.g_lr=.nan", "train.g_lr: nan is not a finite number"),
+    ("loss.penalty_weight=.nan", "loss.penalty_weight: nan is not a finite number"),
+    ("train.total_kimg=.inf", "train.total_kimg: inf is not a finite number"),
+    ("data.batch_size=100000000000", "data.batch_size: 100000000000 is above the maximum"),
+    ("train.n_critic=1000000", "train.n_critic: 1000000 is above the maximum 1000"),
+])
+def test_values_that_would_fail_later_fail_at_load(override, message):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert message in str(exc.value)

@@ -192,3 +192,40 @@ def test_snapshot_retention_keeps_the_newest_the_unscored_and_the_best(tmp_path)
     assert [p.stem for p in list_snapshots(tmp_path / "snapshots")] == [
         "snapshot-000002000", "snapshot-000003000", "snapshot-000004000", "snapshot-000005000"]
     assert not (tmp_path / "snapshots" / "snapshot-000001000.safetensors").exists()
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_a_signal_during_a_checkpoint_write_ends_with_a_checkpoint_at_the_stopping_step(tmp_path, mnist_dir, procs):
+    run = tmp_path / "run"
+    proc = start(run, mnist_dir, "train.total_kimg=3.2", "train.tick_kimg=0.032", "train.checkpoint_kimg=0.064",
+                 procs=procs, port=29545, faults=["slow-checkpoint=3"])
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((run / "checkpoints").glob(".ckpt-*.tmp-*")):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read()
+    os.killpg(proc.pid, signal.SIGTERM)           # while a periodic checkpoint is being written
+    status, out = finish(proc)
+    assert status == (3 if procs == 1 else status) and (run / "PREEMPTED").is_file(), out
+    marker = json.loads((run / "PREEMPTED").read_text())
+    assert Path(marker["checkpoint"]) == list_checkpoints(run)[-1]
+    assert marker["cur_nimg"] == final_state(run)["cur_nimg"] == rows(run)[-1]["cur_nimg"]
+    assert not list((run / "checkpoints").glob(".ckpt-*"))
+
+
+def test_a_snapshot_record_cannot_point_at_weights_elsewhere(tmp_path):
+    from pipeline.errors import SnapshotError
+    from pipeline.training.snapshot import read_snapshot_meta
+
+    record = {"format": "ganpipe-snapshot", "format_version": 1, "sha256": "0" * 64, "model": {},
+              "resolution": 8, "channels": 1, "num_classes": 0, "cur_nimg": 1}
+    for weights in ("../../other-run/snapshots/snapshot-000000001.safetensors", "/etc/passwd", "..", ""):
+        path = tmp_path / "snapshot-000000001.json"
+        path.write_text(json.dumps({**record, "weights": weights}))
+        with pytest.raises(SnapshotError, match="not a file name beside the record"):
+            read_snapshot_meta(path)
+    path.write_text(json.dumps({k: v for k, v in record.items() if k != "sha256"}))
+    with pytest.raises(SnapshotError, match="record lacks sha256, weights"):
+        read_snapshot_meta(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(SnapshotError, match="not a ganpipe-snapshot"):
+        read_snapshot_meta(path)
