@@ -72,12 +72,32 @@ class ModelConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """A value's course over training, as a multiple of its configured value (1 at the start)."""
+    kind: str = opt("constant", choices=("constant", "linear", "cosine"))  # shape from start to end
+    end: float = opt(1.0, min=0.0, max=1e6)       # multiple of the configured value reached at the end
+    warmup_kimg: float = opt(0.0, min=0.0)        # linear ramp from 0 to 1x over this many kimg first (0 = none)
+    length_kimg: float = opt(0.0, min=0.0)        # kimg from the start (after warm-up) to `end` (0 = until train.total_kimg)
+
+
+@dataclass
+class PenaltyConfig:
+    name: str = opt("r1", registry="penalty")     # wgan-gp, r1 or r2
+    weight: float = opt(1.0, min=0.0)             # lambda for wgan-gp, gamma for r1/r2 (gamma/2 * E|grad D|^2)
+    interval: int = opt(1, min=1, max=10_000)     # D steps between evaluations (lazy when > 1; the loss is scaled by it)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # course of the weight over kimg
+
+
+@dataclass
 class LossConfig:
-    name: str = opt("nonsaturating", registry="loss")  # adversarial loss from the LOSSES registry
+    name: str = opt("nonsaturating", registry="loss")  # adversarial loss from the LOSSES registry (rpgan: R3GAN's)
     clip: float = opt(0.0, min=0.0)     # WGAN weight clipping bound c, D kept in [-c, c] (0 = off; wasserstein only)
-    penalty: str = opt("none", registry="penalty")  # gradient penalty on D (wgan-gp, r1, r2) or none
+    penalty: str = opt("none", registry="penalty")  # one gradient penalty on D (wgan-gp, r1, r2) or none
     penalty_weight: float = opt(10.0, min=0.0)  # lambda for wgan-gp, gamma for r1/r2 (gamma/2 * E|grad D|^2)
     penalty_interval: int = opt(1, min=1, max=10_000)  # D steps between penalty evaluations; the penalty is scaled by it
+    penalty_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # course of penalty_weight over kimg
+    penalties: list[PenaltyConfig] = opt([])  # more penalties, each with its weight, interval, schedule (R3GAN: r1 + r2)
+    penalty_inputs: str = opt("clean", choices=("clean", "augmented"))  # gradient w.r.t. the un-augmented image through the augmentation (StyleGAN2-ADA) or w.r.t. the augmented one
 
 
 @dataclass
@@ -97,6 +117,9 @@ class TrainConfig:
     n_critic: int = opt(1, min=1, max=1000)                # D steps per G step (5 for WGAN)
     ema_halflife_kimg: float = opt(10.0, min=0.0)  # half-life of G's EMA in kimg (0 = EMA is a plain copy)
     ema_rampup: float = opt(0.05, min=0.0)       # EMA half-life at most this x kimg seen (0 = no ramp-up)
+    lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)     # course of g_lr and d_lr over kimg
+    beta2_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # course of both Adam beta2 (kept below 1)
+    ema_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)    # course of ema_halflife_kimg
     mixed_precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))  # autocast dtype (auto: bf16 on capable GPUs, fp32 on CPU)
     augment: str = opt("")                       # DiffAugment policy, comma-separated: color, translation, cutout ("" = off)
     max_nonfinite_steps: int = opt(10, min=1, max=1_000_000)    # consecutive skipped (inf/NaN) steps that stop the run
@@ -211,7 +234,10 @@ def validate(obj: Any, prefix: str = "", names: Mapping[str, Iterable[str]] | No
             raise ConfigError(f"{key}: {value!r} has {len(value)} values, expected {length}")
         for i, item in enumerate(value if isinstance(value, list) else [value]):
             where = f"{key}[{i}]" if isinstance(value, list) else key
-            _check_bounds(where, item, f.metadata)
+            if dataclasses.is_dataclass(item):
+                validate(item, where, names)
+            else:
+                _check_bounds(where, item, f.metadata)
 
 
 def _check_bounds(key: str, value: Any, meta: Any) -> None:

@@ -33,12 +33,17 @@ PENALTIES = Registry("penalty")
 # Adversarial losses. D minimises d_loss, G minimises g_loss.
 
 class AdversarialLoss:
+    """D minimises d_loss(real, fake); G minimises g_loss(fake, real). `relativistic` losses compare
+    a fake with its paired real, so G's step needs D's logits of real images too (the trainer
+    passes them, detached: G's gradient flows through the fake logits only)."""
+
     name: ClassVar[str]
+    relativistic: ClassVar[bool] = False
 
     def d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def g_loss(self, fake_logits: Tensor) -> Tensor:
+    def g_loss(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -61,7 +66,7 @@ class Minimax(_LogisticD):
 
     name = "minimax"
 
-    def g_loss(self, fake_logits: Tensor) -> Tensor:
+    def g_loss(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
         return -F.softplus(fake_logits).mean()
 
 
@@ -71,7 +76,7 @@ class NonSaturating(_LogisticD):
 
     name = "nonsaturating"
 
-    def g_loss(self, fake_logits: Tensor) -> Tensor:
+    def g_loss(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
         return F.softplus(-fake_logits).mean()
 
 
@@ -85,7 +90,7 @@ class Hinge(AdversarialLoss):
     def d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
 
-    def g_loss(self, fake_logits: Tensor) -> Tensor:
+    def g_loss(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
         return -fake_logits.mean()
 
 
@@ -102,7 +107,7 @@ class Wasserstein(AdversarialLoss):
     def d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
         return fake_logits.mean() - real_logits.mean()
 
-    def g_loss(self, fake_logits: Tensor) -> Tensor:
+    def g_loss(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
         return -fake_logits.mean()
 
 
@@ -120,11 +125,45 @@ class LeastSquares(AdversarialLoss):
     def d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
         return 0.5 * (real_logits - self.b).square().mean() + 0.5 * (fake_logits - self.a).square().mean()
 
-    def g_loss(self, fake_logits: Tensor) -> Tensor:
+    def g_loss(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
         return 0.5 * (fake_logits - self.c).square().mean()
 
     def __repr__(self) -> str:
         return f"LeastSquares(a={self.a}, b={self.b}, c={self.c})"
+
+
+@LOSSES.register("rpgan")
+class RelativisticPairing(AdversarialLoss):
+    """RpGAN (Jolicoeur-Martineau 2019; the loss of R3GAN, Huang et al. 2024, Eq. 2) on paired
+    samples: D: E[softplus(-(D(x_i) - D(G(z_i))))]; G: E[softplus(-(D(G(z_i)) - D(x_i)))]."""
+
+    name = "rpgan"
+    relativistic = True
+
+    def d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        return F.softplus(fake_logits - real_logits).mean()
+
+    def g_loss(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
+        return F.softplus(real_logits - fake_logits).mean()
+
+
+@LOSSES.register("rpgan-avg")
+class RelativisticAverage(AdversarialLoss):
+    """Relativistic average GAN (RaSGAN, Jolicoeur-Martineau 2019, Eqs. 9-10):
+    D: E_x[softplus(-(D(x) - E D(G(z))))] + E_z[softplus(D(G(z)) - E D(x))];
+    G: E_z[softplus(-(D(G(z)) - E D(x)))] + E_x[softplus(D(x) - E D(G(z)))]. The means are over the
+    (micro-)batch."""
+
+    name = "rpgan-avg"
+    relativistic = True
+
+    def d_loss(self, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+        return (F.softplus(-(real_logits - fake_logits.mean())).mean()
+                + F.softplus(fake_logits - real_logits.mean()).mean())
+
+    def g_loss(self, fake_logits: Tensor, real_logits: Tensor | None = None) -> Tensor:
+        return (F.softplus(-(fake_logits - real_logits.mean())).mean()
+                + F.softplus(real_logits - fake_logits.mean()).mean())
 
 
 def build_loss(loss_cfg) -> AdversarialLoss:
@@ -206,14 +245,15 @@ class Penalty:
         raise NotImplementedError
 
     def __call__(self, D: nn.Module, real: Tensor | None, fake: Tensor | None,
-                 labels: Tensor | None = None, *, scaler=None) -> tuple[Tensor, dict[str, Tensor]]:
+                 labels: Tensor | None = None, *, scaler=None, augment=None) -> tuple[Tensor, dict[str, Tensor]]:
         """(loss, stats): loss = weight x interval x mean penalty, ready to add to D's loss.
 
         stats holds detached values named for reporting: `Loss/D/<name>` (the unweighted mean
         penalty) and `Grad/D/<name>_norm` (mean ||grad_x D||).
         """
         x = self.points(real, fake).detach().requires_grad_(True)
-        logits = D(x, labels)
+        # With `augment`, D sees augment(x) and the gradient is still taken w.r.t. x (StyleGAN2-ADA).
+        logits = D(x if augment is None else augment(x), labels)
         norm_sq = _norm_sq(input_gradients(logits, x, scaler))
         value = self.per_sample(norm_sq).mean()
         # 0 * logits puts every D parameter into this loss's graph (the last layer's bias, for one,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import io
 import json
+import os
 import tarfile
 from collections import defaultdict
 from pathlib import Path
@@ -283,6 +284,80 @@ def test_url_patterns_and_pipe_urls(small_dir):
         ShardSet.resolve(str(small_dir.parent))
 
 
+def test_url_patterns_take_the_number_of_classes_from_the_config(small_dir):
+    from pipeline.config import DataConfig
+
+    pattern = f"{small_dir}/train-{{000000..000007}}.tar"
+    with pytest.raises(DataError, match="labels are required.*data.num_classes"):
+        StreamLoader(ShardSet.resolve(pattern, resolution=8, channels=3), batch_size=8, rank=0, world_size=1,
+                     require_labels=True)
+    cfg = DataConfig(path=pattern, resolution=8, channels=3, num_classes=4, num_workers=0, shuffle_buffer=0)
+    ld = StreamLoader.from_config(cfg, batch_size=80, seed=0, rank=0, world_size=1, require_labels=True)
+    _, y = ld.next()
+    assert ld.shards.num_classes == 4 and sorted(set(y.tolist())) == [0, 1, 2, 3] and ld.bad_counts() == {}
+    # Labels outside data.num_classes are bad samples, as with a manifest's count.
+    cfg.num_classes, cfg.max_bad_fraction = 2, 1.0
+    ld = StreamLoader.from_config(cfg, batch_size=40, seed=0, rank=0, world_size=1, require_labels=True)
+    for _ in range(3):
+        _, y = ld.next()
+        assert y.max() <= 1
+    assert ld.bad_counts()["bad_label"] >= 20
+    # For a prepared directory the manifest's count is used; a different one is an error naming the key.
+    assert ShardSet.resolve(str(small_dir), num_classes=4).num_classes == 4
+    with pytest.raises(DataError, match=r"data.num_classes=3 but .*manifest says 4"):
+        ShardSet.resolve(str(small_dir), num_classes=3)
+
+
+def test_gzip_shards_subdirectory_keys_and_duplicates(tmp_path, small_dir):
+    import gzip
+
+    from pipeline.data.shards import read_samples
+
+    # A .tar.gz copy of every shard streams exactly like the original, from files and from pipes.
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    for i in range(8):
+        (gz / f"train-{i:06d}.tar.gz").write_bytes(gzip.compress((small_dir / f"train-{i:06d}.tar").read_bytes()))
+    plain = loader(small_dir, batch_size=80).next()
+    for pattern in (f"{gz}/train-{{000000..000007}}.tar.gz", f"pipe:cat {gz}/train-{{000000..000007}}.tar.gz"):
+        ld = StreamLoader(ShardSet.resolve(pattern, resolution=8, channels=3, num_classes=4), batch_size=80,
+                          rank=0, world_size=1, num_workers=0, shuffle_buffer=0)
+        x, y = ld.next()
+        assert torch.equal(x, plain[0]) and torch.equal(y, plain[1]) and ld.bad_counts() == {}
+    # Keys are webdataset's: the member path up to the first dot of the file name. `a/1` and `b/1`
+    # are two samples; a key seen before in the shard is a counted duplicate, not a silent merge.
+    png = _encode(_smooth(0), "PNG")
+    members = [("a/1.png", png), ("a/1.cls", b"1"), ("b/1.PNG", png), ("b/1.cls", b"2"),
+               ("c/2.png", png), ("a/1.png", png), ("a/1.cls", b"3"), ("2.png", png), ("2.png", png)]
+    shard = tmp_path / "keys.tar"
+    with tarfile.open(shard, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    got = [(key, label, bad.kind if bad else None) for _, key, _, label, bad in
+           read_samples(open(shard, "rb"), "keys.tar", channels=3, resolution=8, num_classes=4, require_label=False)]
+    assert got == [("a/1", 1, None), ("b/1", 2, None), ("c/2", -1, None), ("a/1", -1, "duplicate"),
+                   ("2", -1, None), ("2", -1, "duplicate")]
+    ld = StreamLoader(ShardSet.resolve(str(shard), resolution=8, channels=3, num_classes=4), batch_size=4,
+                      rank=0, world_size=1, num_workers=0, shuffle_buffer=0, max_bad_fraction=0.5)
+    ld.next()
+    ld.next()
+    assert ld.bad_counts() == {"duplicate": 2}
+
+
+def test_an_epoch_without_usable_samples_says_why(tmp_path):
+    np.savez(tmp_path / "big.npz", images=np.zeros((6, 16, 16, 3), np.uint8))
+    prepare(f"npz:{tmp_path / 'big.npz'}", tmp_path / "d", workers=1, progress=False)
+    (tmp_path / "text.tar").write_text("not a tar\n" * 100)
+    for path, cause in ((tmp_path / "d" / "train-000000.tar", r"'wrong_shape': 6"),
+                        (tmp_path / "text.tar", r"'read_error': 1.*last read error: TruncatedTar: .*text.tar")):
+        ld = StreamLoader(ShardSet.resolve(str(path), resolution=8, channels=3), batch_size=2, rank=0,
+                          world_size=1, num_workers=0, shuffle_buffer=0, max_bad_fraction=1.0)
+        with pytest.raises(DataError, match=f"without one usable sample.*{cause}.*data.resolution"):
+            ld.next()
+
+
 def test_manifest_json_is_plain_and_complete(small_dir):
     m = json.loads((small_dir / "manifest.json").read_text())
     for key in ("format", "format_version", "source", "resolution", "channels", "classes", "splits"):
@@ -321,6 +396,34 @@ def test_cifar10_source_reads_the_standard_batches_folder(tmp_path):
     assert m["splits"]["train"]["num_samples"] == 30 and m["splits"]["test"]["num_samples"] == 4
     out = cli("prepare", "--source", f"cifar10:{root}", "--out", str(tmp_path / "c2"), "--holdout", "5", check=False)
     assert out.returncode == 2 and "own test split" in out.stderr
+    # Batches written by Python 2's numpy (the official files) name numpy.core: still admitted.
+    batch = {b"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), b"labels": [1, 2, 3, 4, 5, 6]}
+    old_style = pickle.dumps(batch, protocol=2).replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+    assert b"cnumpy.core.multiarray\n_reconstruct" in old_style
+    (root / "data_batch_1").write_bytes(old_style)
+    assert prepare(f"cifar10:{root}", tmp_path / "c3", workers=1, progress=False)["splits"]["train"]["num_samples"] == 30
+
+
+def test_cifar10_source_refuses_a_pickle_that_runs_code(tmp_path):
+    import pickle
+
+    from pipeline.data.sources import parse_source
+    from pipeline.errors import SourceError
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [b"a"], b"x": Payload()}, f)
+    with pytest.raises(SourceError, match=r"batches.meta: refused to load (posix|os)\.system.*not from the official"):
+        parse_source(f"cifar10:{root}")
+    assert not (tmp_path / "pwned").exists()
+    (root / "batches.meta").write_bytes(b"\x80\x04truncated")
+    with pytest.raises(SourceError, match="batches.meta is not a readable CIFAR-10 batch"):
+        parse_source(f"cifar10:{root}")
 
 
 # ---------------------------------------------------------------------------------------------

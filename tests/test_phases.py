@@ -23,9 +23,9 @@ from pipeline.training.phases import MicroBatch, NonFiniteGuard, accumulate, aut
 CPU = torch.device("cpu")
 
 
-def setup(penalty: str, interval: int, model: str = "mlp"):
+def setup(penalty: str, interval: int, model: str = "mlp", **loss):
     cfg = from_dict({"model": {"name": model, "g_width": 0.125, "d_width": 0.125},
-                     "loss": {"penalty": penalty, "penalty_weight": 1.0, "penalty_interval": interval}})
+                     "loss": {"penalty": penalty, "penalty_weight": 1.0, "penalty_interval": interval, **loss}})
     torch.manual_seed(0)
     G, D = build_networks(cfg.model, resolution=8, channels=1, num_classes=0)
     gen = torch.Generator().manual_seed(1)
@@ -89,3 +89,47 @@ def test_a_phase_computes_no_gradients_for_the_network_it_does_not_train():
     accumulate(phases.named("G"), [MicroBatch(z=z, labels=None)], autocast_for(CPU, None))
     assert all(p.grad is None for p in D.parameters()) and any(p.grad is not None for p in G.parameters())
     assert all(p.requires_grad for p in D.parameters())        # unfrozen again afterwards
+
+
+R3 = [{"name": "r1", "weight": 0.5}, {"name": "r2", "weight": 0.5}]
+
+
+@pytest.mark.parametrize("loss,penalties,name", [
+    ("rpgan", R3, "D"), ("rpgan", R3, "G"),
+    ("rpgan", [{"name": "r1", "weight": 0.5, "interval": 4}, {"name": "r2", "weight": 0.5, "interval": 4}], "Dreg"),
+    ("hinge", [{"name": "r1", "weight": 1.0, "interval": 2}, {"name": "r2", "weight": 1.0, "interval": 8}], "Dreg8"),
+])
+def test_several_penalties_and_the_relativistic_loss_accumulate_like_one_batch(loss, penalties, name):
+    """rpgan pairs sample i's real with its fake, so it splits exactly; rpgan-avg does not (its
+    means are over the micro-batch, as over a process's batch under DDP)."""
+    cfg, G, D, z, real, fake = setup("none", 1, name=loss, penalties=penalties)
+    whole_grads, whole_params = run_phase(cfg, G, D, name, z, real, fake, 1)
+    split_grads, split_params = run_phase(cfg, G, D, name, z, real, fake, 4)
+    for a, b in zip(whole_grads, split_grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    for a, b in zip(whole_params, split_params):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def test_penalties_group_by_interval_and_the_lazy_adjustment_counts_every_extra_step():
+    pens = [{"name": "r1", "weight": 1.0, "interval": 2}, {"name": "r2", "weight": 1.0, "interval": 8}]
+    cfg, G, D, *_ = setup("wgan-gp", 1, penalties=pens)
+    phases = build_phases(cfg, G=G, D=D, device=CPU, dtype=None, report=lambda name, value: None)
+    assert [(p.name, p.interval, len(p.terms)) for p in phases] == [
+        ("D", 1, 2), ("Dreg2", 2, 1), ("Dreg8", 8, 1), ("G", 1, 1)]
+    assert phases.named("D").ratio == pytest.approx(1 / (1 + 1 / 2 + 1 / 8))
+    with pytest.raises(Exception, match="names a penalty twice"):
+        build_phases(setup("r1", 1, penalties=[{"name": "r1"}])[0], G=G, D=D, device=CPU, dtype=None,
+                     report=lambda name, value: None)
+
+
+def test_a_clean_penalty_takes_the_gradient_through_the_augmentation():
+    """penalty_inputs=clean: grad w.r.t. the un-augmented x of D(augment(x)). With augment(x) = 2x,
+    R1 of the clean input is 4x R1 of the augmented one (the chain rule), for a linear D."""
+    from pipeline.losses import R1
+
+    D = torch.nn.Linear(3, 1, bias=False)
+    x = torch.randn(5, 3)
+    clean, _ = R1(1.0)(lambda t, y: D(t).squeeze(1), x, None, augment=lambda t: 2 * t)
+    augmented, _ = R1(1.0)(lambda t, y: D(t).squeeze(1), 2 * x, None)
+    torch.testing.assert_close(clean, 4 * augmented)

@@ -405,8 +405,8 @@ def damaged_dataset(base: Path, out: Path, seed: int) -> dict[str, dict]:
             # a/<key> and b/<key>: different samples with one basename, both kept. Then one key
             # written twice: the second copy is a duplicate, counted and skipped.
             half = len(samples) // 2
-            moved = [(f"a/{k}", f) for k, f in samples[:half]] + [(f"b/{k}", f) for k, f in
-                                                                 zip((k for k, _ in samples[:half]), (f for _, f in samples[half:]))]
+            moved = [(f"{folder}/{samples[i][0]}", samples[i + half * (folder == "b")][1])
+                     for i in range(half) for folder in "ab"]
             dup = rng.randrange(len(moved))
             moved.append((moved[dup][0], {"png": pngs[rng.randrange(len(pngs))], "cls": b"3"}))
             path.write_bytes(write_tar(moved))
@@ -536,7 +536,7 @@ def check_shards(data_dir: Path, expect: dict[str, dict]) -> tuple[dict, list[st
             if reported[name] != set(info["bad"]):
                 failures.append(f"verify on {name} ({info['damage']}): reported samples {sorted(reported[name])}, "
                                 f"damaged {info['bad']}")
-            if info["manifest_updated"] and len(lines) != len(info["bad"]):
+            elif info["manifest_updated"] and len(lines) != len(info["bad"]):
                 failures.append(f"verify on {name} ({info['damage']}): unexpected problems {lines}")
         elif not lines:
             failures.append(f"verify on {name} ({info['damage']}): damage not reported")

@@ -142,6 +142,10 @@ def folder_source(spec: str, arg: str) -> Source:
     return Source("folder", spec, 3, None, classes, items)
 
 
+class _Refused(pickle.UnpicklingError):
+    """A pickle that names something other than what a CIFAR-10 batch is made of."""
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles only what a CIFAR-10 batch holds: dicts, lists, bytes, ints and numpy arrays.
 
@@ -161,7 +165,7 @@ class _ArrayUnpickler(pickle.Unpickler):
     def _latin1(text: str, encoding: str) -> bytes:
         """What protocol-2 pickles written by Python 3 call (`_codecs.encode`) to rebuild bytes."""
         if encoding not in ("latin1", "latin-1"):
-            raise pickle.UnpicklingError(f"refused to load _codecs.encode with encoding {encoding!r}")
+            raise _Refused(f"refused to load _codecs.encode with encoding {encoding!r}")
         return text.encode("latin1")
 
     def find_class(self, module: str, name: str):
@@ -169,7 +173,7 @@ class _ArrayUnpickler(pickle.Unpickler):
             return self._latin1
         target = self._ALLOWED.get((module, name))
         if target is None:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+            raise _Refused(f"refused to load {module}.{name}")
         where, attr = target
         core = getattr(np, "_core", None) or np.core           # numpy >= 2 renamed numpy.core
         return getattr({"numpy": np, "multiarray": core.multiarray, "numeric": core.numeric}[where], attr)
@@ -189,7 +193,7 @@ def cifar10_source(spec: str, arg: str) -> Source:
             with open(f, "rb") as fh:
                 # The official format is a pickle; a crafted one must not run code.
                 batch = _ArrayUnpickler(fh, encoding="bytes").load()
-        except pickle.UnpicklingError as exc:
+        except _Refused as exc:
             raise SourceError(f"{f}: {exc}; a CIFAR-10 batch holds only numpy arrays, lists and dicts, so this "
                               "file is not from the official cifar-10-batches-py (it may try to run code)") from None
         except Exception as exc:  # truncated or not a pickle: EOFError, ValueError, KeyError, ...

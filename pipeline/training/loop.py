@@ -30,6 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from pipeline import dist, generate
+from pipeline.training import schedules
 from pipeline.config import Config, config_hash, to_dict
 from pipeline.data.loader import ShardSet, StreamLoader
 from pipeline.errors import ConfigError, DataError
@@ -248,6 +249,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
             prev_nimg = progress.cur_nimg
             # D side: n_critic steps, each one global batch of real images and the fakes G makes for it.
             for _ in range(t_cfg.n_critic):
+                scheduled = schedules.apply(cfg, phases, ema, progress.cur_nimg)
                 micro_batches = []
                 for _ in range(accum):
                     real, labels = loader.next()
@@ -262,11 +264,14 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                 progress.d_steps += 1
                 progress.cur_nimg += batch
 
-            # G side: fresh latents and labels; the EMA follows G after a real G step only.
-            micro_batches = []
-            for _ in range(accum):
+            # G side: fresh latents, with drawn labels, or with the last D step's reals and their labels
+            # for a relativistic loss; the EMA follows G after a real G step only.
+            d_batches, micro_batches = micro_batches, []
+            for d in d_batches:
                 labels = torch.randint(num_classes, (per_proc,), device=device) if num_classes else None
-                micro_batches.append(MicroBatch(z=torch.randn(per_proc, z_dim, device=device), labels=labels))
+                z = torch.randn(per_proc, z_dim, device=device)
+                micro_batches.append(MicroBatch(z=z, labels=d.labels, real=d.real) if phases.pairs_reals
+                                     else MicroBatch(z=z, labels=labels))
             for phase in phases.due("G", progress.g_steps):
                 accumulate(phase, micro_batches, autocast)
                 if step(phase, guard, stats.report) and phase.name == "G":
@@ -280,7 +285,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
             done = progress.cur_nimg >= total_nimg
             stop = preemption.requested(device)
             if crossed(prev_nimg, progress.cur_nimg, t_cfg.tick_kimg) or done or stop:
-                row = tick_row(stats, loader, phases, progress, guard, world, device, since, start_time)
+                row = {**tick_row(stats, loader, phases, progress, guard, world, device, since, start_time),
+                       **scheduled}
                 writer.write(row, progress.cur_nimg)
                 if main:
                     progress_bar.write(status_line(row)) if progress_bar is not None else log(status_line(row))

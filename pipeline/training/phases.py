@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import Config
-from pipeline.errors import TrainingError
-from pipeline.losses import build_loss, build_penalty, clip_weights
+from pipeline.errors import ConfigError, TrainingError
+from pipeline.losses import PENALTIES, build_loss, clip_weights
 from pipeline.training.augment import diff_augment, parse_policy
 
 
@@ -59,6 +59,7 @@ class Phase:
     interval: int                   # runs when (side's step counter) % interval == 0
     terms: list[Term]
     after_step: Callable[[], None] = lambda: None   # after a real (finite) optimizer step
+    ratio: float = 1.0              # lazy-regularisation adjustment of the optimizer's lr and betas
     params: list[nn.Parameter] = field(default_factory=list)
 
     def __post_init__(self):
@@ -69,7 +70,11 @@ class Phase:
 
 
 class Phases(list):
-    """The phase list, in the order the loop runs them."""
+    """The phase list, in the order the loop runs them; `penalties` holds (penalty, configured
+    weight, schedule) for the schedules to set each penalty's weight."""
+
+    penalties: list = []
+    pairs_reals: bool = False       # G's step pairs each fake with a real (relativistic losses)
 
     def due(self, side: str, step: int) -> list[Phase]:
         return [p for p in self if p.side == side and p.due(step)]
@@ -155,30 +160,49 @@ def step(phase: Phase, guard: NonFiniteGuard, report: Callable[[str, Tensor], No
 # ------------------------------------------------------------------------------------------------
 # The phases of a config.
 
-def lazy_ratio(interval: int, adjust: bool) -> float:
+def lazy_ratio(intervals: list[int], adjust: bool) -> float:
     """StyleGAN2 (Appendix B): a regulariser step every k steps adds 1 step per k; Adam's lr and
-    betas are scaled by k / (k + 1) so that the effective optimisation speed is unchanged."""
-    return interval / (interval + 1) if interval > 1 and adjust else 1.0
+    betas are scaled by k / (k + 1) so that the effective optimisation speed is unchanged. With
+    several lazy intervals, 1 / (1 + sum 1/k) (the extra steps per D step add up)."""
+    extra = sum(1 / k for k in set(intervals) if k > 1)
+    return 1 / (1 + extra) if adjust else 1.0
 
 
 def adam(module: nn.Module, lr: float, betas: list[float], ratio: float = 1.0) -> torch.optim.Adam:
     return torch.optim.Adam(unwrap(module).parameters(), lr=lr * ratio, betas=tuple(b ** ratio for b in betas))
 
 
+def penalty_specs(loss_cfg) -> list:
+    """(name, weight, interval, schedule) of every penalty: `loss.penalty` and `loss.penalties`."""
+    specs = [(p.name, p.weight, p.interval, p.schedule) for p in loss_cfg.penalties if p.name != "none"]
+    if loss_cfg.penalty != "none":
+        specs.insert(0, (loss_cfg.penalty, loss_cfg.penalty_weight, loss_cfg.penalty_interval,
+                         loss_cfg.penalty_schedule))
+    names = [s[0] for s in specs]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"loss.penalties: {', '.join(names)} names a penalty twice; give each once")
+    return specs
+
+
 def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.device, dtype: torch.dtype | None,
-                 report: Callable[[str, Tensor], None]) -> Phases:
-    """G's and D's phases for `cfg`: D main (with an every-step penalty), D's lazy penalty, G main."""
+                 report: Callable[[str, Tensor], None], augment: Callable[[Tensor], Tensor] | None = None) -> Phases:
+    """G's and D's phases for `cfg`: D main (with the every-step penalties), one lazy D step per
+    distinct penalty interval, G main. `augment` is applied to every image D sees (DiffAugment
+    from `train.augment` when not given)."""
     t = cfg.train
     loss = build_loss(cfg.loss)
-    penalty = build_penalty(cfg.loss)
-    lazy = penalty is not None and penalty.interval > 1
-    policy = parse_policy(t.augment)
-    augment = (lambda x: diff_augment(x, policy)) if policy else (lambda x: x)
+    penalties = [(PENALTIES.get(name)(weight, interval), weight, schedule)
+                 for name, weight, interval, schedule in penalty_specs(cfg.loss)]
+    if augment is None:
+        policy = parse_policy(t.augment)
+        augment = (lambda x: diff_augment(x, policy)) if policy else (lambda x: x)
     fp16 = dtype == torch.float16
     scaler_D = torch.amp.GradScaler(device.type, enabled=fp16)    # one per optimizer: the penalty
     scaler_G = torch.amp.GradScaler(device.type, enabled=fp16)    # recipe needs D's own scale
-    opt_D = adam(D, t.d_lr, t.d_betas, lazy_ratio(penalty.interval if lazy else 1, t.lazy_adjust))
+    ratio = lazy_ratio([p.interval for p, _, _ in penalties], t.lazy_adjust)
+    opt_D = adam(D, t.d_lr, t.d_betas, ratio)
     opt_G = adam(G, t.g_lr, t.g_betas)
+    clean = cfg.loss.penalty_inputs == "clean"
 
     def d_main(mb: MicroBatch) -> Tensor:
         real_logits = D(augment(mb.real), mb.labels).float()
@@ -189,22 +213,37 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
         report("D/fake", fake_logits.mean())
         return value
 
-    def d_penalty(mb: MicroBatch) -> Tensor:
-        value, stats = penalty(D, augment(mb.real), augment(mb.fake), mb.labels, scaler=scaler_D)
-        for name, v in stats.items():
-            report(name, v)
-        return value
+    def penalty_term(penalty) -> Term:
+        def term(mb: MicroBatch) -> Tensor:
+            # clean: the gradient w.r.t. the un-augmented image, taken through the augmentation
+            # (StyleGAN2-ADA); augmented: w.r.t. the augmented image itself.
+            if clean:
+                value, stats = penalty(D, mb.real, mb.fake, mb.labels, scaler=scaler_D, augment=augment)
+            else:
+                value, stats = penalty(D, augment(mb.real), augment(mb.fake), mb.labels, scaler=scaler_D)
+            for name, v in stats.items():
+                report(name, v)
+            return value
+        return term
 
     def g_main(mb: MicroBatch) -> Tensor:
-        value = loss.g_loss(D(augment(G(mb.z, mb.labels)), mb.labels).float())
+        fake_logits = D(augment(G(mb.z, mb.labels)), mb.labels).float()
+        real_logits = None
+        if loss.relativistic:           # paired with this micro-batch's reals; no gradient through them
+            with torch.no_grad():
+                real_logits = D(augment(mb.real), mb.labels).float()
+        value = loss.g_loss(fake_logits, real_logits)
         report("Loss/G/main", value)
         return value
 
-    d_terms = [d_main] + ([d_penalty] if penalty is not None and not lazy else [])
-    phases = Phases([Phase("D", "D", D, [G], opt_D, scaler_D, 1, d_terms,
+    every_step = [penalty_term(p) for p, _, _ in penalties if p.interval == 1]
+    phases = Phases([Phase("D", "D", D, [G], opt_D, scaler_D, 1, [d_main, *every_step], ratio=ratio,
                            after_step=lambda: clip_weights(unwrap(D), cfg.loss.clip))])
-    if lazy:
-        # Its own D step every `interval` D steps, on the D step's batch; the loss is x interval.
-        phases.append(Phase("Dreg", "D", D, [G], opt_D, scaler_D, penalty.interval, [d_penalty]))
+    intervals = sorted({p.interval for p, _, _ in penalties if p.interval > 1})
+    for k in intervals:
+        # Its own D step every k D steps, on the D step's batch; each loss is x k.
+        phases.append(Phase("Dreg" if len(intervals) == 1 else f"Dreg{k}", "D", D, [G], opt_D, scaler_D, k,
+                            [penalty_term(p) for p, _, _ in penalties if p.interval == k], ratio=ratio))
     phases.append(Phase("G", "G", G, [D], opt_G, scaler_G, 1, [g_main]))
+    phases.penalties, phases.pairs_reals = penalties, loss.relativistic
     return phases

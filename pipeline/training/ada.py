@@ -1,0 +1,349 @@
+"""Adaptive discriminator augmentation (ADA; Karras et al. 2020, "Training Generative Adversarial
+Networks with Limited Data"), written from the paper.
+
+    ada = AdaptiveAugment(groups="blit,geom,color", target=0.6, speed_kimg=500, interval=4)
+    real_logits = D(ada(real)); fake_logits = D(ada(fake))   # every image D sees, in D and G steps
+    ada.observe(real_logits)                                 # on the D step's real logits (no sync)
+    ada.update(d_step, batch=global_batch)                   # after every D step (syncs every `interval`)
+    for name, value in ada.stats().items(): report(name, value)
+    ckpt["ada"] = ada.state_dict(); ada.load_state_dict(ckpt["ada"])
+
+    AdaptiveAugment(p=0.2, adaptive=False); ada.set_p(schedule(cur_nimg))   # fixed / scheduled p (R3GAN)
+
+The heuristic. D overfits when its outputs on real images drift positive: r_t = E[sign(D(real))]
+is 0 when D cannot tell reals from fakes and 1 when it is sure of every real. Every `interval`
+D steps r_t is measured over those steps (summed across ranks) and p moves by
+sign(r_t - target) * batch * interval / (speed_kimg * 1000): p can go from 0 to 1 in `speed_kimg`
+kimg. p is a Python float computed from all-reduced numbers, so every rank holds the same p.
+
+The pipeline (paper, Sec. 2.3 and Appendix B), in this order, each transform applied to each
+image independently with probability p (one Bernoulli draw per image per transform):
+
+    blit   xflip       mirror left-right
+           rot90       k * 90 degrees, k ~ U{0,1,2,3}
+           xint        integer shift, t ~ U(-0.125, 0.125) of the side per axis, rounded to pixels
+    geom   scale       isotropic, s ~ lognormal(0, (0.2 ln 2)^2)
+           rotate      theta ~ U(-pi, pi), applied before AND after `aniso`, each with probability
+                       1 - sqrt(1 - p), so that an image is rotated at all with probability p
+           aniso       x scaled by s, y by 1/s, s ~ lognormal(0, (0.2 ln 2)^2)
+           xfrac       shift t ~ N(0, 0.125^2) of the side per axis
+    color  brightness  add b ~ N(0, 0.2^2)
+           contrast    multiply by c ~ lognormal(0, (0.5 ln 2)^2)
+           lumaflip    reflect through the plane orthogonal to the luma axis v = (1,1,1)/sqrt(3), i ~ U{0,1}
+           hue         rotate about v by theta ~ U(-pi, pi)                      (RGB only)
+           saturation  scale the component orthogonal to v by s ~ lognormal(0, (ln 2)^2) (RGB only)
+
+A group name (`blit`, `geom`, `color`) or single transform names may be listed in `groups`
+(`"xflip,rot90"` is the paper's ablation style). Differences from the paper, on purpose:
+
+- Blit is an exact integer gather of pixels (reflected at the border), not part of the resampling:
+  it is lossless by construction, where bilinear sampling at "integer" offsets is only exact when
+  the grid lands on pixel centres to the last bit, which float round-off does not promise.
+- Geom composes its steps into one inverse affine matrix per image and resamples once with
+  `affine_grid` + `grid_sample` (bilinear, reflection padding, so no black border leaks into D's
+  view of the reals). The paper upsamples with a wavelet filter first to limit aliasing; plain
+  bilinear aliases slightly when scaling down, which we accept for speed.
+- Colour is one (C+1)x(C+1) homogeneous matrix per image in the images' own value range (0 is the
+  mid-grey of [-1, 1] images). With one channel the luma axis is the channel itself: brightness,
+  contrast and lumaflip (a negation) apply; saturation is then the identity and hue is skipped.
+
+Randomness comes from torch's global RNG of x's device (what exact resume restores). The warp and
+the colour matrix run in float32 (float64 for float64 input) with autocast off; the result has
+x's dtype. Images must be square NCHW for blit and geom (90-degree rotations and rotations in
+normalised coordinates assume it); flat (non-4-D) inputs pass through untouched, as with
+DiffAugment. On CUDA the backward of `grid_sample` accumulates with atomics, so geom makes D's
+gradients non-bitwise-reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import dist
+from pipeline.errors import ConfigError
+
+# The allowed values of train.ada_groups: a group expands to its transforms, in pipeline order.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "blit": ("xflip", "rot90", "xint"),
+    "geom": ("scale", "rotate", "aniso", "xfrac"),
+    "color": ("brightness", "contrast", "lumaflip", "hue", "saturation"),
+}
+TRANSFORMS: tuple[str, ...] = tuple(t for ts in GROUPS.values() for t in ts)
+
+XINT_MAX = 0.125            # integer translation: uniform up to this fraction of the side
+SCALE_STD = 0.2 * math.log(2)
+ANISO_STD = 0.2 * math.log(2)
+XFRAC_STD = 0.125           # fractional translation: std as a fraction of the side
+BRIGHTNESS_STD = 0.2
+CONTRAST_STD = 0.5 * math.log(2)
+SATURATION_STD = 1.0 * math.log(2)
+
+# p within this of 0 or 1 is snapped to it: repeated +-step leaves float dust (1e-17), and a p of
+# 1e-17 instead of 0 would cost a full augmentation pass for nothing.
+_SNAP = 1e-9
+
+
+def parse_groups(text: str) -> list[str]:
+    """`"blit,geom,color"` -> ["blit", "geom", "color"]; group or transform names, comma-separated."""
+    names = list(dict.fromkeys(n.strip() for n in str(text).split(",") if n.strip()))
+    unknown = [n for n in names if n not in GROUPS and n not in TRANSFORMS]
+    if unknown or not names:
+        what = f"unknown name(s) {', '.join(repr(n) for n in unknown)}" if unknown else "no group given"
+        raise ConfigError(f"train.ada_groups: {what}; choose comma-separated groups from "
+                          f"{', '.join(GROUPS)} or single transforms from {', '.join(TRANSFORMS)}")
+    return names
+
+
+def _expand(names: list[str]) -> frozenset[str]:
+    return frozenset(t for n in names for t in GROUPS.get(n, (n,)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Random draws: one per image, replaced by the identity value where the per-image coin says no.
+
+def _coin(n: int, p: float, device: torch.device) -> torch.Tensor:
+    return torch.rand(n, device=device) < p
+
+
+def _gated(value: torch.Tensor, on: torch.Tensor, identity: float) -> torch.Tensor:
+    return torch.where(on, value, torch.full_like(value, identity))
+
+
+def _lognormal(n: int, std: float, p: float, device: torch.device) -> torch.Tensor:
+    log = torch.randn(n, device=device) * std
+    return _gated(log, _coin(n, p, device), 0.0).exp()
+
+
+# ------------------------------------------------------------------------------------------------
+# Blit: an exact gather.
+
+def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
+    """Index reflection with the edge pixel repeated (-1 -> 0), matching `grid_sample`'s reflection
+    padding with align_corners=False, for any offset."""
+    i = torch.remainder(i, 2 * size)
+    return torch.where(i >= size, 2 * size - 1 - i, i)
+
+
+def _blit(x: torch.Tensor, p: float, ops: frozenset[str]) -> torch.Tensor:
+    n, c, h, w = x.shape
+    dev = x.device
+    # The forward chain is xflip -> rot90 -> xint. The gather needs each output pixel's source,
+    # src = F^-1 R^-1 (out - shift), composed per image from small integer draws and applied once.
+    # Coordinates are doubled and centred (2j - (w-1)): integers, so quarter turns of a square
+    # image and whole-pixel shifts map pixel centres onto pixel centres exactly.
+    flip = torch.ones(n, dtype=torch.long, device=dev)
+    cos, sin = torch.ones_like(flip), torch.zeros_like(flip)
+    tx, ty = torch.zeros_like(flip), torch.zeros_like(flip)
+    if "xflip" in ops:
+        flip = 1 - 2 * _coin(n, p, dev).long()
+    if "rot90" in ops:
+        k = torch.randint(0, 4, (n,), device=dev) * _coin(n, p, dev)
+        cos, sin = (k == 0).long() - (k == 2).long(), (k == 1).long() - (k == 3).long()
+    if "xint" in ops:
+        on = _coin(n, p, dev)
+        tx = torch.round((torch.rand(n, device=dev) * 2 - 1) * XINT_MAX * w).long() * on
+        ty = torch.round((torch.rand(n, device=dev) * 2 - 1) * XINT_MAX * h).long() * on
+    a00, a01, a10, a11 = flip * cos, flip * sin, -sin, cos       # F^-1 R^-1
+    o0, o1 = -2 * (a00 * tx + a01 * ty), -2 * (a10 * tx + a11 * ty)
+    col = (torch.arange(w, device=dev) * 2 - (w - 1))[None, None, :]
+    row = (torch.arange(h, device=dev) * 2 - (h - 1))[None, :, None]
+    e = lambda t: t[:, None, None]  # noqa: E731  (per-image coefficient against the pixel grid)
+    j = torch.div(e(a00) * col + e(a01) * row + e(o0) + (w - 1), 2, rounding_mode="floor")
+    i = torch.div(e(a10) * col + e(a11) * row + e(o1) + (h - 1), 2, rounding_mode="floor")
+    if "xint" in ops:               # only a shift can point outside the image
+        j, i = _reflect(j, w), _reflect(i, h)
+    index = (i * w + j).reshape(n, 1, h * w).expand(n, c, h * w)
+    return x.reshape(n, c, h * w).gather(2, index).reshape(n, c, h, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# Geom: one inverse affine matrix per image, one resampling.
+
+def _affine(n: int, device: torch.device, a, b, c, d, tx, ty) -> torch.Tensor:
+    """Batch of 3x3 matrices [[a, b, tx], [c, d, ty], [0, 0, 1]] from per-image tensors or numbers."""
+    m = torch.zeros(n, 3, 3, device=device)
+    for (r, col), val in zip(((0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (1, 2)), (a, b, c, d, tx, ty)):
+        m[:, r, col] = val
+    m[:, 2, 2] = 1
+    return m
+
+
+def _rotation(theta: torch.Tensor) -> torch.Tensor:
+    cos, sin = theta.cos(), theta.sin()
+    return _affine(len(theta), theta.device, cos, -sin, sin, cos, 0, 0)
+
+
+def _geom(x: torch.Tensor, p: float, ops: frozenset[str]) -> torch.Tensor:
+    n, dev = x.shape[0], x.device
+    # Coordinates are affine_grid's normalised ones (centre 0, edges +-1), so scaling and rotation
+    # are about the image centre and a shift of t sides is 2t. The forward map is
+    # T . R2 . A . R1 . S; grid_sample needs output -> input, its inverse S^-1 R1^-1 A^-1 R2^-1 T^-1,
+    # built by right-multiplying each step's inverse in forward order.
+    inv = torch.eye(3, device=dev).expand(n, 3, 3)
+    p_rot = 1 - math.sqrt(1 - p)
+    for step in ("scale", "rotate", "aniso", "rotate", "xfrac"):
+        if step not in ops:
+            continue
+        if step == "scale":
+            s = _lognormal(n, SCALE_STD, p, dev)
+            inv = inv @ _affine(n, dev, 1 / s, 0, 0, 1 / s, 0, 0)
+        elif step == "rotate":
+            theta = _gated((torch.rand(n, device=dev) * 2 - 1) * math.pi, _coin(n, p_rot, dev), 0.0)
+            inv = inv @ _rotation(-theta)
+        elif step == "aniso":
+            s = _lognormal(n, ANISO_STD, p, dev)
+            inv = inv @ _affine(n, dev, 1 / s, 0, 0, s, 0, 0)
+        else:
+            on = _coin(n, p, dev)
+            t = _gated(torch.randn(2, n, device=dev) * XFRAC_STD, on.expand(2, n), 0.0)
+            inv = inv @ _affine(n, dev, 1, 0, 0, 1, -2 * t[0], -2 * t[1])
+    grid = F.affine_grid(inv[:, :2, :].to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Colour: one homogeneous matrix per image.
+
+def _color(x: torch.Tensor, p: float, ops: frozenset[str]) -> torch.Tensor:
+    n, c = x.shape[:2]
+    dev = x.device
+    eye = torch.eye(c + 1, device=dev)
+    luma = torch.zeros(c + 1, device=dev)
+    luma[:c] = 1 / math.sqrt(c)
+    vv = torch.outer(luma, luma)                 # projection onto the luma axis (homogeneous)
+    mat = eye.expand(n, c + 1, c + 1)
+    # Each step left-multiplies: forward order brightness, contrast, lumaflip, hue, saturation.
+    if "brightness" in ops:
+        b = _gated(torch.randn(n, device=dev) * BRIGHTNESS_STD, _coin(n, p, dev), 0.0)
+        step = eye.repeat(n, 1, 1)
+        step[:, :c, c] = b[:, None]
+        mat = step @ mat
+    if "contrast" in ops:
+        s = _lognormal(n, CONTRAST_STD, p, dev)
+        step = eye.repeat(n, 1, 1)
+        step[:, :c, :c] *= s[:, None, None]
+        mat = step @ mat
+    if "lumaflip" in ops:
+        flip = (torch.randint(0, 2, (n,), device=dev) * _coin(n, p, dev)).float()
+        mat = (eye - 2 * vv * flip[:, None, None]) @ mat
+    if "hue" in ops and c == 3:
+        theta = _gated((torch.rand(n, device=dev) * 2 - 1) * math.pi, _coin(n, p, dev), 0.0)
+        k = torch.zeros(4, 4, device=dev)        # cross-product matrix of the luma axis
+        a = 1 / math.sqrt(3)
+        k[0, 1], k[0, 2], k[1, 0], k[1, 2], k[2, 0], k[2, 1] = -a, a, a, -a, -a, a
+        cos, sin = theta.cos()[:, None, None], theta.sin()[:, None, None]
+        rgb = eye.clone()
+        rgb[3, 3] = 0
+        # Rodrigues about v on RGB (cos I + sin K + (1 - cos) v v^T); the homogeneous row stays put.
+        rot = (eye - rgb) + cos * rgb + sin * k + (1 - cos) * vv
+        mat = rot @ mat
+    if "saturation" in ops:
+        s = _lognormal(n, SATURATION_STD, p, dev)[:, None, None]
+        # Keep the luma component and the homogeneous coordinate, scale the rest (chroma) by s.
+        keep = vv.clone()
+        keep[c, c] = 1
+        mat = (keep + (eye - keep) * s) @ mat
+    mat = mat.to(x.dtype)
+    return torch.einsum("nij,njhw->nihw", mat[:, :c, :c], x) + mat[:, :c, c, None, None]
+
+
+_STAGES = ((GROUPS["blit"], _blit), (GROUPS["geom"], _geom), (GROUPS["color"], _color))
+
+
+# ------------------------------------------------------------------------------------------------
+
+class AdaptiveAugment:
+    """The ADA pipeline plus its controller for p; see the module docstring for usage."""
+
+    def __init__(self, *, groups: str = "blit,geom,color", p: float = 0.0, target: float = 0.6,
+                 speed_kimg: float = 500.0, interval: int = 4, adaptive: bool = True):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"AdaptiveAugment: p={p} must lie in [0, 1]")
+        if not speed_kimg > 0:
+            raise ValueError(f"AdaptiveAugment: speed_kimg={speed_kimg} must be > 0 (kimg for p to go 0 -> 1)")
+        if int(interval) != interval or interval < 1:
+            raise ValueError(f"AdaptiveAugment: interval={interval} must be a positive number of D steps")
+        self.groups = parse_groups(groups)
+        self._ops = _expand(self.groups)
+        self.p = float(p)
+        self.target = float(target)
+        self.speed_kimg = float(speed_kimg)
+        self.interval = int(interval)
+        self.adaptive = bool(adaptive)
+        self._rt = math.nan
+        self._acc: torch.Tensor | None = None       # [sum of sign(D(real)), count], on D's device
+
+    # Augment ------------------------------------------------------------------------------------
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Augment a batch of NCHW images; `x` itself when p == 0 (no work, no random draws)."""
+        if self.p <= 0.0 or x.dim() != 4:
+            return x
+        n, c, h, w = x.shape
+        spatial = self._ops & frozenset(GROUPS["blit"] + GROUPS["geom"])
+        if spatial and h != w:
+            raise ValueError(f"ADA {', '.join(sorted(spatial))} need square images, got {h}x{w}")
+        # The warp and colour matrices in float32 (float64 for float64 input, e.g. gradcheck)
+        # whatever autocast says: bf16 coordinates would misplace pixels by whole steps at 256 px.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            y = x if x.dtype == torch.float64 else x.float()
+            for names, stage in _STAGES:
+                ops = self._ops.intersection(names)
+                if ops:
+                    y = stage(y, self.p, ops)
+        return y.to(x.dtype)
+
+    # Controller ---------------------------------------------------------------------------------
+
+    def observe(self, real_logits: torch.Tensor) -> None:
+        """Add sign(D(real)) of one forward to the accumulator, on the logits' device (no sync)."""
+        if not self.adaptive:
+            return
+        logits = real_logits.detach().float()
+        if self._acc is None:
+            self._acc = torch.zeros(2, device=logits.device)
+        elif self._acc.device != logits.device:
+            self._acc = self._acc.to(logits.device)
+        # float32 counts +-1 exactly up to 2^24 per interval, far above interval * batch.
+        self._acc[0] += logits.sign().sum()
+        self._acc[1] += logits.numel()
+
+    def update(self, d_step: int, batch: int) -> None:
+        """After every D step: `d_step` D steps done so far (1, 2, ...), `batch` the global batch.
+        Every `interval` steps, a collective: every rank must call it at the same steps, after
+        at least one `observe` (which puts the accumulator on D's device, as NCCL needs)."""
+        if not self.adaptive or d_step % self.interval != 0:
+            return
+        acc = self._acc if self._acc is not None else torch.zeros(2)
+        total, count = dist.all_reduce_sum(acc).tolist()
+        acc.zero_()
+        if count <= 0:
+            return
+        self._rt = total / count
+        direction = (self._rt > self.target) - (self._rt < self.target)
+        self.set_p(self.p + direction * batch * self.interval / (self.speed_kimg * 1000))
+
+    def set_p(self, p: float) -> None:
+        """Set p (clamped to [0, 1]), e.g. from a schedule when adaptive=False."""
+        p = float(p)
+        if math.isnan(p):
+            raise ValueError("AdaptiveAugment.set_p: p is NaN")
+        p = min(max(p, 0.0), 1.0)
+        self.p = 0.0 if p < _SNAP else 1.0 if p > 1.0 - _SNAP else p
+
+    def stats(self) -> dict[str, float]:
+        return {"Augment/p": self.p, "Augment/rt": self._rt}
+
+    # Checkpoint ---------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        acc = self._acc.detach().cpu().clone() if self._acc is not None else torch.zeros(2)
+        return {"p": self.p, "rt": self._rt, "acc": acc}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.p = float(state["p"])
+        self._rt = float(state["rt"])
+        self._acc = torch.as_tensor(state["acc"], dtype=torch.float32).detach().clone().reshape(2)

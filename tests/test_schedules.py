@@ -1,0 +1,72 @@
+"""Schedules over kimg: their shapes, what they set, and that a scheduled run resumes exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.catalog import from_dict
+from pipeline.config import ScheduleConfig
+from pipeline.networks import build_networks
+from pipeline.training import schedules
+from pipeline.training.ema import EMA
+from pipeline.training.phases import build_phases
+from test_train import assert_same_state, final_state, rows, train
+
+
+def test_shapes_follow_their_formulas():
+    f = schedules.factor
+    assert f(ScheduleConfig(), 123, 1000) == 1.0
+    lin = ScheduleConfig(kind="linear", end=0.0)
+    assert [f(lin, n, 1000) for n in (0, 250, 1000, 5000)] == [1.0, 0.75, 0.0, 0.0]
+    cos = ScheduleConfig(kind="cosine", end=0.25)
+    assert f(cos, 500, 1000) == pytest.approx(0.25 + 0.75 * (1 + math.cos(math.pi / 2)) / 2)
+    assert f(cos, 0, 1000) == 1.0 and f(cos, 1000, 1000) == pytest.approx(0.25)
+    warm = ScheduleConfig(kind="linear", end=0.5, warmup_kimg=0.1, length_kimg=0.4)
+    assert f(warm, 50, 10_000) == pytest.approx(0.5)          # half-way up the warm-up
+    assert f(warm, 300, 10_000) == pytest.approx(0.75)        # half-way from 1 to 0.5 after it
+    assert f(warm, 9000, 10_000) == pytest.approx(0.5)
+
+
+def test_apply_sets_learning_rates_betas_penalty_weights_and_the_ema():
+    cfg = from_dict({"model": {"name": "mlp", "g_width": 0.125, "d_width": 0.125},
+                     "loss": {"name": "rpgan", "penalties": [
+                         {"name": "r1", "weight": 0.1, "interval": 4, "schedule": {"kind": "linear", "end": 0.5}},
+                         {"name": "r2", "weight": 0.1}]},
+                     "train": {"total_kimg": 10, "lr_schedule": {"kind": "linear", "end": 0.0},
+                               "beta2_schedule": {"kind": "linear", "end": 1.1}, "d_betas": [0.0, 0.9],
+                               "ema_schedule": {"kind": "linear", "end": 3.0}, "ema_halflife_kimg": 1.0}})
+    G, D = build_networks(cfg.model, resolution=8, channels=1, num_classes=0)
+    phases = build_phases(cfg, G=G, D=D, device=torch.device("cpu"), dtype=None, report=lambda n, v: None)
+    ema = EMA(G, 1.0)
+    out = schedules.apply(cfg, phases, ema, 5000)
+    ratio = phases.named("D").ratio
+    assert ratio == pytest.approx(0.8)
+    group = phases.named("D").optimizer.param_groups[0]
+    assert group["lr"] == pytest.approx(cfg.train.d_lr * 0.5 * ratio)
+    assert group["betas"][1] == pytest.approx((0.9 * 1.05) ** ratio)
+    assert phases.named("G").optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.g_lr * 0.5)
+    weights = {p.name: p.weight for p, _, _ in phases.penalties}
+    assert weights == pytest.approx({"r1": 0.075, "r2": 0.1})
+    assert ema.halflife_kimg == pytest.approx(2.0)
+    assert out["Schedule/weight_r1"] == pytest.approx(0.075) and out["Schedule/lr_G"] == pytest.approx(1e-4)
+
+
+def test_the_r3gan_recipe_with_schedules_resumes_exactly(tmp_path, mnist_dir):
+    # length_kimg fixed: with 0 a schedule spans train.total_kimg, which the first leg shortens.
+    recipe = ["loss.name=rpgan", "loss.penalties=[{name: r1, weight: 0.1}, {name: r2, weight: 0.1}]",
+              "train.lr_schedule={kind: cosine, end: 0.25, length_kimg: 0.256}",
+              "train.beta2_schedule={kind: linear, end: 1.01, length_kimg: 0.256}",
+              "train.ema_schedule={kind: linear, end: 2.0, length_kimg: 0.256}", "train.checkpoint_kimg=0.128",
+              "train.tick_kimg=0.064", "train.total_kimg=0.256"]
+    train(tmp_path / "straight", mnist_dir, *recipe)
+    train(tmp_path / "split", mnist_dir, *recipe, "train.total_kimg=0.128")
+    out = train(tmp_path / "split", mnist_dir, *recipe)
+    assert "resumed from" in out.stdout
+    assert_same_state(final_state(tmp_path / "straight"), final_state(tmp_path / "split"))
+    last = rows(tmp_path / "straight")[-1]
+    for key in ("Loss/D/r1", "Loss/D/r2", "Schedule/lr_G", "Schedule/weight_r2", "Schedule/ema_halflife_kimg"):
+        assert key in last and last[key] == last[key], key
+    assert last["Schedule/lr_G"] < 2e-4
