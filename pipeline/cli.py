@@ -165,6 +165,15 @@ def bench_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cleanfid-workers", type=int, default=0, help="clean-fid's folder DataLoader workers")
 
 
+def bench_recipes_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configs", nargs="+", default=["configs/mnist_dcgan.yaml", "configs/mnist_rpgan.yaml"],
+                   help="configs to compare (default: the demo DCGAN and the RpGAN + R1 + R2 recipe)")
+    p.add_argument("--kimg", type=float, default=40.0, help="kimg each config trains (default 40)")
+    p.add_argument("--snapshots", type=int, default=4, help="snapshots scored per run (default 4)")
+    p.add_argument("--num-gen", type=int, default=5000, help="generated images per score (default 5000)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+
+
 # name -> (module, help, arguments). The module's `run(args)` returns a dict of measurements.
 BENCHMARKS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
     "loader": ("pipeline.bench.loader", "streaming shard loader vs a plain in-memory DataLoader",
@@ -175,6 +184,8 @@ BENCHMARKS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]
               bench_train_arguments),
     "eval": ("pipeline.bench.eval", "snapshot scoring throughput vs clean-fid's own compute_fid",
              bench_eval_arguments),
+    "recipes": ("pipeline.bench.recipes", "configs side by side: FID_mnist per snapshot for the same kimg",
+                bench_recipes_arguments),
 }
 
 

@@ -122,6 +122,12 @@ class TrainConfig:
     ema_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)    # course of ema_halflife_kimg
     mixed_precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))  # autocast dtype (auto: bf16 on capable GPUs, fp32 on CPU)
     augment: str = opt("")                       # DiffAugment policy, comma-separated: color, translation, cutout ("" = off)
+    ada_groups: str = opt("")                    # ADA augmentation before D, comma-separated: blit, geom, color ("" = off)
+    ada_p: float = opt(0.0, min=0.0, max=1.0)    # ADA's starting probability (the fixed p when ada_target=0)
+    ada_target: float = opt(0.6, min=0.0, max=1.0)  # target of r_t = E[sign(D(real))] (0 = fixed or scheduled p)
+    ada_speed_kimg: float = opt(500.0, min=1e-3)  # kimg in which the adaptive p can go from 0 to 1
+    ada_interval: int = opt(4, min=1, max=10_000)  # D steps between adjustments of p
+    ada_p_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # course of a fixed p (ada_target=0)
     max_nonfinite_steps: int = opt(10, min=1, max=1_000_000)    # consecutive skipped (inf/NaN) steps that stop the run
     grid_size: int = opt(64, min=1, max=4096)              # images in the fixed-z sample grid
     threads: int = opt(0, min=0, max=4096)                 # torch CPU threads per process (0 = cores / local processes)

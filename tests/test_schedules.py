@@ -70,3 +70,37 @@ def test_the_r3gan_recipe_with_schedules_resumes_exactly(tmp_path, mnist_dir):
     for key in ("Loss/D/r1", "Loss/D/r2", "Schedule/lr_G", "Schedule/weight_r2", "Schedule/ema_halflife_kimg"):
         assert key in last and last[key] == last[key], key
     assert last["Schedule/lr_G"] < 2e-4
+
+
+def test_ada_in_training_logs_p_and_resumes_exactly(tmp_path, mnist_dir):
+    # speed 0.05 kimg: p moves visibly within the run; interval 2 D steps.
+    ada = ["train.ada_groups=blit,geom,color", "train.ada_target=0.6", "train.ada_speed_kimg=0.05",
+           "train.ada_interval=2", "loss.penalty=r1", "loss.penalty_weight=1", "loss.penalty_interval=4",
+           "train.checkpoint_kimg=0.128", "train.tick_kimg=0.064", "train.total_kimg=0.256"]
+    train(tmp_path / "straight", mnist_dir, *ada)
+    train(tmp_path / "split", mnist_dir, *ada, "train.total_kimg=0.128")
+    train(tmp_path / "split", mnist_dir, *ada)
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "split")
+    assert_same_state(a, b)
+    assert a["ada"]["p"] == b["ada"]["p"]
+    ps = [r["Augment/p"] for r in rows(tmp_path / "straight")]
+    assert any(p > 0 for p in ps) and all(0 <= p <= 1 for p in ps)
+    assert all(-1 <= r["Augment/rt"] <= 1 for r in rows(tmp_path / "straight"))
+
+
+def test_a_fixed_ada_p_follows_its_schedule_and_diffaugment_excludes_ada():
+    from pipeline.errors import ConfigError
+    from pipeline.training.phases import build_augment
+
+    cfg = from_dict({"model": {"name": "mlp", "g_width": 0.125, "d_width": 0.125},
+                     "train": {"total_kimg": 10, "ada_groups": "blit", "ada_target": 0.0, "ada_p": 0.4,
+                               "ada_p_schedule": {"kind": "linear", "end": 0.5}}})
+    G, D = build_networks(cfg.model, resolution=8, channels=1, num_classes=0)
+    phases = build_phases(cfg, G=G, D=D, device=torch.device("cpu"), dtype=None, report=lambda n, v: None)
+    schedules.apply(cfg, phases, EMA(G, 1.0), 10_000)
+    assert phases.ada.p == pytest.approx(0.2)
+    phases.ada.update(4, 64)                                   # fixed: never adapts
+    assert phases.ada.p == pytest.approx(0.2)
+    both = from_dict({"train": {"augment": "color", "ada_groups": "blit"}})
+    with pytest.raises(ConfigError, match="choose one augmentation"):
+        build_augment(both.train)

@@ -109,7 +109,8 @@ def training_state(G, D, ema: EMA, phases: Phases, progress: Progress, guard: No
             "opt_G": g.optimizer.state_dict(), "opt_D": d.optimizer.state_dict(),
             "scaler_G": g.scaler.state_dict(), "scaler_D": d.scaler.state_dict(),
             "cur_nimg": progress.cur_nimg, "d_steps": progress.d_steps, "g_steps": progress.g_steps,
-            "skipped": guard.skipped, "world_size": world, "config": to_dict(cfg), "finite": finite(G, D)}
+            "skipped": guard.skipped, "world_size": world, "config": to_dict(cfg), "finite": finite(G, D),
+            "ada": phases.ada.state_dict() if phases.ada is not None else {}}
 
 
 def finite(G, D) -> bool:
@@ -140,6 +141,8 @@ def resume(run_dir: Path, G, D, ema: EMA, phases: Phases, guard: NonFiniteGuard,
     for phase, key in ((phases.named("G"), "G"), (phases.named("D"), "D")):
         phase.optimizer.load_state_dict(state[f"opt_{key}"])
         phase.scaler.load_state_dict(state[f"scaler_{key}"])
+    if phases.ada is not None and state.get("ada"):
+        phases.ada.load_state_dict(state["ada"])
     progress = Progress(state["cur_nimg"], state["d_steps"], state["g_steps"])
     guard.skipped = state["skipped"]
     loader_state = None
@@ -263,6 +266,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                     step(phase, guard, stats.report)
                 progress.d_steps += 1
                 progress.cur_nimg += batch
+                if phases.ada is not None:
+                    phases.ada.update(progress.d_steps, batch)
 
             # G side: fresh latents, with drawn labels, or with the last D step's reals and their labels
             # for a relativistic loss; the EMA follows G after a real G step only.
@@ -286,7 +291,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
             stop = preemption.requested(device)
             if crossed(prev_nimg, progress.cur_nimg, t_cfg.tick_kimg) or done or stop:
                 row = {**tick_row(stats, loader, phases, progress, guard, world, device, since, start_time),
-                       **scheduled}
+                       **scheduled, **(phases.ada.stats() if phases.ada is not None else {})}
                 writer.write(row, progress.cur_nimg)
                 if main:
                     progress_bar.write(status_line(row)) if progress_bar is not None else log(status_line(row))

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.config import Config
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.losses import PENALTIES, build_loss, clip_weights
+from pipeline.training.ada import AdaptiveAugment
 from pipeline.training.augment import diff_augment, parse_policy
 
 
@@ -75,6 +76,7 @@ class Phases(list):
 
     penalties: list = []
     pairs_reals: bool = False       # G's step pairs each fake with a real (relativistic losses)
+    ada = None                      # the AdaptiveAugment every image D sees goes through, if on
 
     def due(self, side: str, step: int) -> list[Phase]:
         return [p for p in self if p.side == side and p.due(step)]
@@ -185,17 +187,15 @@ def penalty_specs(loss_cfg) -> list:
 
 
 def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.device, dtype: torch.dtype | None,
-                 report: Callable[[str, Tensor], None], augment: Callable[[Tensor], Tensor] | None = None) -> Phases:
+                 report: Callable[[str, Tensor], None]) -> Phases:
     """G's and D's phases for `cfg`: D main (with the every-step penalties), one lazy D step per
-    distinct penalty interval, G main. `augment` is applied to every image D sees (DiffAugment
-    from `train.augment` when not given)."""
+    distinct penalty interval, G main. Every image D sees goes through the augmentation: ADA
+    (`train.ada_groups`), DiffAugment (`train.augment`) or none."""
     t = cfg.train
     loss = build_loss(cfg.loss)
     penalties = [(PENALTIES.get(name)(weight, interval), weight, schedule)
                  for name, weight, interval, schedule in penalty_specs(cfg.loss)]
-    if augment is None:
-        policy = parse_policy(t.augment)
-        augment = (lambda x: diff_augment(x, policy)) if policy else (lambda x: x)
+    ada, augment = build_augment(t)
     fp16 = dtype == torch.float16
     scaler_D = torch.amp.GradScaler(device.type, enabled=fp16)    # one per optimizer: the penalty
     scaler_G = torch.amp.GradScaler(device.type, enabled=fp16)    # recipe needs D's own scale
@@ -208,6 +208,8 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
         real_logits = D(augment(mb.real), mb.labels).float()
         fake_logits = D(augment(mb.fake), mb.labels).float()
         value = loss.d_loss(real_logits, fake_logits)
+        if ada is not None:
+            ada.observe(real_logits.detach())       # the overfitting heuristic's r_t
         report("Loss/D/main", value)
         report("D/real", real_logits.mean())
         report("D/fake", fake_logits.mean())
@@ -245,5 +247,18 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
         phases.append(Phase("Dreg" if len(intervals) == 1 else f"Dreg{k}", "D", D, [G], opt_D, scaler_D, k,
                             [penalty_term(p) for p, _, _ in penalties if p.interval == k], ratio=ratio))
     phases.append(Phase("G", "G", G, [D], opt_G, scaler_G, 1, [g_main]))
-    phases.penalties, phases.pairs_reals = penalties, loss.relativistic
+    phases.penalties, phases.pairs_reals, phases.ada = penalties, loss.relativistic, ada
     return phases
+
+
+def build_augment(t) -> tuple:
+    """(AdaptiveAugment or None, the callable applied to D's inputs) from the train config."""
+    policy = parse_policy(t.augment)
+    if t.ada_groups:
+        if policy:
+            raise ConfigError(f"train.augment={t.augment!r} and train.ada_groups={t.ada_groups!r}: choose one "
+                              "augmentation (set the other to \"\")")
+        ada = AdaptiveAugment(groups=t.ada_groups, p=t.ada_p, target=t.ada_target or 0.6,
+                              speed_kimg=t.ada_speed_kimg, interval=t.ada_interval, adaptive=t.ada_target > 0)
+        return ada, ada
+    return None, ((lambda x: diff_augment(x, policy)) if policy else (lambda x: x))

@@ -1,7 +1,7 @@
 """Schedules over images seen: a value's multiple of its configured value at `cur_nimg`.
 
     factor(ScheduleConfig(kind="cosine", end=0.25), nimg=50_000, total_nimg=100_000)   # 0.625
-    values = apply(cfg, phases, ema, cur_nimg)     # set lr, beta2, penalty weights, EMA half-life
+    values = apply(cfg, phases, ema, cur_nimg)     # set lr, beta2, penalty weights, EMA half-life, ADA's fixed p
 
 Shapes, with t the fraction of the schedule done (after the warm-up) and e = `end`:
 `constant` 1; `linear` 1 + (e - 1) t (the linear decay of SNGAN's and WGAN-GP's CIFAR runs with
@@ -50,4 +50,6 @@ def apply(cfg: Config, phases, ema, nimg: int) -> dict[str, float]:
         out[f"Schedule/weight_{penalty.name}"] = penalty.weight
     ema.halflife_kimg = t.ema_halflife_kimg * factor(t.ema_schedule, nimg, total)
     out["Schedule/ema_halflife_kimg"] = ema.halflife_kimg
+    if phases.ada is not None and t.ada_target == 0:        # a fixed p may follow a schedule (R3GAN)
+        phases.ada.set_p(t.ada_p * factor(t.ada_p_schedule, nimg, total))
     return out
