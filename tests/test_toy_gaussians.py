@@ -95,11 +95,15 @@ def one_thread():
     (LossConfig(name="nonsaturating", penalty="r1", penalty_weight=1.0, penalty_interval=4), 3000, 1, 1e-3),
 ], ids=["wasserstein+wgan-gp", "nonsaturating+r1"])
 def test_covers_the_modes(loss_cfg, g_steps, n_critic, lr):
-    G = train_toy(loss_cfg, g_steps=g_steps, n_critic=n_critic, lr=lr)
+    assert_covers(train_toy(loss_cfg, g_steps=g_steps, n_critic=n_critic, lr=lr), f"{loss_cfg.name}+{loss_cfg.penalty}")
+
+
+def assert_covers(G: torch.nn.Module, what: str) -> None:
+    """At least 7 of 8 modes, and half the samples within 3 sigma of a mode."""
     with torch.no_grad():
         x = G(torch.randn(2000, G.z_dim, generator=torch.Generator().manual_seed(123)))
     quality, covered, counts = mode_stats(x)
-    print(f"{loss_cfg.name}+{loss_cfg.penalty}: {quality:.1%} within 3 sigma, {covered}/8 modes, {counts}")
+    print(f"{what}: {quality:.1%} within 3 sigma, {covered}/8 modes, {counts}")
     assert covered >= 7, counts
     assert quality >= 0.5, (quality, counts)
 
@@ -146,9 +150,4 @@ def test_rpgan_with_r1_and_r2_covers_the_modes():
                                                                    {"name": "r2", "weight": 0.1}]},
                           "train": {"g_lr": 1e-3, "d_lr": 1e-3, "g_betas": [0.5, 0.9], "d_betas": [0.5, 0.9]}},
                          g_steps=2000)
-    with torch.no_grad():
-        x = G(torch.randn(2000, G.z_dim, generator=torch.Generator().manual_seed(123)))
-    quality, covered, counts = mode_stats(x)
-    print(f"rpgan+r1+r2: {quality:.1%} within 3 sigma, {covered}/8 modes, {counts}")
-    assert covered >= 7, counts
-    assert quality >= 0.5, (quality, counts)
+    assert_covers(G, "rpgan+r1+r2")

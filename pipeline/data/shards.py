@@ -15,13 +15,17 @@ they agree on which samples are good.
 
 No byte sequence may crash or exhaust the process. torchvision's libpng binding dies with SIGSEGV
 on any libpng error raised while it reads the image rows (a flipped bit in the compressed data, a
-wrong filter byte, too little data), and every decoder allocates what the header claims before it
-looks further. So each image is checked before it is decoded: its header's size and channels
-against the expected shape (a 74-byte PNG claiming 100000x100000 is refused before anything is
-inflated), and for PNG every chunk's CRC, the chunk order and the whole inflated stream (never
-inflated past the size the header implies; exact length, valid row filters), which leaves libpng
-nothing to fail on while it reads rows. On MNIST-size PNGs the checks cost about a third of the
-decode (`python -m pipeline.bench.fuzz_shards 3000 0` measures it and fuzzes the readers).
+wrong filter byte, too little data: 35% of the fuzz's damaged images), and every decoder allocates
+what the header claims before it looks further. So each image is checked before it is decoded:
+its header's size and channels against the expected shape (a 74-byte PNG claiming 100000x100000
+is refused before anything is allocated) and, for PNG, every chunk's CRC, the chunk order and the
+image stream (inflated no further than the header implies: exact length, checksum, row filters).
+Then PNG is decoded with PIL, which raises on broken data where torchvision crashes, and JPEG and
+WebP with torchvision, whose bindings for those raise too. `python -m pipeline.bench.fuzz_shards
+3000 0` fuzzes every reader and measures the cost: the checks take 5-15 us per MNIST PNG, and the
+shard reader needs about 1.4x the CPU per sample it needed with unchecked torchvision (the same as
+torchvision after these checks; PIL's advantage is that it cannot crash). With `data.cache_mb`,
+small datasets are decoded once per worker anyway.
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ def _check_size(fmt: str, width: int, height: int, channels: int | None, expecte
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# colour type -> (samples per pixel in the file, channels torchvision returns, allowed bit depths)
+# colour type -> (samples per pixel in the file, channels decoded, allowed bit depths); the
+# channels of a palette image depend on its transparency
 _PNG_COLOUR = {0: (1, 1, (1, 2, 4, 8, 16)), 2: (3, 3, (8, 16)), 3: (1, None, (1, 2, 4, 8)),
                4: (2, 2, (8, 16)), 6: (4, 4, (8, 16))}
 _CHUNK_HEAD, _CRC, _IHDR = struct.Struct(">I4s"), struct.Struct(">I"), struct.Struct(">IIBBBBB")
@@ -95,7 +100,10 @@ def _png_rows(width: int, height: int, bits_per_pixel: int, interlaced: bool) ->
 
 
 def _check_png(data: bytes, channels: int, resolution: int) -> None:
-    """Raise BadSample unless `data` is a structurally valid PNG of the expected size."""
+    """Raise BadSample unless `data` is a PNG of the expected size whose chunks and image stream
+    are intact: every CRC (PIL checks none of the IDAT ones), IHDR first, consecutive IDATs, IEND
+    last, and a deflate stream with a valid checksum holding exactly the rows the header implies
+    (PIL stops reading once it has them, so a forged stream would otherwise decode to garbage)."""
     view = memoryview(data)                # CRCs and IDAT bodies without copies
     pos, n = 8, len(data)
     ihdr, idat, seen_plte, idat_done, has_trns = b"", [], False, False, False
@@ -136,14 +144,14 @@ def _check_png(data: bytes, channels: int, resolution: int) -> None:
             or interlace > 1 or not width or not height:
         raise _bad(f"PNG header is invalid (bit depth {depth}, colour type {colour}, "
                    f"compression {compression}, filter {filtering}, interlace {interlace})")
-    samples, out_channels, _ = _PNG_COLOUR[colour]
-    _check_size("PNG", width, height, None if has_trns else out_channels, channels, resolution)
+    samples, decoded_channels, _ = _PNG_COLOUR[colour]
+    _check_size("PNG", width, height, None if has_trns else decoded_channels, channels, resolution)
     if depth == 16:
         raise BadSample("image is 16-bit PNG, expected 8-bit", "wrong_shape")
     if not idat or (colour == 3 and not seen_plte):
         raise _bad("PNG has no image data" if not idat else "palette PNG without a PLTE chunk")
-    # Inflate once, never past the size the header implies: the exact length and every row's
-    # filter type (0..4) are what libpng would otherwise fail on halfway through the rows.
+    # Inflate once, never past the size the header implies (a bomb stops there): the exact length,
+    # the stream's checksum and every row's filter type (0..4).
     rows = _png_rows(width, height, samples * depth, bool(interlace))
     expected = sum(h * (1 + w) for h, w in rows)
     inflater = zlib.decompressobj()
@@ -162,7 +170,6 @@ def _check_png(data: bytes, channels: int, resolution: int) -> None:
         if raw[offset:offset + h * (1 + w):1 + w].translate(None, _PNG_FILTERS):   # left: not 0..4
             raise _bad("PNG has an invalid row filter type")
         offset += h * (1 + w)
-
 
 # SOF markers that carry the frame size: C0..CF except DHT (C4), JPG (C8) and DAC (CC).
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -246,18 +253,35 @@ def check_image_header(data: bytes, channels: int, resolution: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Decoding (every reader).
 
+def _decode_png(data: bytes) -> np.ndarray:
+    """PNG -> uint8 CHW with PIL, whose PNG decoder raises where torchvision's crashes."""
+    with Image.open(io.BytesIO(data), formats=("PNG",)) as image:
+        image.load()
+        if image.mode == "1":
+            image = image.convert("L")
+        elif image.mode in ("P", "PA"):
+            image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
+        arr = np.asarray(image)
+    return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _decode_torchvision(data: bytes) -> np.ndarray:
+    """JPEG or WebP -> uint8 CHW with torchvision (about twice as fast as PIL on small images;
+    these two bindings report broken data as exceptions: none crashed in the fuzz)."""
+    # Its deprecation (since 0.29, which we pin) is not news to the user at every sample.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                mode=ImageReadMode.UNCHANGED).numpy()
+
+
 def decode_image(data: bytes, channels: int, resolution: int) -> np.ndarray:
     """PNG/JPEG/WebP bytes -> uint8 CHW array of exactly (channels, resolution, resolution)."""
     check_image_header(data, channels, resolution)
     try:
-        # torchvision's libpng/libjpeg binding costs about half of PIL on small images. Its
-        # deprecation (since 0.29, which we pin) is not news to the user at every sample.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            arr = _tv_decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                   mode=ImageReadMode.UNCHANGED).numpy()
+        arr = _decode_png(data) if data.startswith(_PNG_SIGNATURE) else _decode_torchvision(data)
     except Exception as exc:  # codec errors on broken data come in many types
-        raise _bad(f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}") from None
+        raise _bad(f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}") from None
     if arr.dtype != np.uint8:
         raise BadSample(f"image dtype {arr.dtype}, expected 8-bit", "wrong_shape")
     expected = (channels, resolution, resolution)
