@@ -132,6 +132,8 @@ class TrainConfig:
     grid_size: int = opt(64, min=1, max=4096)              # images in the fixed-z sample grid
     threads: int = opt(0, min=0, max=4096)                 # torch CPU threads per process (0 = cores / local processes)
     peer_timeout_s: float = opt(300.0, min=1.0, max=86400.0)  # a collective waiting longer for another rank ends the run
+    init_from: str = opt("")                      # start a new run from weights: a checkpoint dir, a run dir (its newest), or a snapshot .json (G only)
+    freeze_d_layers: int = opt(0, min=0, max=1000)  # FreezeD (Mo et al. 2020): D's first N layers from the input keep their weights
     progress: bool = opt(True)                   # progress bar on rank 0 (status lines are printed either way)
 
 

@@ -401,7 +401,8 @@ def test_cifar10_source_reads_the_standard_batches_folder(tmp_path):
     old_style = pickle.dumps(batch, protocol=2).replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
     assert b"cnumpy.core.multiarray\n_reconstruct" in old_style
     (root / "data_batch_1").write_bytes(old_style)
-    assert prepare(f"cifar10:{root}", tmp_path / "c3", workers=1, progress=False)["splits"]["train"]["num_samples"] == 30
+    m = prepare(f"cifar10:{root}", tmp_path / "c3", workers=1, progress=False)
+    assert m["splits"]["train"]["num_samples"] == 30
 
 
 def test_cifar10_source_refuses_a_pickle_that_runs_code(tmp_path):

@@ -26,7 +26,7 @@ from conftest import REPO, cli
 from pipeline.bench import fuzz_shards
 from pipeline.data.loader import ShardSet, StreamLoader
 from pipeline.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, write_manifest
-from pipeline.data.shards import decode_image, encode_png, iter_tar_samples
+from pipeline.data.shards import decode_image, encode_png
 from pipeline.data.verify import verify_dir
 from pipeline.errors import BadSample, DataError
 from pipeline.io import sha256_file

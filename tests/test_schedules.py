@@ -104,3 +104,23 @@ def test_a_fixed_ada_p_follows_its_schedule_and_diffaugment_excludes_ada():
     both = from_dict({"train": {"augment": "color", "ada_groups": "blit"}})
     with pytest.raises(ConfigError, match="choose one augmentation"):
         build_augment(both.train)
+
+
+def test_fine_tuning_starts_from_another_run_and_freezed_keeps_d_first_layers(tmp_path, mnist_dir):
+    base = ["train.total_kimg=0.064", "train.tick_kimg=0.064"]
+    train(tmp_path / "source", mnist_dir, *base)
+    src = final_state(tmp_path / "source")
+    out = train(tmp_path / "tuned", mnist_dir, *base, f"train.init_from={tmp_path / 'source'}",
+                "train.freeze_d_layers=1").stdout
+    assert f"initialised G, D, G_ema from {tmp_path / 'source'}" in out
+    tuned = final_state(tmp_path / "tuned")
+    assert tuned["config"]["train"]["init_from"] == str(tmp_path / "source")
+    first = [k for k in src["D"] if k.startswith("features.0.")]
+    assert first and all(torch.equal(tuned["D"][k], src["D"][k]) for k in first)          # frozen
+    assert not torch.equal(tuned["D"]["out.weight"], src["D"]["out.weight"])              # trained
+    # From a snapshot record: G and its EMA only.
+    snap = sorted((tmp_path / "source" / "snapshots").glob("*.json"))[-1]
+    out = train(tmp_path / "from_snapshot", mnist_dir, *base, f"train.init_from={snap}").stdout
+    assert f"initialised G, G_ema from {snap}" in out
+    bad = train(tmp_path / "bad", mnist_dir, *base, f"train.init_from={tmp_path}", check=False)
+    assert bad.returncode == 2 and "train.init_from" in bad.stderr

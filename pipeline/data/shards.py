@@ -261,7 +261,7 @@ def _decode_png(data: bytes) -> np.ndarray:
             image = image.convert("L")
         elif image.mode in ("P", "PA"):
             image = image.convert("RGBA" if image.mode == "PA" or "transparency" in image.info else "RGB")
-        arr = np.asarray(image)
+        arr = np.array(image)              # writable, unlike np.asarray's view of PIL's bytes
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
@@ -345,7 +345,8 @@ def _octal(field: bytes, what: str, name: str) -> int:
     try:
         return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
     except ValueError:
-        raise TruncatedTar(f"{name}: tar header {what} {bytes(field)!r} is not a number (corrupt or not a tar)") from None
+        raise TruncatedTar(f"{name}: tar header {what} {bytes(field)!r} is not a number "
+                           "(corrupt or not a tar)") from None
 
 
 def _tar_members(stream, name: str):

@@ -36,10 +36,10 @@ from pipeline.data.loader import ShardSet, StreamLoader
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import write_json_atomic
 from pipeline.networks import build_networks
-from pipeline.training.checkpoint import load_newest_checkpoint, save_checkpoint
+from pipeline.training.checkpoint import load_checkpoint, load_newest_checkpoint, save_checkpoint
 from pipeline.training.ema import EMA
 from pipeline.training.phases import (MicroBatch, NonFiniteGuard, Phases, accumulate, autocast_for, build_phases,
-                                      step, unwrap)
+                                      first_layers, step, unwrap)
 from pipeline.training.snapshot import prune_snapshots, save_snapshot
 from pipeline.training.stats import Stats, StatsWriter
 
@@ -159,6 +159,35 @@ def resume(run_dir: Path, G, D, ema: EMA, phases: Phases, guard: NonFiniteGuard,
     return progress, loader_state, path
 
 
+def initialise_from(source: str, G, D, ema: EMA, log) -> None:
+    """A new run's weights from another run (`train.init_from`): a checkpoint directory or a run
+    directory (G, D and G_ema of its newest checkpoint), or a snapshot record (G and G_ema only).
+    Optimizers, counters and data streams start afresh; the recorded config names the source."""
+    path = Path(source).expanduser()
+    if path.suffix in (".json", ".safetensors"):
+        from safetensors.torch import load_file
+
+        from pipeline.training.snapshot import read_snapshot_meta
+        weights = {"G": load_file(read_snapshot_meta(path)["weights_path"])}
+        weights["G_ema"] = weights["G"]
+    else:
+        found = load_newest_checkpoint(path, 0, log) if (path / "checkpoints").is_dir() else (
+            (path, *load_checkpoint(path, 0)) if (path / "state.pt").is_file() else None)
+        if found is None:
+            raise ConfigError(f"train.init_from: {path} is no snapshot record, checkpoint or run directory with "
+                              "checkpoints")
+        weights = {k: found[1][k] for k in ("G", "D", "G_ema")}
+    try:
+        unwrap(G).load_state_dict(weights["G"])
+        ema.load_state_dict(weights["G_ema"])
+        if "D" in weights:
+            unwrap(D).load_state_dict(weights["D"])
+    except RuntimeError as exc:
+        raise ConfigError(f"train.init_from: the weights in {path} do not fit this model "
+                          f"({str(exc).splitlines()[0][:160]}); use the same model.* settings") from None
+    log(f"initialised {', '.join(weights)} from {path}")
+
+
 def tick_row(stats: Stats, loader: StreamLoader, phases: Phases, progress: Progress, guard: NonFiniteGuard,
              world: int, device: torch.device, since: tuple[int, float], start_time: float) -> dict:
     """One row of stats.jsonl: this tick's means over all ranks, counters, rates and memory."""
@@ -210,6 +239,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     torch.manual_seed(cfg.seed)
     G, D = build_networks(cfg.model, resolution=shards.resolution, channels=shards.channels,
                           num_classes=shards.num_classes)
+    for p in first_layers(D, t_cfg.freeze_d_layers):
+        p.requires_grad_(False)             # FreezeD: before DDP, which reduces only trainable ones
     ema = EMA(G, t_cfg.ema_halflife_kimg, t_cfg.ema_rampup)
     ema.model.to(device)
     G, D = acc.prepare(G, D)
@@ -222,6 +253,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     progress, loader_state, last_ckpt = resume(run_dir, G, D, ema, phases, guard, rank=rank, world=world,
                                                device=device, seed=cfg.seed, log=log)
     good["checkpoint"] = last_ckpt
+    if last_ckpt is None and t_cfg.init_from:
+        initialise_from(t_cfg.init_from, G, D, ema, log)
     # Streams restored exactly when possible; otherwise fresh ones, seeded away from the run's start.
     fresh = loader_state is None and progress.cur_nimg > 0
     loader = StreamLoader.from_config(cfg.data, batch_size=per_proc, seed=cfg.seed + (progress.cur_nimg if fresh else 0),

@@ -61,6 +61,7 @@ class Phase:
     terms: list[Term]
     after_step: Callable[[], None] = lambda: None   # after a real (finite) optimizer step
     ratio: float = 1.0              # lazy-regularisation adjustment of the optimizer's lr and betas
+    frozen: list[nn.Parameter] = field(default_factory=list)   # never trained (FreezeD's first D layers)
     params: list[nn.Parameter] = field(default_factory=list)
 
     def __post_init__(self):
@@ -128,6 +129,8 @@ def accumulate(phase: Phase, micro_batches: list[MicroBatch], autocast: Callable
     for m in phase.others:
         m.requires_grad_(False)
     phase.module.requires_grad_(True)
+    for p in phase.frozen:
+        p.requires_grad_(False)
     phase.optimizer.zero_grad(set_to_none=True)
     n = len(micro_batches)
     for i, mb in enumerate(micro_batches):
@@ -140,6 +143,17 @@ def accumulate(phase: Phase, micro_batches: list[MicroBatch], autocast: Callable
             phase.scaler.scale(loss / n).backward()
     for m in phase.others:
         m.requires_grad_(True)
+    for p in phase.frozen:
+        p.requires_grad_(False)
+
+
+def first_layers(module: nn.Module, n: int) -> list[nn.Parameter]:
+    """Parameters of the first `n` layers in registration order (the input side of every D here);
+    a layer is a module path, its spectral-norm parametrisation included."""
+    layers: dict[str, list[nn.Parameter]] = {}
+    for name, p in unwrap(module).named_parameters():
+        layers.setdefault(name.split(".parametrizations")[0].rsplit(".", 1)[0], []).append(p)
+    return [p for params in list(layers.values())[:n] for p in params]
 
 
 def step(phase: Phase, guard: NonFiniteGuard, report: Callable[[str, Tensor], None]) -> bool:
@@ -239,13 +253,15 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
         return value
 
     every_step = [penalty_term(p) for p, _, _ in penalties if p.interval == 1]
+    frozen = first_layers(D, t.freeze_d_layers)
     phases = Phases([Phase("D", "D", D, [G], opt_D, scaler_D, 1, [d_main, *every_step], ratio=ratio,
-                           after_step=lambda: clip_weights(unwrap(D), cfg.loss.clip))])
+                           after_step=lambda: clip_weights(unwrap(D), cfg.loss.clip), frozen=frozen)])
     intervals = sorted({p.interval for p, _, _ in penalties if p.interval > 1})
     for k in intervals:
         # Its own D step every k D steps, on the D step's batch; each loss is x k.
         phases.append(Phase("Dreg" if len(intervals) == 1 else f"Dreg{k}", "D", D, [G], opt_D, scaler_D, k,
-                            [penalty_term(p) for p, _, _ in penalties if p.interval == k], ratio=ratio))
+                            [penalty_term(p) for p, _, _ in penalties if p.interval == k], ratio=ratio,
+                            frozen=frozen))
     phases.append(Phase("G", "G", G, [D], opt_G, scaler_G, 1, [g_main]))
     phases.penalties, phases.pairs_reals, phases.ada = penalties, loss.relativistic, ada
     return phases
