@@ -234,7 +234,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     autocast = autocast_for(device, dtype)
 
     # Build networks (same init on every rank), EMA, phases; resume; then the data stream.
-    shards = ShardSet.resolve(cfg.data.path, cfg.data.split, cfg.data.resolution, cfg.data.channels)
+    shards = ShardSet.resolve(cfg.data.path, cfg.data.split, cfg.data.resolution, cfg.data.channels,
+                              cfg.data.num_classes)
     conditional = cfg.model.conditional
     torch.manual_seed(cfg.seed)
     G, D = build_networks(cfg.model, resolution=shards.resolution, channels=shards.channels,
