@@ -75,7 +75,7 @@ class Phases(list):
     """The phase list, in the order the loop runs them; `penalties` holds (penalty, configured
     weight, schedule) for the schedules to set each penalty's weight."""
 
-    penalties: list = []
+    penalties: tuple = ()           # set by build_phases
     pairs_reals: bool = False       # G's step pairs each fake with a real (relativistic losses)
     ada = None                      # the AdaptiveAugment every image D sees goes through, if on
 
