@@ -102,14 +102,14 @@ def split_batch(batch: int, per_process: int, world: int) -> tuple[int, int]:
 
 
 def training_state(G, D, ema: EMA, phases: Phases, progress: Progress, guard: NonFiniteGuard, world: int,
-                   cfg: Config) -> dict:
+                   cfg: Config, weights_finite: bool) -> dict:
     """What rank 0 writes into a checkpoint (the same on every rank)."""
     d, g = phases.named("D"), phases.named("G")
     return {"G": unwrap(G).state_dict(), "D": unwrap(D).state_dict(), "G_ema": ema.state_dict(),
             "opt_G": g.optimizer.state_dict(), "opt_D": d.optimizer.state_dict(),
             "scaler_G": g.scaler.state_dict(), "scaler_D": d.scaler.state_dict(),
             "cur_nimg": progress.cur_nimg, "d_steps": progress.d_steps, "g_steps": progress.g_steps,
-            "skipped": guard.skipped, "world_size": world, "config": to_dict(cfg), "finite": finite(G, D),
+            "skipped": guard.skipped, "world_size": world, "config": to_dict(cfg), "finite": weights_finite,
             "ada": phases.ada.state_dict() if phases.ada is not None else {}}
 
 
@@ -342,11 +342,12 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                 prune_snapshots(run_dir, t_cfg.keep_snapshots, log)
             if crossed(prev_nimg, progress.cur_nimg, t_cfg.checkpoint_kimg) or done or stop:
                 dist.check_ranks_identical({"G": unwrap(G), "D": unwrap(D)}, device)
+                ok = finite(G, D)
                 last_ckpt = save_checkpoint(
                     run_dir, progress.cur_nimg, rank=rank, world_size=world, keep=t_cfg.keep_checkpoints,
                     per_rank=rank_state(G, D, loader, device),
-                    shared=lambda: training_state(G, D, ema, phases, progress, guard, world, cfg))
-                good["checkpoint"] = last_ckpt if finite(G, D) else good["checkpoint"]
+                    shared=lambda: training_state(G, D, ema, phases, progress, guard, world, cfg, ok))
+                good["checkpoint"] = last_ckpt if ok else good["checkpoint"]
             if stop and not done:
                 if main:    # launchers may not keep exit status 3: the marker says it to the job script
                     write_json_atomic(run_dir / PREEMPTED, {"cur_nimg": progress.cur_nimg, "checkpoint": str(last_ckpt)})
