@@ -174,6 +174,17 @@ def bench_recipes_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
 
 
+def bench_modes_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configs", nargs="+",
+                   default=["configs/stackedmnist_dcgan.yaml", "configs/stackedmnist_rpgan.yaml"],
+                   help="configs to compare (default: the DCGAN baseline and the RpGAN + R1 + R2 recipe)")
+    p.add_argument("--kimg", type=float, default=200.0, help="kimg each config trains (default 200)")
+    p.add_argument("--num-gen", type=int, default=25_600, help="generated images classified (default 25,600)")
+    p.add_argument("--data-size", type=int, default=50_000, help="StackedMNIST training images (default 50,000)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides applied to every config (e.g. data.num_workers=1)")
+
 # name -> (module, help, arguments). The module's `run(args)` returns a dict of measurements.
 BENCHMARKS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
     "loader": ("pipeline.bench.loader", "streaming shard loader vs a plain in-memory DataLoader",
@@ -186,6 +197,8 @@ BENCHMARKS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]
              bench_eval_arguments),
     "recipes": ("pipeline.bench.recipes", "configs side by side: FID_mnist per snapshot for the same kimg",
                 bench_recipes_arguments),
+    "modes": ("pipeline.bench.modes", "StackedMNIST mode coverage (of 1,000) and KL to uniform, configs side by side",
+              bench_modes_arguments),
 }
 
 

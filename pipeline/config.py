@@ -60,15 +60,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("dcgan", registry="network")  # network family (mlp, dcgan, resnet, stylegan2)
-    z_dim: int = opt(0, min=0, max=65536)          # latent numbers per sample (0 = family default: 100, 128 resnet, 512 stylegan2)
+    name: str = opt("dcgan", registry="network")  # network family (mlp, dcgan, resnet, stylegan2, r3gan)
+    z_dim: int = opt(0, min=0, max=65536)          # latent numbers per sample (0 = family default: 100, 128 resnet, 512 stylegan2, 64 r3gan)
     g_width: float = opt(1.0, min=1e-3, max=64.0)  # multiplier on G's published layer widths (feature maps or units)
     d_width: float = opt(1.0, min=1e-3, max=64.0)  # multiplier on D's published layer widths (feature maps or units)
     conditional: bool = opt(False)      # class-conditional G and D; needs labelled data
     spectral_norm: bool | None = opt(None)  # spectral norm in D (null = family default: on for resnet only)
+    blocks_per_stage: int = opt(0, min=0, max=64)  # r3gan: residual blocks at each side in G and in D (0 = family default: 2)
+    expansion: int = opt(0, min=0, max=64)         # r3gan: a residual block's hidden maps per input map (0 = family default: 2)
+    group_width: int = opt(0, min=0, max=65536)    # r3gan: maps per group of the grouped 3x3 conv (0 = family default: 16)
     w_dim: int = opt(512, min=1, max=65536)        # stylegan2: numbers in the intermediate latent w
     mapping_layers: int = opt(8, min=1, max=64)  # stylegan2: fully connected layers in the mapping network
     mbstd_group: int = opt(4, min=0, max=1024)    # stylegan2: samples per minibatch-stddev group (0 = no mbstd layer)
+    style_mixing: float = opt(0.9, min=0.0, max=1.0)  # stylegan2: probability that a training image takes its w from a second z from a random layer on (0 = off)
 
 
 @dataclass
@@ -82,9 +86,9 @@ class ScheduleConfig:
 
 @dataclass
 class PenaltyConfig:
-    name: str = opt("r1", registry="penalty")     # wgan-gp, r1 or r2
-    weight: float = opt(1.0, min=0.0)             # lambda for wgan-gp, gamma for r1/r2 (gamma/2 * E|grad D|^2)
-    interval: int = opt(1, min=1, max=10_000)     # D steps between evaluations (lazy when > 1; the loss is scaled by it)
+    name: str = opt("r1", registry="penalty")     # on D: wgan-gp, r1, r2; on G: pl (path length), ortho (BigGAN)
+    weight: float = opt(1.0, min=0.0)             # lambda for wgan-gp, gamma for r1/r2 (gamma/2 * E|grad D|^2), w_pl for pl (2 in StyleGAN2), beta for ortho (1e-4 in BigGAN)
+    interval: int = opt(1, min=1, max=10_000)     # steps of the penalty's side (D steps; G steps for pl, ortho) between evaluations (lazy when > 1; the loss is scaled by it)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # course of the weight over kimg
 
 

@@ -1,4 +1,4 @@
-"""Adversarial losses and gradient penalties on D's logits, by config name.
+"""Adversarial losses, gradient penalties on D's logits and regularisers of G, by config name.
 
     loss = build_loss(cfg.loss)                    # LOSSES[cfg.loss.name]
     penalty = build_penalty(cfg.loss)              # PENALTIES[cfg.loss.penalty], or None
@@ -8,7 +8,12 @@
         d_loss = d_loss + reg
     ...; clip_weights(D, cfg.loss.clip) after D's optimizer step (original WGAN only)
     g_loss = loss.g_loss(D(G(z, y), y))
+    reg, stats = PENALTIES.get("pl")(2.0, 4)(G, z, y)   # a G-side penalty (side "G"): G's own graph
 
+Every penalty has a `side`: "D" (wgan-gp, r1, r2: called as penalty(D, real, fake, labels), its
+interval counted in D steps) or "G" (pl, ortho: called as penalty(G, z, labels), interval in G
+steps). The trainer's phases (training/phases.py) put each on its side. A penalty with running
+state (pl's mean path length) hands it out as `state_dict()` for the checkpoint.
 Losses are means over the batch, written on logits with softplus (log sigmoid(t) = -softplus(-t)),
 never as sigmoid followed by log, so they stay finite for any logit. A penalty takes D as an
 argument and owns no optimizer (StyleGAN2-ADA's phases, EDM's losses).
@@ -16,12 +21,14 @@ argument and owns no optimizer (StyleGAN2-ADA's phases, EDM's losses).
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline import dist
 from pipeline.errors import ConfigError
 from pipeline.registry import Registry
 
@@ -225,6 +232,7 @@ class Penalty:
     """
 
     name: ClassVar[str]
+    side: ClassVar[str] = "D"       # the network it regularises; `interval` counts that side's steps
 
     def __init__(self, weight: float = 10.0, interval: int = 1):
         if weight < 0 or interval < 1:
@@ -235,6 +243,13 @@ class Penalty:
     def due(self, d_step: int) -> bool:
         """Whether the penalty runs at D step `d_step` (counted from 0: the first step has it)."""
         return d_step % self.interval == 0
+
+    def state_dict(self) -> dict:
+        """Running state to checkpoint (none for the gradient penalties)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def points(self, real: Tensor | None, fake: Tensor | None) -> Tensor:
         """Where the gradient is taken."""
@@ -313,6 +328,118 @@ class R2(ZeroCentred):
     """Mescheder et al. (2018), Eq. 10: gamma/2 E_{x ~ G}[||grad D(x)||^2]."""
 
     name, on = "r2", "fake"
+
+
+# ----------------------------------------------------------------------------------------------
+# Regularisers of G (side "G"): called as penalty(G, z, labels), interval counted in G steps.
+
+class GPenalty(Penalty):
+    """A regulariser of G applied lazily like the D penalties: every `interval` G steps, its loss
+    multiplied by `interval`. `penalty(G, z, labels, scaler=...)` -> (loss, stats) under G's autocast;
+    G may be DDP-wrapped (the trainer passes the module it trains)."""
+
+    side = "G"
+
+    def check(self, G: nn.Module) -> None:
+        """Raise ConfigError if this G cannot be regularised so (checked before training starts)."""
+
+    def __call__(self, G: nn.Module, z: Tensor, labels: Tensor | None = None, *,
+                 scaler=None) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+
+def _family(G: nn.Module) -> str:
+    return type(G).__module__.rsplit(".", 1)[-1]
+
+
+@PENALTIES.register("pl")
+class PathLength(GPenalty):
+    """Path length regularisation (Karras et al. 2020, StyleGAN2, Sec. 4 and Appendix B):
+    E_{w, y}[(||J_w^T y||_2 - a)^2], y ~ N(0, I) / sqrt(H W) an image-shaped random direction,
+    J_w the Jacobian of the image w.r.t. the per-layer ws, and a the running mean of the lengths.
+
+    As the reference implementation: the length of a sample is sqrt(mean over layers of the sum
+    over w_dim of (J^T y)^2); a is updated before the penalty, a <- a + decay (mean length - a)
+    with decay 0.01, from the mean over every process's samples (so every rank holds the same a,
+    which the checkpoint keeps: `state_dict`); the penalty runs on the first 1/batch_shrink of the
+    micro-batch (2: half); weight 2 with y scaled by 1/sqrt(H W), the reference implementation's
+    default (the paper states its weight as gamma_pl = ln 2 / (r^2 (ln r - ln 2)) for resolution r,
+    under its own normalisation of y; we follow the code's weight and scaling).
+    Its loss adds 0 * (sum of the images) so that under DDP every G parameter is in the graph
+    (biases and noise strengths do not reach J^T y).
+    """
+
+    name = "pl"
+
+    def __init__(self, weight: float = 2.0, interval: int = 4, *, decay: float = 0.01, batch_shrink: int = 2):
+        super().__init__(weight, interval)
+        self.decay, self.batch_shrink = float(decay), int(batch_shrink)
+        self.pl_mean = torch.zeros([])
+
+    def check(self, G: nn.Module) -> None:
+        if not getattr(G, "num_ws", 0):
+            raise ConfigError(f"loss.penalties: pl (path length) needs a generator with a mapping network and "
+                              f"per-layer w (model.name=stylegan2); the {_family(G)} generator has none")
+
+    def lengths(self, G: nn.Module, z: Tensor, labels: Tensor | None, scaler=None) -> tuple[Tensor, Tensor]:
+        """(||J^T y|| per sample in fp32, the images) on the first 1/batch_shrink of z."""
+        n = max(1, z.shape[0] // self.batch_shrink)
+        img, ws = G(z[:n], None if labels is None else labels[:n], return_ws=True)
+        y = torch.randn(img.shape, device=img.device) / math.sqrt(img.shape[2] * img.shape[3])
+        grad = input_gradients(img.float() * y, ws, scaler)          # J^T y, (n, num_ws, w_dim), fp32
+        with torch.autocast(grad.device.type, enabled=False):
+            return grad.square().sum(2).mean(1).sqrt(), img
+
+    def __call__(self, G: nn.Module, z: Tensor, labels: Tensor | None = None, *,
+                 scaler=None) -> tuple[Tensor, dict[str, Tensor]]:
+        lengths, img = self.lengths(G, z, labels, scaler)
+        mean = dist.all_reduce_sum(lengths.detach().mean().clone()) / dist.world_size()
+        pl_mean = self.pl_mean.to(mean.device)
+        # A non-finite mean (an fp16 overflow, whose step the scaler skips) leaves a unchanged.
+        self.pl_mean = torch.where(torch.isfinite(mean), pl_mean.lerp(mean, self.decay), pl_mean)
+        value = (lengths - self.pl_mean).square().mean()
+        loss = value * (self.weight * self.interval) + 0 * img.float().sum()
+        stats = {"Loss/G/pl": value.detach(), "PL/mean": self.pl_mean.clone(), "PL/length": lengths.detach().mean()}
+        return loss, stats
+
+    def state_dict(self) -> dict:
+        return {"pl_mean": self.pl_mean.detach().float().cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "pl_mean" in state:
+            self.pl_mean = torch.as_tensor(state["pl_mean"], dtype=torch.float32).clone()
+
+
+@PENALTIES.register("ortho")
+class Orthogonal(GPenalty):
+    """Orthogonal regularisation of BigGAN (Brock et al. 2019, Sec. 3.1, Eq. 2):
+    beta sum_W ||W W^T (.) (1 - I)||_F^2 over G's weight matrices, each parameter with 2 or more
+    dimensions reshaped to (outputs, -1) (a conv's filters are its rows), class embeddings
+    excluded; only the filters' mutual cosines are pushed to 0, not their norms. beta = 1e-4 in the
+    paper. It needs no images; computed in fp32 whatever the autocast."""
+
+    name = "ortho"
+
+    def __init__(self, weight: float = 1e-4, interval: int = 1):
+        super().__init__(weight, interval)
+
+    def value(self, G: nn.Module) -> Tensor:
+        net = getattr(G, "module", G)
+        embeddings = {id(p) for m in net.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        total = torch.zeros((), device=next(net.parameters()).device)
+        with torch.autocast(total.device.type, enabled=False):
+            for p in net.parameters():
+                if p.dim() < 2 or id(p) in embeddings:
+                    continue
+                w = p.float().flatten(1)
+                gram = w @ w.t()
+                total = total + (gram - torch.diag_embed(gram.diagonal())).square().sum()
+        return total
+
+    def __call__(self, G: nn.Module, z: Tensor | None = None, labels: Tensor | None = None, *,
+                 scaler=None) -> tuple[Tensor, dict[str, Tensor]]:
+        value = self.value(G)
+        return value * (self.weight * self.interval), {"Loss/G/ortho": value.detach()}
 
 
 def build_penalty(loss_cfg) -> Penalty | None:

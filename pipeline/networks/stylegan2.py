@@ -2,7 +2,15 @@
 
 Written from the paper (config E/F of Table 1: skip G, residual D), not from NVlabs code:
 - mapping network: z normalised to unit second moment, 8 fully connected layers, learning-rate
-  multiplier 0.01 (StyleGAN 2019, Sec. 2), a running mean of w for the truncation trick;
+  multiplier 0.01 (StyleGAN 2019, Sec. 2); `w_avg`, a running mean of w (decay 0.995 per training
+  forward, a buffer, so the EMA copy and every snapshot carry it) for the truncation trick
+  w' = w_avg + psi (w - w_avg) on the first `cutoff` layers (StyleGAN 2019, Eq. 3);
+- style mixing regularisation (StyleGAN 2019, Sec. 3.1; probability 0.9 in StyleGAN2's configs):
+  in training mode each image, with probability `style_mixing`, takes its w from a second latent
+  from a random crossover layer on (torch's global RNG); eval mode never mixes;
+- `G.map(z, labels)` gives the per-layer ws (N, num_ws, w_dim) and `G.synthesis(ws, ...)` the
+  image; `G(z, labels, return_ws=True)` returns both from one call, which is how the path-length
+  penalty (`pipeline.losses.PathLength`) takes J^T y w.r.t. ws through a DDP wrapper;
 - modulated convolution (Sec. 2.2, Eq. 1): w'_ijk = s_i * w_ijk; demodulation (Eq. 3):
   w''_ijk = w'_ijk / sqrt(sum_{i,k} w'_ijk^2 + eps);
 - per-pixel noise inputs with a learned per-layer strength; a learned constant 4x4 input;
@@ -10,7 +18,9 @@ Written from the paper (config E/F of Table 1: skip G, residual D), not from NVl
   one (N, 1, side, side) map per synthesis layer, shapes from `G.noise_shapes()`), which is how
   `pipeline.generate` makes image i depend only on (seed, i);
 - skip generator (Fig. 7b): each resolution adds its tRGB output to the upsampled image;
-- residual discriminator (Fig. 7c) with the minibatch standard deviation layer of ProGAN (Sec. 3);
+- residual discriminator (Fig. 7c): per block conv 3x3, then conv 3x3 on the full-resolution grid
+  with the downsampling fused into it (blur, then stride 2), plus a 1x1 skip of the blurred and
+  subsampled input; the minibatch standard deviation layer of ProGAN (Sec. 3) at 4x4;
 - equalized learning rate everywhere: weights stored as N(0, 1) and scaled by He's constant per call.
 Up/downsampling use the separable [1, 3, 3, 1] filter the paper uses ("bilinear").
 
@@ -45,11 +55,16 @@ def upsample(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
-def downsample(x: torch.Tensor) -> torch.Tensor:
-    """Blur with the separable [1, 3, 3, 1] filter and keep every second pixel."""
+def blur(x: torch.Tensor, *, padding: int, stride: int = 1) -> torch.Tensor:
+    """Per-channel convolution with the separable [1, 3, 3, 1] filter (normalised), zero padding."""
     k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device)
     k = (k[:, None] * k[None, :] / 64).to(x.dtype).expand(x.shape[1], 1, 4, 4)
-    return F.conv2d(x, k, stride=2, padding=1, groups=x.shape[1])
+    return F.conv2d(x, k, stride=stride, padding=padding, groups=x.shape[1])
+
+
+def downsample(x: torch.Tensor) -> torch.Tensor:
+    """Blur with the separable [1, 3, 3, 1] filter and keep every second pixel."""
+    return blur(x, padding=1, stride=2)
 
 
 class EqualLinear(nn.Module):
@@ -66,14 +81,24 @@ class EqualLinear(nn.Module):
 
 
 class EqualConv2d(nn.Module):
-    def __init__(self, c_in: int, c_out: int, k: int, *, bias: bool = True, act: bool = True):
+    """`down=True`: a 3x3 conv on the full-resolution grid evaluated at every second pixel, after
+    the [1, 3, 3, 1] blur (pad 2, so H -> H/2). Away from the border this equals the conv at full
+    resolution followed by `downsample` (both filters are linear and commute), at a quarter of the
+    cost; the bias and the activation come after the downsampling, as in the paper's D."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, *, bias: bool = True, act: bool = True,
+                 down: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
         self.bias = nn.Parameter(torch.zeros(c_out)) if bias else None
-        self.weight_gain, self.act = 1 / math.sqrt(c_in * k * k), act
+        self.weight_gain, self.act, self.down = 1 / math.sqrt(c_in * k * k), act, down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.weight.shape[-1] // 2)
+        weight = self.weight * self.weight_gain
+        if self.down:
+            x = F.conv2d(blur(x, padding=2), weight, self.bias, stride=2)
+        else:
+            x = F.conv2d(x, weight, self.bias, padding=self.weight.shape[-1] // 2)
         return F.leaky_relu(x, 0.2) * LRELU_GAIN if self.act else x
 
 
@@ -153,12 +178,12 @@ class MappingNetwork(nn.Module):
         self.register_buffer("w_avg", torch.zeros(w_dim))
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None,
-                truncation_psi: float = 1.0) -> torch.Tensor:
+                truncation_psi: float = 1.0, *, update_w_avg: bool = True) -> torch.Tensor:
         x = normalize_2nd_moment(z)
         if labels is not None:
             x = torch.cat([x, normalize_2nd_moment(self.embed(labels)).to(x.dtype)], 1)
         w = self.net(x)
-        if self.training:
+        if self.training and update_w_avg:
             with torch.no_grad():
                 self.w_avg.lerp_(w.detach().float().mean(0), 1 - self.w_avg_beta)
         if truncation_psi != 1:
@@ -210,11 +235,15 @@ class SynthesisNetwork(nn.Module):
 
 
 class Generator(Network):
+    truncation = "w"        # pipeline.generate: this G truncates in w (psi, cutoff), see `map`
+
     def __init__(self, *, resolution: int, channels: int, z_dim: int = Z_DIM, num_classes: int = 0,
-                 w_dim: int = 512, mapping_layers: int = 8, width: float = 1.0):
+                 w_dim: int = 512, mapping_layers: int = 8, width: float = 1.0, style_mixing: float = 0.0):
         super().__init__(resolution=resolution, channels=channels, num_classes=num_classes, z_dim=z_dim,
                          family="stylegan2", resolutions=RESOLUTIONS)
-        self.w_dim = w_dim
+        if not 0 <= style_mixing <= 1:
+            raise ValueError(f"style_mixing is a probability, got {style_mixing}")
+        self.w_dim, self.style_mixing = w_dim, float(style_mixing)
         self.mapping = MappingNetwork(z_dim, w_dim, num_classes, mapping_layers)
         self.synthesis = SynthesisNetwork(resolution=resolution, channels=channels, w_dim=w_dim, width=width)
         self.num_ws = self.synthesis.num_ws
@@ -222,15 +251,40 @@ class Generator(Network):
     def noise_shapes(self) -> list[tuple[int, ...]]:
         return self.synthesis.noise_shapes()
 
+    def map(self, z: torch.Tensor, labels: torch.Tensor | None = None, *, truncation_psi: float = 1.0,
+            truncation_cutoff: int | None = None) -> torch.Tensor:
+        """ws (N, num_ws, w_dim): one w per synthesis layer. Training mode mixes styles; psi != 1
+        truncates the first `truncation_cutoff` layers (all when None) towards `w_avg`."""
+        labels = self._check_labels(z, labels)
+        ws = self.mapping(z, labels)[:, None].expand(-1, self.num_ws, -1)
+        if self.training and self.style_mixing > 0:
+            # Per image: with probability p, layers from a random crossover c in [1, num_ws) on take
+            # their w from a second latent (its w does not enter the running mean, one draw per image).
+            n, layer = z.shape[0], torch.arange(self.num_ws, device=z.device)
+            w2 = self.mapping(torch.randn_like(z), labels, update_w_avg=False)
+            crossover = torch.randint(1, self.num_ws, (n,), device=z.device)
+            crossover = torch.where(torch.rand(n, device=z.device) < self.style_mixing, crossover, self.num_ws)
+            ws = torch.where((layer[None, :] >= crossover[:, None])[:, :, None], w2[:, None], ws)
+        if truncation_psi != 1:
+            cutoff = self.num_ws if truncation_cutoff is None else truncation_cutoff
+            if not 1 <= cutoff <= self.num_ws:
+                raise ValueError(f"truncation cutoff {truncation_cutoff}: this generator has {self.num_ws} w layers "
+                                 f"(1..{self.num_ws})")
+            # Truncation trick (StyleGAN 2019, Eq. 3): w' = w_avg + psi (w - w_avg), coarse layers first.
+            near = self.mapping.w_avg.to(ws.dtype).lerp(ws, truncation_psi)
+            ws = torch.where((torch.arange(self.num_ws, device=z.device) < cutoff)[None, :, None], near, ws)
+        return ws
+
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None,
                 noise: list[torch.Tensor] | None = None, *, truncation_psi: float = 1.0,
-                noise_mode: str = "random") -> torch.Tensor:
+                truncation_cutoff: int | None = None, noise_mode: str = "random", return_ws: bool = False):
         """`noise`: the per-pixel noise maps (see `noise_shapes`); None draws them as `noise_mode`
-        says: "random" from torch's global RNG (training), "const" the fixed buffers, or "none"."""
-        labels = self._check_labels(z, labels)
-        w = self.mapping(z, labels, truncation_psi)
-        img = self.synthesis(w[:, None].expand(-1, self.num_ws, -1), noise_mode, noise)
-        return img if self.training else img.clamp(-1, 1)
+        says: "random" from torch's global RNG (training), "const" the fixed buffers, or "none".
+        `return_ws`: (image, ws) instead of the image."""
+        ws = self.map(z, labels, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+        img = self.synthesis(ws, noise_mode, noise)
+        img = img if self.training else img.clamp(-1, 1)
+        return (img, ws) if return_ws else img
 
 
 def minibatch_stddev(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -247,11 +301,11 @@ class DBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.conv0 = EqualConv2d(c_in, c_in, 3)
-        self.conv1 = EqualConv2d(c_in, c_out, 3)
+        self.conv1 = EqualConv2d(c_in, c_out, 3, down=True)     # full-resolution grid, then half
         self.skip = EqualConv2d(c_in, c_out, 1, bias=False, act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(downsample(self.conv0(x)))
+        h = self.conv1(self.conv0(x))
         # 1/sqrt(2) keeps the variance of the sum equal to that of each branch.
         return (self.skip(downsample(x)) + h) * math.sqrt(0.5)
 
@@ -292,7 +346,7 @@ def build(cfg, *, resolution: int, channels: int, num_classes: int) -> tuple[Gen
                           "R1 instead); leave it unset or choose model.name=resnet")
     G = Generator(resolution=resolution, channels=channels, z_dim=cfg.z_dim or Z_DIM,
                   num_classes=num_classes, w_dim=cfg.w_dim, mapping_layers=cfg.mapping_layers,
-                  width=cfg.g_width)
+                  width=cfg.g_width, style_mixing=cfg.style_mixing)
     D = Discriminator(resolution=resolution, channels=channels, num_classes=num_classes,
                       width=cfg.d_width, mbstd_group=cfg.mbstd_group)
     return G, D
