@@ -26,8 +26,8 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
     from pipeline.data.sources import SOURCES
 
     p.add_argument("--source", required=True,
-                   help=f"one of: {', '.join(SOURCES.keys())}; folder/npz/cifar10 take :PATH "
-                        "(e.g. folder:~/images, npz:data.npz, cifar10:~/cifar-10-batches-py)")
+                   help=f"one of: {', '.join(SOURCES.keys())}; folder/npz/cifar10/hf take :PATH "
+                        "(e.g. folder:~/images, npz:data.npz, cifar10:~/cifar-10-batches-py, hf:~/saved_dataset)")
     p.add_argument("--out", required=True, type=Path, help="output directory (must not exist, or be empty)")
     p.add_argument("--resolution", type=int, default=None,
                    help="square side in pixels (default: the source's native size; required for folders)")
@@ -40,11 +40,40 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="encoding processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # Choices as in pipeline.data.prepare (not imported here: it loads webdataset, hence torch).
+    p.add_argument("--format", default="keep", choices=("keep", "png", "jpg", "webp"),
+                   help="stored encoding: keep (default) = a PNG/JPEG/WebP file's own bytes when it needs no "
+                        "resize, crop or mode change, else lossless PNG; png; jpg or webp at --quality")
+    p.add_argument("--quality", type=int, default=None, help="1..100 for --format jpg/webp (default 95; webp 100 = lossless)")
+    p.add_argument("--crop", default="center", choices=("center", "pad"),
+                   help="non-square images: center = centred square crop (default), pad = letterbox onto --background")
+    p.add_argument("--background", default="white", choices=("white", "black"),
+                   help="what transparent pixels are composited onto, and --crop pad's borders (default white)")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="folder: class labels from a StyleGAN dataset.json or a CSV of file,class "
+                        "(default: PATH/dataset.json if present, else one subfolder per class)")
+    p.add_argument("--image-column", default=None, help="hf: column with the images (default: the Image column)")
+    p.add_argument("--label-column", default=None, help="hf: column with the classes (default: 'label' if present)")
 
 
 def verify_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", type=Path, help="a directory written by `ganpipe prepare`")
     p.add_argument("--quiet", action="store_true", help="print only problems and the final line")
+
+
+def index_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data_dir", type=Path, help="a directory of webdataset shards (*.tar, *.tar.gz) without a manifest")
+    p.add_argument("--split", default="train",
+                   help="split of the shards whose name does not start with test-/val-/validation- (default train)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def export_arguments(p: argparse.ArgumentParser) -> None:
+    from pipeline.export import FORMATS
+
+    p.add_argument("--snapshot", required=True, type=Path, help="snapshot .json (or .safetensors) from RUN/snapshots")
+    p.add_argument("--format", required=True, choices=FORMATS, help="onnx (needs the export extra) or torchscript")
+    p.add_argument("--out", required=True, type=Path, help="file to write (e.g. G.onnx, G.pt); replaced atomically")
 
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,15 +97,32 @@ def sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=256,
                    help="images generated per group; G runs on 16-image micro-batches; does not change the images")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    _truncation_arguments(p)
 
 
-def _extractor_arguments(p: argparse.ArgumentParser) -> None:
-    from pipeline.metrics.features import EXTRACTORS, INCEPTION_ENV
+def _truncation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--psi", type=float, default=1.0,
+                   help="truncation psi: w = w_avg + psi (w - w_avg) (stylegan2; default 1 = none)")
+    p.add_argument("--cutoff", type=int, default=None,
+                   help="with --psi: truncate only the first CUTOFF w layers (default: all)")
 
-    p.add_argument("--extractor", default="inception", choices=EXTRACTORS.keys(),
-                   help="feature network (default inception, the published standard; mnist works offline)")
-    p.add_argument("--inception-weights", default=None,
-                   help=f"path of inception-2015-12-05.pt (default ${INCEPTION_ENV}, else clean-fid's /tmp path)")
+
+def _extractor_arguments(p: argparse.ArgumentParser, several: bool = False) -> None:
+    from pipeline.metrics.features import DINOV2_ENV, EXTRACTORS, INCEPTION_ENV
+
+    if several:     # eval/watch: one pass over the images feeds every extractor named
+        p.add_argument("--extractor", default="inception",
+                       help=f"feature network(s), comma-separated, from: {', '.join(EXTRACTORS.keys())} "
+                            "(default inception, the published standard; mnist works offline; "
+                            "dinov2-l14 gives FD_DINOv2)")
+    else:
+        p.add_argument("--extractor", default="inception", choices=EXTRACTORS.keys(),
+                       help="feature network (default inception, the published standard; mnist works offline)")
+    p.add_argument("--weights", "--inception-weights", dest="inception_weights", default=None, metavar="PATH",
+                   help="weights file of the extractor, or a directory holding each extractor's file "
+                        "(inception-2015-12-05.pt, dinov2_vitb14_pretrain.pth, dinov2_vitl14_pretrain.pth); "
+                        f"default ${INCEPTION_ENV} / ${DINOV2_ENV}, else clean-fid's /tmp path / torch hub's "
+                        "checkpoints folder; nothing is downloaded")
     p.add_argument("--batch-size", type=int, default=250,
                    help="images per generation/feature batch (generation rounds it up to a multiple of 16)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
@@ -91,16 +137,22 @@ def refstats_arguments(p: argparse.ArgumentParser) -> None:
 
 def _scoring_arguments(p: argparse.ArgumentParser) -> None:
     """What `eval` and `watch` share: the run, the protocol and the extractor."""
-    from pipeline.metrics.fid import METRICS
+    from pipeline.metrics.scores import METRICS, record_metrics
 
     p.add_argument("--run-dir", required=True, type=Path, help="run directory written by `ganpipe train`")
-    p.add_argument("--metrics", default="fid,kid", help=f"comma-separated, from: {', '.join(METRICS.keys())}")
+    p.add_argument("--metrics", default="fid,kid",
+                   help=f"comma-separated, from: {', '.join(METRICS.keys())} (pr: precision and recall, "
+                        "dc: density and coverage, is: Inception Score; default fid,kid)")
+    p.add_argument("--best-metric", default=None,
+                   help=f"metric(s) best.json ranks snapshots by, comma-separated, from: {', '.join(record_metrics())} "
+                        "(default fid,kid)")
     p.add_argument("--num-gen", type=int, default=None,
                    help="images generated per snapshot (default: 50000 inception, 10000 mnist)")
     p.add_argument("--split", default="train", help="reference split of the run's data (default train)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images and of KID's subsets")
     p.add_argument("--data", type=Path, default=None, help="reference data dir (default: data.path of the run)")
-    _extractor_arguments(p)
+    _truncation_arguments(p)            # part of the protocol: recorded with every score
+    _extractor_arguments(p, several=True)
 
 
 def eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -116,6 +168,15 @@ def watch_arguments(p: argparse.ArgumentParser) -> None:
     _scoring_arguments(p)
     p.add_argument("--interval", type=float, default=60.0, help="seconds between polls (default 60)")
     p.add_argument("--once", action="store_true", help="score what is pending, then exit (no polling)")
+
+
+def compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories with metrics.jsonl")
+    p.add_argument("--metric", default="fid",
+                   help="metric(s) to compare, comma-separated: fid, kid, precision, recall, density, coverage, "
+                        "is, or a full name such as fid_inception (default fid)")
+    p.add_argument("--extractor", default=None, help="only this extractor's scores (when runs hold several)")
+    p.add_argument("--out", type=Path, default=Path("compare.png"), help="figure to write (default compare.png)")
 
 
 # -- benchmarks ----------------------------------------------------------------------------------
@@ -238,15 +299,21 @@ COMMANDS: dict[str, tuple[str, str, Callable]] = {
     "prepare": ("pipeline.data.prepare", "turn an image collection into webdataset shards + manifest",
                 prepare_arguments),
     "verify": ("pipeline.data.verify", "re-hash and decode every shard of a prepared directory", verify_arguments),
+    "index": ("pipeline.data.index", "write the manifest for webdataset shards made elsewhere (then verify, train)",
+              index_arguments),
     "train": ("pipeline.training.run_config", "train a GAN (resumes RUN automatically); see configs/",
               train_arguments),
     "sample": ("pipeline.generate", "write images or a grid from a snapshot", sample_arguments),
+    "export": ("pipeline.export", "a snapshot's EMA generator as ONNX or TorchScript, checked against PyTorch",
+               export_arguments),
     "refstats": ("pipeline.metrics.refstats", "compute and cache reference feature statistics of a data split",
                  refstats_arguments),
-    "eval": ("pipeline.metrics.commands", "score snapshots of a run (FID/KID) and record the protocol",
+    "eval": ("pipeline.metrics.commands", "score snapshots of a run (FID, KID, P/R, D/C, IS) and record the protocol",
              eval_arguments),
     "watch": ("pipeline.metrics.commands", "score each new snapshot of a run once, until training finishes",
               watch_arguments),
+    "compare": ("pipeline.metrics.compare", "plot several runs' scores against kimg; table of each run's best",
+                compare_arguments),
     "config": ("pipeline.catalog", "print the resolved config of a YAML file plus key=value overrides",
                config_arguments),
     "bench": ("pipeline.bench", "run a benchmark and print its measurements as JSON", bench_arguments),

@@ -60,18 +60,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = opt("dcgan", registry="network")  # network family (mlp, dcgan, resnet, stylegan2, r3gan)
-    z_dim: int = opt(0, min=0, max=65536)          # latent numbers per sample (0 = family default: 100, 128 resnet, 512 stylegan2, 64 r3gan)
+    name: str = opt("dcgan", registry="network")  # network family (mlp, dcgan, resnet, biggan, stylegan2, r3gan)
+    z_dim: int = opt(0, min=0, max=65536)          # latent numbers per sample (0 = family default: 100, 128 resnet, 512 stylegan2, 64 r3gan, biggan 128/120/120/140 at 32/64/128/256 px, in equal chunks)
     g_width: float = opt(1.0, min=1e-3, max=64.0)  # multiplier on G's published layer widths (feature maps or units)
     d_width: float = opt(1.0, min=1e-3, max=64.0)  # multiplier on D's published layer widths (feature maps or units)
     conditional: bool = opt(False)      # class-conditional G and D; needs labelled data
-    spectral_norm: bool | None = opt(None)  # spectral norm in D (null = family default: on for resnet only)
+    spectral_norm: bool | None = opt(None)  # spectral norm in D, and in G for biggan (null = family default: on for resnet and biggan only)
     blocks_per_stage: int = opt(0, min=0, max=64)  # r3gan: residual blocks at each side in G and in D (0 = family default: 2)
     expansion: int = opt(0, min=0, max=64)         # r3gan: a residual block's hidden maps per input map (0 = family default: 2)
     group_width: int = opt(0, min=0, max=65536)    # r3gan: maps per group of the grouped 3x3 conv (0 = family default: 16)
     w_dim: int = opt(512, min=1, max=65536)        # stylegan2: numbers in the intermediate latent w
     mapping_layers: int = opt(8, min=1, max=64)  # stylegan2: fully connected layers in the mapping network
     mbstd_group: int = opt(4, min=0, max=1024)    # stylegan2: samples per minibatch-stddev group (0 = no mbstd layer)
+    attention_res: int = opt(64, choices=(0, 4, 8, 16, 32, 64, 128, 256))  # biggan: side in pixels after which G and D have a self-attention block (0 = none; a network without that side has none)
     style_mixing: float = opt(0.9, min=0.0, max=1.0)  # stylegan2: probability that a training image takes its w from a second z from a random layer on (0 = off)
 
 
@@ -117,7 +118,7 @@ class TrainConfig:
     d_lr: float = opt(2e-4, min=0.0)             # Adam learning rate of D
     g_betas: list[float] = opt([0.5, 0.999], min=0.0, below=1.0, length=2)     # Adam (beta1, beta2) of G
     d_betas: list[float] = opt([0.5, 0.999], min=0.0, below=1.0, length=2)     # Adam (beta1, beta2) of D
-    lazy_adjust: bool = opt(True)                # scale D's lr and betas by k/(k+1) for a penalty every k steps (StyleGAN2)
+    lazy_adjust: bool = opt(True)                # scale D's (G's) lr and betas by k/(k+1) for a D (G) penalty every k D (G) steps (StyleGAN2)
     n_critic: int = opt(1, min=1, max=1000)                # D steps per G step (5 for WGAN)
     ema_halflife_kimg: float = opt(10.0, min=0.0)  # half-life of G's EMA in kimg (0 = EMA is a plain copy)
     ema_rampup: float = opt(0.05, min=0.0)       # EMA half-life at most this x kimg seen (0 = no ramp-up)
@@ -133,6 +134,7 @@ class TrainConfig:
     ada_interval: int = opt(4, min=1, max=10_000)  # D steps between adjustments of p
     ada_p_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # course of a fixed p (ada_target=0)
     max_nonfinite_steps: int = opt(10, min=1, max=1_000_000)    # consecutive skipped (inf/NaN) steps that stop the run
+    adam_impl: str = opt("fused", choices=("fused", "foreach", "for-loop"))  # torch's Adam implementation (fused: one kernel, skips without a host read)
     grid_size: int = opt(64, min=1, max=4096)              # images in the fixed-z sample grid
     threads: int = opt(0, min=0, max=4096)                 # torch CPU threads per process (0 = cores / local processes)
     peer_timeout_s: float = opt(300.0, min=1.0, max=86400.0)  # a collective waiting longer for another rank ends the run

@@ -199,6 +199,8 @@ class Preemption:
     def __init__(self):
         self.flag = False
         self._old: dict = {}
+        self._pending = None                # (work, flags) of the all-reduce issued by the last check
+        self._group = None
 
     def __enter__(self) -> "Preemption":
         self._old = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
@@ -208,6 +210,9 @@ class Preemption:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
+        if self._pending is not None and exc[0] is None:
+            self._pending[0].wait()         # every rank issued it: let it finish before the group goes
+        self._pending = None
 
     def _handler(self, signum, frame) -> None:
         if signum == signal.SIGINT:
@@ -219,12 +224,25 @@ class Preemption:
                         b"(press Ctrl-C again to abort without one)\n")
         self.flag = True
 
-    def requested(self, device: torch.device) -> bool:
-        """Whether any rank received a signal (a collective: every rank calls it at the same step)."""
+    def requested(self) -> bool:
+        """Whether any rank had received a signal by the previous call: a collective, so every rank
+        calls it at the same steps and all get the same answer. With several processes the flags
+        travel in a non-blocking all-reduce on a CPU (gloo) group, issued at one call and read at
+        the next, so the check never waits for the accelerator (one step later than a blocking
+        check would see it)."""
         if not _group():
             return self.flag
-        t = torch.tensor([1.0 if self.flag else 0.0], device=device)
-        return bool(all_reduce_max(t).item())
+        seen = False
+        if self._pending is not None:
+            work, flags = self._pending
+            work.wait()                      # issued one step ago: done by now on every rank
+            seen = bool(flags.item())        # a CPU tensor: no device synchronisation
+        flags = torch.tensor([1 if self.flag else 0], dtype=torch.int32)
+        if self._group is None:
+            self._group = (_dist.group.WORLD if _dist.get_backend() == "gloo"
+                           else _dist.new_group(backend="gloo"))   # a CPU group beside NCCL
+        self._pending = (_dist.all_reduce(flags, op=_dist.ReduceOp.MAX, group=self._group, async_op=True), flags)
+        return seen
 
 
 # ------------------------------------------------------------------------------------------------

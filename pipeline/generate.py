@@ -3,6 +3,7 @@ trainer's tick grid and `ganpipe eval` all call `images()` here, and one grid wr
 
     ganpipe sample --snapshot RUN/snapshots/snapshot-000200000.json --num 64 --out grid.png
     ganpipe sample --snapshot ... --num 1000 --start 5000 --out samples/ --label 3 --seed 1
+    ganpipe sample --snapshot ... --num 64 --psi 0.7 --cutoff 8 --out truncated.png
 
     x = images(G, seed=0, start=0, count=64)           # float32 (64, C, H, W) in [-1, 1], on the CPU
     grid = save_grid(x, RUN / "samples" / "fakes-000004000.png")
@@ -25,6 +26,13 @@ the range are computed and dropped); `batch` only groups how many images are dra
 the device at once. This holds for one device type, library build and thread count: a GPU gives
 other bits than a CPU. Changing `MICRO_BATCH` or how inputs are drawn changes images, hence
 `SEEDING`, which ganpipe eval records as part of the protocol.
+
+Truncation (`psi`, `cutoff`): psi = 1 leaves the images bit for bit as without it. Otherwise a
+generator that truncates in w (stylegan2, `G.truncation == "w"`) moves the ws of its first
+`cutoff` layers (all when None) to w_avg + psi (w - w_avg); a generator with a `truncate_z(z, psi)`
+method (a per-row, deterministic map, e.g. BigGAN's truncation trick) gets its latents passed
+through it; any other generator refuses psi != 1 naming its family. Truncation acts per image, so
+the properties above hold for every psi; eval records psi and cutoff as part of the protocol.
 
 Changed in the refactor that introduced this module: `ganpipe sample --seed S` used to draw all
 latents from one generator seeded with S and ran G in --batch-sized forwards, and
@@ -97,15 +105,40 @@ def labels_for(G: torch.nn.Module, start: int, count: int, label: int | None = N
     return torch.full((count,), label, dtype=torch.long)
 
 
+def truncation(G: torch.nn.Module, psi: float = 1.0, cutoff: int | None = None):
+    """(z -> z, keyword arguments of G's forward) that apply truncation `psi` (and `cutoff`) to G,
+    or a UserError saying why this G cannot. psi = 1 changes nothing, whatever the cutoff."""
+    if not math.isfinite(psi):
+        raise UserError(f"--psi {psi}: must be a finite number (1 = no truncation)")
+    if cutoff is not None and cutoff < 1:
+        raise UserError(f"--cutoff {cutoff}: must be at least 1 (the number of w layers truncated)")
+    if psi == 1:
+        return (lambda z: z), {}
+    family = type(G).__module__.rsplit(".", 1)[-1]
+    if getattr(G, "truncation", None) == "w":
+        if cutoff is not None and cutoff > G.num_ws:
+            raise UserError(f"--cutoff {cutoff}: this {family} generator has {G.num_ws} w layers")
+        return (lambda z: z), {"truncation_psi": psi, "truncation_cutoff": cutoff}
+    if callable(getattr(G, "truncate_z", None)):
+        if cutoff is not None:
+            raise UserError(f"--cutoff {cutoff}: the {family} generator truncates its latent z, which has no "
+                            "layers; leave --cutoff out")
+        return (lambda z: G.truncate_z(z, psi)), {}
+    raise UserError(f"--psi {psi}: the {family} generator has no truncation trick (stylegan2 truncates w; "
+                    "use --psi 1 for this one)")
+
+
 @torch.no_grad()
 def images(G: torch.nn.Module, *, seed: int, start: int = 0, count: int, label: int | None = None,
-           device: str | torch.device | None = None, batch: int = 256) -> torch.Tensor:
+           device: str | torch.device | None = None, batch: int = 256, psi: float = 1.0,
+           cutoff: int | None = None) -> torch.Tensor:
     """Images start..start+count-1 of `seed`: float32 on the CPU, (count, C, H, W) (flat data:
     (count, C)), in [-1, 1]. G runs in eval mode (restored afterwards) on `device` (default: where
     its parameters are); `batch` images are drawn and moved per group (rounded up to a multiple of
-    MICRO_BATCH) and changes nothing in the result."""
+    MICRO_BATCH) and changes nothing in the result. `psi`, `cutoff`: truncation (see `truncation`)."""
     if start < 0 or count < 0 or batch < 1:
         raise ValueError(f"start ({start}) and count ({count}) must be >= 0 and batch ({batch}) >= 1")
+    truncate_z, trunc = truncation(G, psi, cutoff)
     device = torch.device(device) if device is not None else next(G.parameters()).device
     group = math.ceil(batch / MICRO_BATCH) * MICRO_BATCH
     end = start + count
@@ -118,13 +151,14 @@ def images(G: torch.nn.Module, *, seed: int, start: int = 0, count: int, label: 
         for lo in range(first, end, group):
             hi = min(lo + group, math.ceil(end / MICRO_BATCH) * MICRO_BATCH)   # whole micro-batches
             z, noise = draw(G, seed, lo, hi - lo)
+            z = truncate_z(z)
             labels = labels_for(G, lo, hi - lo, label)
             z, noise = z.to(device), [n.to(device) for n in noise]
             labels = None if labels is None else labels.to(device)
             parts = []
             for m in range(0, hi - lo, MICRO_BATCH):
                 sl = slice(m, m + MICRO_BATCH)
-                parts.append(G(z[sl], None if labels is None else labels[sl], noise=[n[sl] for n in noise]))
+                parts.append(G(z[sl], None if labels is None else labels[sl], noise=[n[sl] for n in noise], **trunc))
             x = torch.cat(parts).float().cpu()
             out.append(x[max(start, lo) - lo:min(end, hi) - lo])
     finally:
@@ -192,7 +226,9 @@ def sample_command(args: argparse.Namespace) -> int:
         raise UserError(f"--label {args.label} given but {args.snapshot} is unconditional")
     if args.label is not None and not 0 <= args.label < G.num_classes:
         raise UserError(f"--label {args.label} outside 0..{G.num_classes - 1} (classes of {args.snapshot})")
-    kw = dict(seed=args.seed, label=args.label, device=device, batch=args.batch)
+    psi, cutoff = getattr(args, "psi", 1.0), getattr(args, "cutoff", None)
+    truncation(G, psi, cutoff)          # refuse a psi this G cannot apply before writing anything
+    kw = dict(seed=args.seed, label=args.label, device=device, batch=args.batch, psi=psi, cutoff=cutoff)
     if args.out.suffix.lower() == ".png":
         save_grid(images(G, start=args.start, count=args.num, **kw), args.out)
     else:
@@ -202,6 +238,7 @@ def sample_command(args: argparse.Namespace) -> int:
         for lo in range(args.start // MICRO_BATCH * MICRO_BATCH, end, step):
             first, last = max(lo, args.start), min(lo + step, end)
             save_pngs(images(G, start=first, count=last - first, **kw), args.out, start=first)
-    print(f"wrote {args.num} images (seed {args.seed}, indices {args.start}..{args.start + args.num - 1}) "
+    trunc = f", psi {psi}" + (f" cutoff {cutoff}" if cutoff is not None else "") if psi != 1 else ""
+    print(f"wrote {args.num} images (seed {args.seed}, indices {args.start}..{args.start + args.num - 1}{trunc}) "
           f"from {args.snapshot} (kimg {meta['kimg']:.1f}) to {args.out}")
     return 0

@@ -213,7 +213,7 @@ def input_gradients(logits: Tensor, x: Tensor, scaler=None) -> Tensor:
     (grad,) = torch.autograd.grad(out, x, create_graph=True)
     grad = grad.float()
     if scaled:
-        grad = grad * (1.0 / scaler.get_scale())
+        grad = grad / scaler.scale(torch.ones((), device=grad.device))   # the scale, read on the device
     return grad
 
 
@@ -393,7 +393,9 @@ class PathLength(GPenalty):
     def __call__(self, G: nn.Module, z: Tensor, labels: Tensor | None = None, *,
                  scaler=None) -> tuple[Tensor, dict[str, Tensor]]:
         lengths, img = self.lengths(G, z, labels, scaler)
-        mean = dist.all_reduce_sum(lengths.detach().mean().clone()) / dist.world_size()
+        # The mean over every process (sum of the means and of the process count: 1 without a group).
+        total = dist.all_reduce_sum(torch.stack([lengths.detach().mean(), torch.ones((), device=lengths.device)]))
+        mean = total[0] / total[1]
         pl_mean = self.pl_mean.to(mean.device)
         # A non-finite mean (an fp16 overflow, whose step the scaler skips) leaves a unchanged.
         self.pl_mean = torch.where(torch.isfinite(mean), pl_mean.lerp(mean, self.decay), pl_mean)

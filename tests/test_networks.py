@@ -8,10 +8,11 @@ import torch.nn.functional as F
 
 from pipeline.catalog import from_dict
 from pipeline.config import ConfigError, ModelConfig
-from pipeline.networks import NETWORKS, build_networks, dcgan, mlp, param_count, resnet, stylegan2
+from pipeline.networks import (NETWORKS, biggan, build_networks, dcgan, mlp, param_count, r3gan, resnet,
+                               stylegan2)
 
 RESOLUTIONS = {"mlp": (0, 28, 32, 48), "dcgan": dcgan.RESOLUTIONS, "resnet": resnet.RESOLUTIONS,
-               "stylegan2": stylegan2.RESOLUTIONS}
+               "stylegan2": stylegan2.RESOLUTIONS, "r3gan": r3gan.RESOLUTIONS, "biggan": biggan.RESOLUTIONS}
 CASES = [(name, res, classes) for name in NETWORKS.keys() for res in RESOLUTIONS[name] for classes in (0, 4)]
 
 
@@ -26,10 +27,10 @@ def build(name, resolution, classes=0, channels=3, conditional=None, **kw):
 
 
 def test_registry_serves_every_family():
-    assert NETWORKS.keys() == ["dcgan", "mlp", "resnet", "stylegan2"]
+    assert NETWORKS.keys() == ["biggan", "dcgan", "mlp", "r3gan", "resnet", "stylegan2"]
     assert from_dict({"model": {"name": "stylegan2"}}).model.name == "stylegan2"
-    with pytest.raises(ConfigError, match=r"model\.name.*dcgan, mlp, resnet, stylegan2"):
-        from_dict({}, ["model.name=biggan"])
+    with pytest.raises(ConfigError, match=r"model\.name.*biggan, dcgan, mlp, r3gan, resnet, stylegan2"):
+        from_dict({}, ["model.name=biggan-deep"])
 
 
 @pytest.mark.parametrize("name, resolution, classes", CASES)

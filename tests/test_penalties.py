@@ -38,7 +38,9 @@ def _batch(seed=0):
 
 
 def test_registry_and_config_serve_every_penalty():
-    assert PENALTIES.keys() == ["r1", "r2", "wgan-gp"]
+    assert PENALTIES.keys() == ["ortho", "pl", "r1", "r2", "wgan-gp"]
+    assert {k: PENALTIES.get(k).side for k in PENALTIES.keys()} == {
+        "ortho": "G", "pl": "G", "r1": "D", "r2": "D", "wgan-gp": "D"}
     assert build_penalty(LossConfig(penalty="none")) is None
     p = build_penalty(LossConfig(penalty="r1", penalty_weight=0.5, penalty_interval=16))
     assert isinstance(p, R1) and (p.weight, p.interval) == (0.5, 16)

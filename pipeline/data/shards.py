@@ -61,6 +61,23 @@ def encode_png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def encode_image(image: Image.Image, ext: str, quality: int = 95) -> bytes:
+    """An L or RGB image as the entry `ext` of a sample: png (lossless), jpg or webp at `quality`
+    (1..100; webp 100 is lossless WebP). Deterministic: the same pixels give the same bytes."""
+    if ext == "png":
+        return encode_png(image)
+    buf = io.BytesIO()
+    if ext == "jpg":
+        image.save(buf, format="JPEG", quality=quality, optimize=True)
+    elif ext == "webp":
+        if image.mode != "RGB":
+            raise ValueError(f"WebP stores RGB, not mode {image.mode}: use png or jpg for greyscale")
+        image.save(buf, format="WEBP", quality=quality, lossless=quality == 100, method=4)
+    else:
+        raise ValueError(f"cannot encode an image entry as {ext!r} (png, jpg or webp)")
+    return buf.getvalue()
+
+
 # ---------------------------------------------------------------------------------------------
 # Header checks: the cheap part of a decode, done before any decoder allocates or reads rows.
 

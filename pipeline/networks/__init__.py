@@ -13,14 +13,17 @@ noise=[...])` with the per-image noise maps of `G.noise_shapes()` (stylegan2; []
 - `mlp`: fully connected GAN (Goodfellow et al. 2014), any resolution and flat data.
 - `dcgan`: Radford et al. 2016, 28/32/64/128/256 pixels, optional spectral norm in D.
 - `resnet`: SNGAN/BigGAN residual networks, spectral norm in D, conditional BN + projection D.
+- `biggan`: Brock et al. 2019, 32/64/128/256 pixels: hierarchical z and a shared class embedding
+  feeding linear conditional BN, self-attention at `model.attention_res`, spectral norm in G and
+  D, orthogonal init; `G.truncate_z(z, threshold)` for the truncation trick.
 - `stylegan2`: Karras et al. 2020, mapping network, modulated convs, skip G, residual D. Its G
   clamps to [-1, 1] in eval mode only; in training mode it returns the raw output, as the paper.
 - `r3gan`: Huang et al. 2024 (R3GAN's backbone), residual blocks with grouped convs and fix-up
   initialisation, no normalisation; 28/32/64/128/256 pixels. Eval-mode clamp as stylegan2.
 
-Class conditioning: G takes a label embedding (concatenated to z for mlp/dcgan, conditional
-BatchNorm for resnet, into the mapping network for stylegan2, concatenated to z for r3gan); every D is a projection
-discriminator (Miyato & Koyama 2018).
+Class conditioning: G takes a label embedding (concatenated to z for mlp/dcgan/r3gan, conditional
+BatchNorm for resnet, with the z chunks for biggan, into the mapping network for stylegan2);
+every D is a projection discriminator (Miyato & Koyama 2018).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.networks import dcgan, mlp, r3gan, resnet, stylegan2
+from pipeline.networks import biggan, dcgan, mlp, r3gan, resnet, stylegan2
 from pipeline.networks.base import param_count
 from pipeline.registry import Registry
 
@@ -37,6 +40,7 @@ NETWORKS = Registry("network")
 NETWORKS.register("mlp")(mlp.build)
 NETWORKS.register("dcgan")(dcgan.build)
 NETWORKS.register("resnet")(resnet.build)
+NETWORKS.register("biggan")(biggan.build)
 NETWORKS.register("stylegan2")(stylegan2.build)
 NETWORKS.register("r3gan")(r3gan.build)
 

@@ -5,6 +5,11 @@ LeakyReLU(0.2), optional spectral norm. D has no BatchNorm: it would couple the 
 which breaks the per-sample gradient penalties (WGAN-GP paper, Sec. 4) and DDP with two forwards.
 Widths follow the paper (64 feature maps at the image side, doubling per halving, at most 512),
 times `model.g_width`/`model.d_width`.
+
+Initialisation as the paper (Sec. 4): every conv and transposed-conv weight N(0, 0.02); BatchNorm
+gains N(1, 0.02) and biases 0 (the authors' code and the PyTorch example); conv biases (D's) 0.
+The label embedding of a conditional G keeps PyTorch's N(0, 1), the same law as the z it is
+concatenated to (the paper has no classes).
 """
 
 from __future__ import annotations
@@ -18,6 +23,18 @@ from pipeline.networks.base import (Network, projection, resolution_plan,
 RESOLUTIONS = (28, 32, 64, 128, 256)
 BASE, MAX_MULT = 64, 8
 Z_DIM = 100
+
+
+def init(module: nn.Module) -> nn.Module:
+    """Radford et al.'s initialisation of one conv, transposed conv or BatchNorm; returns it (call
+    before spectral norm wraps a layer, so its u and v start from the final weight)."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+    return module
 
 
 def _widths(steps: int, base: int) -> list[int]:
@@ -40,7 +57,7 @@ class Generator(Network):
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
         layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(*layers).apply(init)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None,
                 noise: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -59,10 +76,10 @@ class Discriminator(Network):
         layers: list[nn.Module] = []
         c_in = channels
         for c_out in widths:
-            layers += [sn(nn.Conv2d(c_in, c_out, 4, 2, 1), spectral_norm), nn.LeakyReLU(0.2)]
+            layers += [sn(init(nn.Conv2d(c_in, c_out, 4, 2, 1)), spectral_norm), nn.LeakyReLU(0.2)]
             c_in = c_out
         self.features = nn.Sequential(*layers)
-        self.out = sn(nn.Conv2d(c_in, 1, start, 1, 0), spectral_norm)
+        self.out = sn(init(nn.Conv2d(c_in, 1, start, 1, 0)), spectral_norm)
         self.embed = sn(nn.Embedding(num_classes, c_in), spectral_norm) if num_classes else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -160,7 +160,7 @@ class GenerativeBasis(nn.Module):
         self.linear = _init(nn.Linear(in_dim, channels, bias=False), 1.0)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.basis[None].to(latent.dtype) * self.linear(latent)[:, :, None, None]
+        return self.basis[None] * self.linear(latent)[:, :, None, None]
 
 
 def _blocks(channels: int, count: int, expansion: int, group_width: int, total: int) -> list[nn.Module]:
@@ -177,7 +177,8 @@ class Generator(Network):
         start, steps = resolution_plan(resolution)
         ch = [scaled(stage_width(start * 2 ** i), width) for i in range(steps + 1)]
         total = blocks * len(ch)
-        # The class embedding is as long as z and concatenated to it (the paper's conditional G).
+        # The class embedding is as long as z, N(0, 1) like z, and concatenated to it (the paper's
+        # conditional G).
         self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
         self.basis = GenerativeBasis(z_dim * (2 if num_classes else 1), ch[0], start)
         stages = [nn.Sequential(*_blocks(ch[0], blocks, expansion, group_width, total))]

@@ -4,11 +4,21 @@ G: z -> linear to start x start -> residual up-blocks (BN, ReLU, 2x nearest up, 
 1x1 conv shortcut) -> BN, ReLU, 3x3 conv, Tanh. With classes the BatchNorms are class-conditional
 (per-class gain and bias, de Vries et al. 2017 as used in the projection-discriminator paper).
 D: residual down-blocks, spectral norm on every layer, ReLU, global sum pooling, linear; with classes
-a projection term (Miyato & Koyama 2018). Width tables follow BigGAN's (ch = 64, times multipliers);
-32 and 28 pixels follow SNGAN's CIFAR networks (256 maps in G, 128 in D).
+a projection term (Miyato & Koyama 2018). Width tables follow BigGAN's (ch = 64, times the multipliers
+of BigGAN-PyTorch's G_arch/D_arch at 64, 128 and 256 pixels); 32 and 28 pixels follow SNGAN's CIFAR
+networks (256 maps in G, 128 in D).
+
+Initialisation as SNGAN's chainer reference and Mimicry: Xavier-uniform weights, gain sqrt(2) in the
+two 3x3 convs of every residual block and gain 1 in the 1x1 shortcuts, the linear layers, the class
+embedding of D and G's output conv; biases 0 (chainer's default; Mimicry leaves PyTorch's uniform
+biases). Conditional BN gains start at N(1, 0.02) per class, biases at 0 (Mimicry's cGAN-PD).
+`pipeline.networks.biggan` builds on these blocks with its own initialisation.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +30,7 @@ from pipeline.networks.base import (Network, projection, resolution_plan,
 BASE = 64
 Z_DIM = 128
 # Channel multipliers of G at each side, from the start side up to the image side.
-G_MULTS = {28: (4, 4, 4), 32: (4, 4, 4, 4), 64: (16, 8, 4, 2, 1), 128: (16, 16, 8, 4, 2, 1),
+G_MULTS = {28: (4, 4, 4), 32: (4, 4, 4, 4), 64: (16, 16, 8, 4, 2), 128: (16, 16, 8, 4, 2, 1),
            256: (16, 16, 8, 8, 4, 2, 1)}
 # D blocks as (channel multiplier, halves the side), from the image side down.
 D_BLOCKS = {28: ((2, True), (2, True), (2, False)),
@@ -29,6 +39,18 @@ D_BLOCKS = {28: ((2, True), (2, True), (2, False)),
             128: ((1, True), (2, True), (4, True), (8, True), (16, True), (16, False)),
             256: ((1, True), (2, True), (4, True), (8, True), (8, True), (16, True), (16, False))}
 RESOLUTIONS = tuple(sorted(G_MULTS))
+RES_GAIN = math.sqrt(2.0)     # Xavier gain of the 3x3 convs inside a residual block (SNGAN)
+
+Init = Callable[[nn.Module, float], nn.Module]
+
+
+def xavier(module: nn.Module, gain: float = 1.0) -> nn.Module:
+    """SNGAN's initialisation of one layer: Xavier-uniform weight with `gain`, zero bias; returns it
+    (call before spectral norm wraps the layer, so its u and v start from the final weight)."""
+    nn.init.xavier_uniform_(module.weight, gain)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+    return module
 
 
 class ConditionalBatchNorm(nn.Module):
@@ -53,13 +75,13 @@ class ConditionalBatchNorm(nn.Module):
 
 
 class GBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, num_classes: int):
+    def __init__(self, c_in: int, c_out: int, num_classes: int, init: Init = xavier):
         super().__init__()
         self.bn1 = ConditionalBatchNorm(c_in, num_classes)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.conv1 = init(nn.Conv2d(c_in, c_out, 3, 1, 1), RES_GAIN)
         self.bn2 = ConditionalBatchNorm(c_out, num_classes)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
-        self.shortcut = nn.Conv2d(c_in, c_out, 1)
+        self.conv2 = init(nn.Conv2d(c_out, c_out, 3, 1, 1), RES_GAIN)
+        self.shortcut = init(nn.Conv2d(c_in, c_out, 1), 1.0)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         h = F.interpolate(F.relu(self.bn1(x, labels)), scale_factor=2)
@@ -70,12 +92,14 @@ class GBlock(nn.Module):
 class DBlock(nn.Module):
     """Pre-activation residual block; the first block skips its leading ReLU (SNGAN's "optimized" block)."""
 
-    def __init__(self, c_in: int, c_out: int, down: bool, first: bool, spectral_norm: bool):
+    def __init__(self, c_in: int, c_out: int, down: bool, first: bool, spectral_norm: bool,
+                 init: Init = xavier):
         super().__init__()
         self.down, self.first = down, first
-        self.conv1 = sn(nn.Conv2d(c_in, c_out, 3, 1, 1), spectral_norm)
-        self.conv2 = sn(nn.Conv2d(c_out, c_out, 3, 1, 1), spectral_norm)
-        self.shortcut = sn(nn.Conv2d(c_in, c_out, 1), spectral_norm) if (c_in != c_out or down) else None
+        self.conv1 = sn(init(nn.Conv2d(c_in, c_out, 3, 1, 1), RES_GAIN), spectral_norm)
+        self.conv2 = sn(init(nn.Conv2d(c_out, c_out, 3, 1, 1), RES_GAIN), spectral_norm)
+        self.shortcut = (sn(init(nn.Conv2d(c_in, c_out, 1), 1.0), spectral_norm)
+                         if (c_in != c_out or down) else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x if self.first else F.relu(x)
@@ -100,10 +124,10 @@ class Generator(Network):
                          family="resnet", resolutions=RESOLUTIONS)
         self.start, _ = resolution_plan(resolution)
         widths = [base * m for m in G_MULTS[resolution]]
-        self.linear = nn.Linear(z_dim, widths[0] * self.start ** 2)
+        self.linear = xavier(nn.Linear(z_dim, widths[0] * self.start ** 2))
         self.blocks = nn.ModuleList(GBlock(a, b, num_classes) for a, b in zip(widths[:-1], widths[1:]))
         self.bn = nn.BatchNorm2d(widths[-1])
-        self.to_image = nn.Conv2d(widths[-1], channels, 3, 1, 1)
+        self.to_image = xavier(nn.Conv2d(widths[-1], channels, 3, 1, 1))
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None,
                 noise: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -125,8 +149,8 @@ class Discriminator(Network):
             blocks.append(DBlock(c_in, base * mult, down, first=(i == 0), spectral_norm=spectral_norm))
             c_in = base * mult
         self.blocks = nn.Sequential(*blocks)
-        self.out = sn(nn.Linear(c_in, 1), spectral_norm)
-        self.embed = sn(nn.Embedding(num_classes, c_in), spectral_norm) if num_classes else None
+        self.out = sn(xavier(nn.Linear(c_in, 1)), spectral_norm)
+        self.embed = sn(xavier(nn.Embedding(num_classes, c_in)), spectral_norm) if num_classes else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         labels = self._check_labels(x, labels)

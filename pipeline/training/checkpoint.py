@@ -1,7 +1,8 @@
 """Full training checkpoints for exact resume, written atomically; the newest K are kept.
 
     RUN/checkpoints/ckpt-000012345/state.pt      G, D, G_ema, both optimizers and scalers,
-                                                 counters, resolved config (written by rank 0)
+                                                 counters, ADA's p, penalty state (pl's mean),
+                                                 resolved config (written by rank 0)
     RUN/checkpoints/ckpt-000012345/rank-0003.pt  that rank's RNG states and loader position
 
 Every file goes into `.ckpt-....tmp-partial/` first and the directory is renamed when all ranks have

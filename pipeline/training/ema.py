@@ -1,7 +1,7 @@
 """Exponential moving average of G, with the half-life counted in images (StyleGAN2-ADA style).
 
     ema = EMA(G, halflife_kimg=10, rampup=0.05)
-    ema.update(G, cur_nimg=..., batch=...)     # after each real G optimizer step only
+    ema.update(G, cur_nimg=..., batch=..., taken=ok)   # after each G step; a skipped one (ok False) moves nothing
 
 beta = 0.5 ** (batch / halflife_nimg), with halflife_nimg = min(halflife_kimg * 1000,
 rampup * cur_nimg) during the ramp-up: the average forgets the random initial weights quickly,
@@ -30,10 +30,17 @@ class EMA:
         return 0.5 ** (batch / max(halflife_nimg, 1e-8))
 
     @torch.no_grad()
-    def update(self, G: nn.Module, cur_nimg: int, batch: int) -> float:
+    def update(self, G: nn.Module, cur_nimg: int, batch: int, taken: torch.Tensor | None = None) -> float:
+        """Move towards G; `taken` (a device bool from `phases.step`) masks the move on the device,
+        so a skipped G step leaves the average alone without a host read."""
         beta = self.beta(cur_nimg, batch)
+        params = list(self.model.parameters())
         # One fused call over all tensors: per-parameter lerp_ calls cost more than the math.
-        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in G.parameters()], 1.0 - beta)
+        if taken is None:
+            torch._foreach_lerp_(params, [p.detach() for p in G.parameters()], 1.0 - beta)
+        else:
+            weight = taken.to(params[0].dtype) * (1.0 - beta)
+            torch._foreach_lerp_(params, [p.detach() for p in G.parameters()], [weight] * len(params))
         for b_ema, b in zip(self.model.buffers(), G.buffers()):
             b_ema.copy_(b)
         return beta

@@ -4,9 +4,10 @@
 
 Per G step: `n_critic` D steps (each a global batch of `data.batch_size` real images, split over
 processes and accumulated micro-batches), each running the D phases that are due (D main, D's lazy
-penalty), then the G phases that are due, then the EMA update; at tick, snapshot and checkpoint
-boundaries (absolute multiples of their kimg, so a resumed run stops at the same images as an
-uninterrupted one) the maintenance work. The phases themselves are data (`phases.py`).
+penalty), then the G phases that are due (G main, G's lazy penalty such as path length), then the
+EMA update; at tick, snapshot and checkpoint boundaries (absolute multiples of their kimg, so a
+resumed run stops at the same images as an uninterrupted one) the maintenance work. The phases
+themselves are data (`phases.py`).
 
 Accelerate owns devices, the process group and DDP (`broadcast_buffers=False`: D runs several
 forwards before one backward, and BatchNorm buffers stay per rank). Mixed precision is ours:
@@ -110,7 +111,8 @@ def training_state(G, D, ema: EMA, phases: Phases, progress: Progress, guard: No
             "scaler_G": g.scaler.state_dict(), "scaler_D": d.scaler.state_dict(),
             "cur_nimg": progress.cur_nimg, "d_steps": progress.d_steps, "g_steps": progress.g_steps,
             "skipped": guard.skipped, "world_size": world, "config": to_dict(cfg), "finite": weights_finite,
-            "ada": phases.ada.state_dict() if phases.ada is not None else {}}
+            "ada": phases.ada.state_dict() if phases.ada is not None else {},
+            "penalties": phases.penalty_state()}
 
 
 def finite(G, D) -> bool:
@@ -143,6 +145,7 @@ def resume(run_dir: Path, G, D, ema: EMA, phases: Phases, guard: NonFiniteGuard,
         phase.scaler.load_state_dict(state[f"scaler_{key}"])
     if phases.ada is not None and state.get("ada"):
         phases.ada.load_state_dict(state["ada"])
+    phases.load_penalty_state(state.get("penalties", {}))       # pl's running mean
     progress = Progress(state["cur_nimg"], state["d_steps"], state["g_steps"])
     guard.skipped = state["skipped"]
     loader_state = None
@@ -313,17 +316,21 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                                      else MicroBatch(z=z, labels=labels))
             for phase in phases.due("G", progress.g_steps):
                 accumulate(phase, micro_batches, autocast)
-                if step(phase, guard, stats.report) and phase.name == "G":
-                    # images since the last G step: n_critic x batch
-                    ema.update(unwrap(G), progress.cur_nimg, progress.cur_nimg - prev_nimg)
+                taken = step(phase, guard, stats.report)
+                if phase.name == "G":   # images since the last G step: n_critic x batch; no move if skipped
+                    ema.update(unwrap(G), progress.cur_nimg, progress.cur_nimg - prev_nimg, taken=taken)
             progress.g_steps += 1
             if progress_bar is not None:
                 progress_bar.update((progress.cur_nimg - prev_nimg) / 1000)
 
             # Maintenance at tick, snapshot and checkpoint boundaries, and on preemption.
             done = progress.cur_nimg >= total_nimg
-            stop = preemption.requested(device)
-            if crossed(prev_nimg, progress.cur_nimg, t_cfg.tick_kimg) or done or stop:
+            stop = preemption.requested()
+            tick = crossed(prev_nimg, progress.cur_nimg, t_cfg.tick_kimg) or done or stop
+            checkpoint = crossed(prev_nimg, progress.cur_nimg, t_cfg.checkpoint_kimg) or done or stop
+            if tick or checkpoint:
+                guard.check()       # the one read of the skip counters: too many in a row stop the run
+            if tick:
                 row = {**tick_row(stats, loader, phases, progress, guard, world, device, since, start_time),
                        **scheduled, **(phases.ada.stats() if phases.ada is not None else {})}
                 writer.write(row, progress.cur_nimg)
@@ -340,7 +347,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                               resolution=shards.resolution, channels=shards.channels, num_classes=num_classes,
                               extra={"config_hash": config_hash(cfg), "data_path": cfg.data.path})
                 prune_snapshots(run_dir, t_cfg.keep_snapshots, log)
-            if crossed(prev_nimg, progress.cur_nimg, t_cfg.checkpoint_kimg) or done or stop:
+            if checkpoint:
                 dist.check_ranks_identical({"G": unwrap(G), "D": unwrap(D)}, device)
                 ok = finite(G, D)
                 last_ckpt = save_checkpoint(

@@ -16,7 +16,11 @@ no gradients for D's weights (and D's none for G's). `step` unscales, measures t
 skips a non-finite step (counted; too many in a row stop the run), steps and runs the phase's
 after-step hook (WGAN weight clipping).
 
-A new regulariser is a new entry in `build_phases`, not a new branch in the loop.
+A new regulariser is a new entry in `build_phases`, not a new branch in the loop. Penalties have
+a side (`pipeline.losses`): D-side ones (r1, r2, wgan-gp) join D's main phase when every-step or
+get "Dreg" phases; G-side ones (pl, ortho) join G's main phase or get "Greg" phases, every k G
+steps, with G's Adam adjusted for them as D's is for its lazy penalties. A penalty's running
+state (pl's mean) travels in the checkpoint through `Phases.penalty_state()`.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ Term = Callable[[MicroBatch], Tensor]
 
 @dataclass
 class Phase:
-    name: str                       # "D", "Dreg", "G": the name in stats (Loss/<name>, Grad/<name>/norm)
+    name: str                       # "D", "Dreg", "G", "Greg": the name in stats (Grad/<name>/norm)
     side: str                       # "D" or "G": which step counter `interval` counts
     module: nn.Module               # the network trained (as called: DDP-wrapped under several processes)
     others: list[nn.Module]         # networks used but not trained (frozen, never all-reduced)
@@ -59,7 +63,7 @@ class Phase:
     scaler: torch.amp.GradScaler
     interval: int                   # runs when (side's step counter) % interval == 0
     terms: list[Term]
-    after_step: Callable[[], None] = lambda: None   # after a real (finite) optimizer step
+    after_step: Callable[[], None] = lambda: None   # after every step, taken or skipped (must be idempotent)
     ratio: float = 1.0              # lazy-regularisation adjustment of the optimizer's lr and betas
     frozen: list[nn.Parameter] = field(default_factory=list)   # never trained (FreezeD's first D layers)
     params: list[nn.Parameter] = field(default_factory=list)
@@ -85,6 +89,15 @@ class Phases(list):
     def named(self, name: str) -> Phase:
         return next(p for p in self if p.name == name)
 
+    def penalty_state(self) -> dict[str, dict]:
+        """{penalty name: its running state} for the checkpoint (penalties with state only: pl)."""
+        return {p.name: state for p, _, _ in self.penalties if (state := p.state_dict())}
+
+    def load_penalty_state(self, state: dict[str, dict]) -> None:
+        for p, _, _ in self.penalties:
+            if p.name in state:
+                p.load_state_dict(state[p.name])
+
 
 def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
@@ -100,20 +113,42 @@ def autocast_for(device: torch.device, dtype: torch.dtype | None):
 
 
 class NonFiniteGuard:
-    """Counts skipped (inf/NaN) steps per phase; too many in a row stop the run with a clear error."""
+    """Counts skipped (inf/NaN) steps per phase on the device; `check()`, called at every tick and
+    checkpoint, reads the counts once and stops the run with a clear error when a phase had
+    `limit` non-finite steps in a row. Nothing is lost by checking late: a skipped step leaves the
+    weights as they were."""
 
     def __init__(self, limit: int, last_checkpoint: Callable[[], str], kimg: Callable[[], float]):
         self.limit, self.last_checkpoint, self.kimg = limit, last_checkpoint, kimg
-        self.skipped = 0
-        self.in_a_row: dict[str, int] = {}
+        self.restored = 0                       # skipped steps before this process (from the checkpoint)
+        self._skipped: Tensor | None = None     # skipped since, on the device
+        self.in_a_row: dict[str, Tensor] = {}   # current run of non-finite steps per phase
+        self.worst: dict[str, Tensor] = {}      # longest run since the last check
 
-    def record(self, name: str, ok: bool) -> None:
-        self.skipped += 0 if ok else 1
-        self.in_a_row[name] = 0 if ok else self.in_a_row.get(name, 0) + 1
-        if self.in_a_row[name] >= self.limit:
-            raise TrainingError(f"{self.in_a_row[name]} consecutive {name} steps with non-finite gradients at kimg "
-                                f"{self.kimg():.3f}; last good checkpoint: {self.last_checkpoint()}. "
-                                "Lower the learning rates, use train.mixed_precision=fp32 or bf16, or check the data")
+    @property
+    def skipped(self) -> int:
+        """Every skipped step of the run (a host read: at ticks and checkpoints only)."""
+        return self.restored + (int(self._skipped) if self._skipped is not None else 0)
+
+    @skipped.setter
+    def skipped(self, value: int) -> None:
+        self.restored, self._skipped = int(value), None
+
+    def record(self, name: str, ok: Tensor) -> None:
+        bad = (~ok).to(torch.int64)
+        self._skipped = bad if self._skipped is None else self._skipped + bad
+        run = bad if name not in self.in_a_row else (self.in_a_row[name] + 1) * bad
+        self.in_a_row[name] = run
+        self.worst[name] = run if name not in self.worst else torch.maximum(self.worst[name], run)
+
+    def check(self) -> None:
+        worst = {name: int(run) for name, run in self.worst.items()}
+        self.worst = dict(self.in_a_row)
+        for name, n in worst.items():
+            if n >= self.limit:
+                raise TrainingError(f"{n} consecutive {name} steps with non-finite gradients by kimg "
+                                    f"{self.kimg():.3f}; last good checkpoint: {self.last_checkpoint()}. "
+                                    "Lower the learning rates, use train.mixed_precision=fp32 or bf16, or check the data")
 
 
 def grad_norm(params: list[nn.Parameter]) -> Tensor:
@@ -156,20 +191,30 @@ def first_layers(module: nn.Module, n: int) -> list[nn.Parameter]:
     return [p for params in list(layers.values())[:n] for p in params]
 
 
-def step(phase: Phase, guard: NonFiniteGuard, report: Callable[[str, Tensor], None]) -> bool:
-    """Unscale, measure, and step unless the gradients are not finite (then skip and count)."""
+def step(phase: Phase, guard: NonFiniteGuard, report: Callable[[str, Tensor], None]) -> Tensor:
+    """Unscale, measure, and step unless the gradients are not finite (then skip and count).
+    Returns whether the step was taken, as a device tensor: with the fused Adam
+    (`train.adam_impl=fused`, the default) nothing here waits for the device, because the skip
+    happens inside the optimizer's kernel (its `found_inf` input, which GradScaler also uses)."""
     scaler, opt = phase.scaler, phase.optimizer
     scaler.unscale_(opt)
     norm = grad_norm(phase.params)
     report(f"Grad/{phase.name}/norm", norm)
-    ok = bool(torch.isfinite(norm))
-    if ok or scaler.is_enabled():
-        scaler.step(opt)        # an enabled scaler skips non-finite steps itself and lowers its scale
+    ok = torch.isfinite(norm)
+    if scaler.is_enabled():
+        scaler.step(opt)        # skips non-finite steps itself (on the device for fused Adam), lowers its scale
+    elif getattr(opt, "_step_supports_amp_scaling", False):
+        opt.grad_scale, opt.found_inf = None, (~ok).float()
+        try:
+            opt.step()          # the kernel leaves weights, moments and step count alone when found_inf
+        finally:
+            del opt.grad_scale, opt.found_inf
+    elif bool(ok):              # a host read: only the fused optimizer can skip on the device
+        opt.step()
     scaler.update()
     opt.zero_grad(set_to_none=True)
     guard.record(phase.name, ok)
-    if ok:
-        phase.after_step()
+    phase.after_step()          # idempotent after a skipped step (WGAN's clip of unchanged weights)
     return ok
 
 
@@ -179,13 +224,16 @@ def step(phase: Phase, guard: NonFiniteGuard, report: Callable[[str, Tensor], No
 def lazy_ratio(intervals: list[int], adjust: bool) -> float:
     """StyleGAN2 (Appendix B): a regulariser step every k steps adds 1 step per k; Adam's lr and
     betas are scaled by k / (k + 1) so that the effective optimisation speed is unchanged. With
-    several lazy intervals, 1 / (1 + sum 1/k) (the extra steps per D step add up)."""
+    several lazy intervals, 1 / (1 + sum 1/k) (the extra steps per step of that side add up)."""
     extra = sum(1 / k for k in set(intervals) if k > 1)
     return 1 / (1 + extra) if adjust else 1.0
 
 
-def adam(module: nn.Module, lr: float, betas: list[float], ratio: float = 1.0) -> torch.optim.Adam:
-    return torch.optim.Adam(unwrap(module).parameters(), lr=lr * ratio, betas=tuple(b ** ratio for b in betas))
+def adam(module: nn.Module, lr: float, betas: list[float], ratio: float = 1.0, impl: str = "fused") -> torch.optim.Adam:
+    """Adam with the lazy adjustment; `impl` is torch's implementation: fused (one kernel, and a
+    skipped step without a host read), foreach (batched ops) or for-loop (per parameter)."""
+    kind = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[impl]
+    return torch.optim.Adam(unwrap(module).parameters(), lr=lr * ratio, betas=tuple(b ** ratio for b in betas), **kind)
 
 
 def penalty_specs(loss_cfg) -> list:
@@ -202,20 +250,26 @@ def penalty_specs(loss_cfg) -> list:
 
 def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.device, dtype: torch.dtype | None,
                  report: Callable[[str, Tensor], None]) -> Phases:
-    """G's and D's phases for `cfg`: D main (with the every-step penalties), one lazy D step per
-    distinct penalty interval, G main. Every image D sees goes through the augmentation: ADA
+    """G's and D's phases for `cfg`: D main (with the every-step D penalties), one lazy D step per
+    distinct D-penalty interval, G main (with the every-step G penalties), one lazy G step per
+    distinct G-penalty interval. Every image D sees goes through the augmentation: ADA
     (`train.ada_groups`), DiffAugment (`train.augment`) or none."""
     t = cfg.train
     loss = build_loss(cfg.loss)
     penalties = [(PENALTIES.get(name)(weight, interval), weight, schedule)
                  for name, weight, interval, schedule in penalty_specs(cfg.loss)]
+    on_D = [p for p, _, _ in penalties if p.side == "D"]
+    on_G = [p for p, _, _ in penalties if p.side == "G"]
+    for p in on_G:
+        p.check(unwrap(G))
     ada, augment = build_augment(t)
     fp16 = dtype == torch.float16
     scaler_D = torch.amp.GradScaler(device.type, enabled=fp16)    # one per optimizer: the penalty
     scaler_G = torch.amp.GradScaler(device.type, enabled=fp16)    # recipe needs D's own scale
-    ratio = lazy_ratio([p.interval for p, _, _ in penalties], t.lazy_adjust)
-    opt_D = adam(D, t.d_lr, t.d_betas, ratio)
-    opt_G = adam(G, t.g_lr, t.g_betas)
+    ratio = lazy_ratio([p.interval for p in on_D], t.lazy_adjust)
+    ratio_G = lazy_ratio([p.interval for p in on_G], t.lazy_adjust)
+    opt_D = adam(D, t.d_lr, t.d_betas, ratio, t.adam_impl)
+    opt_G = adam(G, t.g_lr, t.g_betas, ratio_G, t.adam_impl)
     clean = cfg.loss.penalty_inputs == "clean"
 
     def d_main(mb: MicroBatch) -> Tensor:
@@ -252,17 +306,31 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
         report("Loss/G/main", value)
         return value
 
-    every_step = [penalty_term(p) for p, _, _ in penalties if p.interval == 1]
+    def g_penalty_term(penalty) -> Term:
+        def term(mb: MicroBatch) -> Tensor:
+            value, stats = penalty(G, mb.z, mb.labels, scaler=scaler_G)
+            for name, v in stats.items():
+                report(name, v)
+            return value
+        return term
+
+    every_step = [penalty_term(p) for p in on_D if p.interval == 1]
     frozen = first_layers(D, t.freeze_d_layers)
     phases = Phases([Phase("D", "D", D, [G], opt_D, scaler_D, 1, [d_main, *every_step], ratio=ratio,
                            after_step=lambda: clip_weights(unwrap(D), cfg.loss.clip), frozen=frozen)])
-    intervals = sorted({p.interval for p, _, _ in penalties if p.interval > 1})
+    intervals = sorted({p.interval for p in on_D if p.interval > 1})
     for k in intervals:
         # Its own D step every k D steps, on the D step's batch; each loss is x k.
         phases.append(Phase("Dreg" if len(intervals) == 1 else f"Dreg{k}", "D", D, [G], opt_D, scaler_D, k,
-                            [penalty_term(p) for p, _, _ in penalties if p.interval == k], ratio=ratio,
+                            [penalty_term(p) for p in on_D if p.interval == k], ratio=ratio,
                             frozen=frozen))
-    phases.append(Phase("G", "G", G, [D], opt_G, scaler_G, 1, [g_main]))
+    phases.append(Phase("G", "G", G, [D], opt_G, scaler_G, 1,
+                        [g_main, *(g_penalty_term(p) for p in on_G if p.interval == 1)], ratio=ratio_G))
+    g_intervals = sorted({p.interval for p in on_G if p.interval > 1})
+    for k in g_intervals:
+        # Its own G step every k G steps, on the G step's latents; each loss is x k.
+        phases.append(Phase("Greg" if len(g_intervals) == 1 else f"Greg{k}", "G", G, [D], opt_G, scaler_G, k,
+                            [g_penalty_term(p) for p in on_G if p.interval == k], ratio=ratio_G))
     phases.penalties, phases.pairs_reals, phases.ada = penalties, loss.relativistic, ada
     return phases
 

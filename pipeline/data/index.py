@@ -1,0 +1,161 @@
+"""`ganpipe index DIR`: the manifest for webdataset shards that ganpipe did not write, in place.
+
+    ganpipe index ~/shards/celeba64          # DIR/*.tar (or .tar.gz): writes DIR/manifest.json
+    ganpipe verify ~/shards/celeba64
+    ganpipe train --config ... data.path=~/shards/celeba64
+
+Every shard in DIR (top level; `.tar`, `.tar.gz`, `.tgz`) is read once: its size and sha256, its
+samples counted, each sample's image decoded with `decode_sample` (the loader's decoder: PNG, JPEG
+or WebP), its `cls` read when present. The first image fixes the resolution and channels; every
+other image must agree, every sample must have an image, keys must not repeat within a shard, and
+either every sample has a class or none has. Any disagreement is listed (shard and key) and no
+manifest is written: a manifest that lied about its shards would fail later, mid-training.
+
+Splits come from the shard names: `test-*`, `val-*`, `validation-*` (also with `_` or `.` after the
+name) go to that split, every other shard to `--split` (default train). The shards are never
+modified or renamed; the manifest lists them by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+from pathlib import Path
+
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, write_manifest
+from pipeline.data.shards import IMAGE_EXTS, decode_image, decode_sample, iter_tar_samples
+from pipeline.data.verify import SHARD_SUFFIXES
+from pipeline.errors import BadSample, DataError, TruncatedTar, UserError
+from pipeline.io import sha256_file
+
+NAMED_SPLITS = ("test", "val", "validation")
+MAX_LISTED = 20                 # problems named in the error (all are counted)
+
+
+def split_of(name: str, default: str) -> str:
+    head = re.split(r"[-_.]", name, maxsplit=1)[0].lower()
+    return head if head in NAMED_SPLITS else default
+
+
+def image_ext(files: dict[str, bytes]) -> str | None:
+    return next((e for e in IMAGE_EXTS if e in files), None)
+
+
+def first_image(path: Path) -> tuple[int, int]:
+    """(channels, side) of the first sample with an image entry in shard `path`, as decoded."""
+    for key, files in iter_tar_samples(open(path, "rb"), path.name):
+        ext = image_ext(files)
+        if ext is None:
+            continue
+        try:
+            with Image.open(io.BytesIO(files[ext])) as img:
+                width, height = img.size
+        except Exception as exc:
+            raise DataError(f"{path.name} key {key}: the first image cannot be read "
+                            f"({type(exc).__name__}: {exc})") from None
+        if width != height:
+            raise DataError(f"{path.name} key {key}: images are {width}x{height}; ganpipe trains on squares: "
+                            "re-prepare them with `ganpipe prepare --source folder:... --crop center|pad`")
+        for channels in (3, 1, 4, 2):         # what the decoder delivers: RGB, grey, with alpha
+            try:
+                decode_image(files[ext], channels, width)
+            except BadSample:
+                continue
+            if channels not in (1, 3):
+                raise DataError(f"{path.name} key {key}: images with an alpha channel; ganpipe trains on grey "
+                                "or RGB: re-prepare with `ganpipe prepare`, which composites transparency")
+            return channels, width
+        raise DataError(f"{path.name} key {key}: the first image does not decode (PNG, JPEG or WebP expected)")
+    raise DataError(f"{path.name}: no sample with an image entry (.{', .'.join(IMAGE_EXTS)})")
+
+
+def index_dir(data_dir: Path, default_split: str = "train", progress: bool = True) -> dict:
+    """Write DIR/manifest.json for the shards in DIR; returns the manifest."""
+    data_dir = Path(data_dir).expanduser()
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir} is not a directory of shards")
+    if (data_dir / MANIFEST).exists():
+        raise UserError(f"{data_dir / MANIFEST} exists already: this directory is indexed (or prepared); "
+                        "`ganpipe verify` checks it, or delete the manifest to index again")
+    shards = sorted(p for p in data_dir.iterdir() if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
+    if not shards:
+        raise UserError(f"no shards in {data_dir} (expected *.tar, *.tar.gz or *.tgz at its top level)")
+    channels, resolution = first_image(shards[0])
+    problems: list[str] = []
+    splits: dict[str, dict] = {}
+    class_counts: dict[str, dict[int, int]] = {}
+    formats: dict[str, int] = {}
+    unlabelled = 0
+    for path in tqdm(shards, disable=not progress, desc="index", unit="shard"):
+        split = split_of(path.name, default_split)
+        counts = class_counts.setdefault(split, {})
+        n, seen = 0, set()
+        try:
+            for key, files in iter_tar_samples(open(path, "rb"), path.name):
+                n += 1
+                if key in seen:
+                    problems.append(f"{path.name} key {key}: duplicate key (an earlier sample has it)")
+                    continue
+                seen.add(key)
+                try:
+                    _, label = decode_sample(files, channels=channels, resolution=resolution, num_classes=0,
+                                             require_label=False)
+                except BadSample as exc:
+                    problems.append(f"{path.name} key {key}: {exc}")
+                    continue
+                if label < 0:
+                    unlabelled += 1
+                else:
+                    counts[label] = counts.get(label, 0) + 1
+                formats[image_ext(files)] = formats.get(image_ext(files), 0) + 1
+        except (TruncatedTar, OSError) as exc:
+            problems.append(f"{path.name}: unreadable after {n} samples ({type(exc).__name__}: {exc})")
+        entry = splits.setdefault(split, {"num_samples": 0, "shards": []})
+        entry["shards"].append({"name": path.name, "num_samples": n, "bytes": path.stat().st_size,
+                                "sha256": sha256_file(path)})
+        entry["num_samples"] += n
+    labelled = sum(sum(c.values()) for c in class_counts.values())
+    if labelled and unlabelled:
+        problems.append(f"{labelled} samples have a class (.cls) and {unlabelled} have none: label all or none")
+    if any(label < 0 for c in class_counts.values() for label in c):
+        problems.append("negative classes in .cls entries; classes are 0, 1, ...")
+    if problems:
+        listed = "; ".join(problems[:MAX_LISTED]) + (f"; ... ({len(problems)} in all)"
+                                                     if len(problems) > MAX_LISTED else "")
+        raise DataError(f"{data_dir}: {len(problems)} problem(s), no manifest written (the shape of the first "
+                        f"image of {shards[0].name} is {channels}x{resolution}x{resolution}): {listed}")
+    num_classes = max((label + 1 for c in class_counts.values() for label in c), default=0)
+    for split, entry in splits.items():
+        entry["class_counts"] = [class_counts[split].get(i, 0) for i in range(num_classes)]
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"ganpipe {__version__} index",
+        "source": "index",
+        "source_spec": str(data_dir),
+        "resolution": resolution,
+        "channels": channels,
+        "image_format": next(iter(formats)) if len(formats) == 1 else "mixed",
+        "image_formats": dict(sorted(formats.items())),
+        "classes": [str(i) for i in range(num_classes)],
+        "num_classes": num_classes,
+        # the default split first: it is what data.split reads unless told otherwise
+        "splits": dict(sorted(splits.items(), key=lambda kv: kv[0] != default_split)),
+        "skipped": {"count": 0, "files": []},
+    }
+    write_manifest(data_dir, manifest)
+    return manifest
+
+
+def index_command(args: argparse.Namespace) -> int:
+    m = index_dir(args.data_dir, args.split, progress=not args.quiet)
+    parts = ", ".join(f"{name} {e['num_samples']} samples in {len(e['shards'])} shards" for name, e in m["splits"].items())
+    print(f"{args.data_dir}: indexed {parts}; {m['channels']}x{m['resolution']}x{m['resolution']} "
+          f"({', '.join(f'{n} {ext}' for ext, n in m['image_formats'].items())}), "
+          f"{m['num_classes'] or 'no'} classes; wrote {args.data_dir / MANIFEST}")
+    return 0

@@ -1,0 +1,66 @@
+"""No host synchronisation in the hot loop: a training step issues no blocking read of a tensor
+(`.item()`, `bool()`, `float()`, `.tolist()`, ...) except at tick and checkpoint boundaries.
+
+Counted on CPU by wrapping the Tensor methods that copy a value to the host: two runs with the
+same maintenance (one tick, one snapshot, one checkpoint, at the end) and 8 vs 24 G steps must
+read the same number of values. On a GPU the same property is what
+`torch.cuda.set_sync_debug_mode("error")` checks (see `ganpipe bench train --sync-debug`)."""
+
+import threading
+
+import pytest
+import torch
+
+from pipeline.catalog import load_config
+from pipeline.training.loop import training_loop
+
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+
+
+def count_reads(fn):
+    main = threading.get_ident()
+    counts = {"n": 0}
+    saved = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def wrap(name, original):
+        def counted(self, *args, **kwargs):
+            if threading.get_ident() == main:
+                counts["n"] += 1
+            return original(self, *args, **kwargs)
+        return counted
+
+    for name, original in saved.items():
+        setattr(torch.Tensor, name, wrap(name, original))
+    try:
+        fn()
+    finally:
+        for name, original in saved.items():
+            setattr(torch.Tensor, name, original)
+    return counts["n"]
+
+
+RECIPE = ["loss.name=rpgan", "loss.penalties=[{name: r1, weight: 0.1, interval: 2}, {name: r2, weight: 0.1}]",
+          "train.lr_schedule={kind: cosine, end: 0.25}"]
+
+
+@pytest.mark.parametrize("impl", [
+    "fused",        # the default: a skip happens in the optimizer's kernel
+    "for-loop",     # the control: the finite check is read per phase (and torch's own loop reads its step counts)
+])
+def test_steps_between_ticks_read_nothing_from_the_device(tmp_path, mnist_dir, impl):
+    # relativistic G step, lazy R1 (every 2 D steps) and an every-step R2, a schedule, EMA ramp-up
+    def run(steps: int, name: str) -> int:
+        cfg = load_config("configs/mnist_dcgan.yaml", [
+            f"data.path={mnist_dir}", "data.batch_size=16", "data.num_workers=0", "model.g_width=0.125",
+            "model.d_width=0.125", f"train.total_kimg={steps * 16 / 1000}", "train.tick_kimg=1000",
+            "train.snapshot_kimg=0", "train.checkpoint_kimg=0", "train.progress=false", "train.grid_size=4",
+            "train.threads=1", f"train.adam_impl={impl}", *RECIPE])
+        return count_reads(lambda: training_loop(cfg, tmp_path / name))
+
+    short, long = run(4, "short"), run(12, "long")
+    assert short > 0                       # the wrapper sees the reads at the end (stats, checkpoint)
+    per_step = (long - short) / 8
+    if impl == "fused":
+        assert per_step == 0, f"{per_step:.2f} host reads per extra G step"
+    else:
+        assert per_step >= 2.5, per_step       # D, G and every 2nd step Dreg: the counter sees them
