@@ -115,7 +115,8 @@ def test_every_d_parameter_gets_a_gradient(name, penalty_name):
     # The penalty alone leaves some parameters out of the graph (the output bias at least) ...
     raw = torch.autograd.grad(_raw_penalty(penalty, D, real, fake, labels), list(params.values()),
                               allow_unused=True)
-    assert any(g is None for g in raw)
+    # (r3gan's D has no bias after its last layer: every parameter is in the penalty's graph)
+    assert any(g is None for g in raw) or name == "r3gan"
     # ... and the 0 * logits term puts every one of them back, as DDP requires.
     loss, _ = penalty(D, real, fake, labels)
     loss.backward()
@@ -178,7 +179,9 @@ def test_fp16_gradscaler_recipe_agrees_with_fp32(name):
     half, half_stats = _penalty_value(penalty, D, real, fake, torch.float16, scaler)
     assert torch.isfinite(half)
     assert half_stats["Grad/D/r1_norm"].item() == pytest.approx(ref_stats["Grad/D/r1_norm"].item(), rel=0.02)
-    assert half.item() == pytest.approx(ref.item(), rel=0.02)
+    # 3% for the value: the SNGAN-initialised resnet D (Xavier, gain sqrt 2) compounds fp16's
+    # rounding over its eight convolutions to 2.6% here.
+    assert half.item() == pytest.approx(ref.item(), rel=0.03)
 
 
 def test_fp16_scaling_rescues_gradients_that_underflow():
@@ -240,31 +243,40 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)                    # the same initial D on both ranks
-        _, D = build_networks(ModelConfig(name="dcgan", d_width=1 / 16), resolution=32, channels=3,
-                              num_classes=0)
-        ddp = nn.parallel.DistributedDataParallel(D)
-        penalty = R1(weight=10.0, interval=2)
-        torch.manual_seed(100 + rank)           # different data per rank
-        for _ in range(3):                      # DDP raises at the 2nd forward if a grad was missing
-            real = torch.rand(4, 3, 32, 32) * 2 - 1
+        results = {}
+        for name in NETWORKS.keys():            # every family, conditional (projection D)
+            torch.manual_seed(0)                # the same initial D on both ranks
+            G, D = _tiny(name, num_classes=3)
+            D.eval()        # spectral norm's power iteration frozen, so the reference forward sees the same D
+            ddp = nn.parallel.DistributedDataParallel(D)
+            penalty = R1(weight=10.0, interval=2)
+            torch.manual_seed(100 + rank)       # different data per rank
+            for _ in range(3):                  # DDP raises at the 2nd forward if a grad was missing
+                labels = torch.randint(3, (4,))
+                with torch.no_grad():
+                    real = G(torch.randn(4, G.z_dim), labels).clamp(-1, 1)
+                D.zero_grad(set_to_none=True)
+                loss, _ = penalty(ddp, real, None, labels)
+                loss.backward()
+            reduced = torch.cat([p.grad.flatten() for p in D.parameters()])
+            # The reference: this rank's own gradient of the same loss without DDP, averaged by hand.
             D.zero_grad(set_to_none=True)
-            loss, _ = penalty(ddp, real, None)
-            loss.backward()
-        reduced = torch.cat([p.grad.flatten() for p in D.parameters()])
-        # The reference: this rank's own gradient of the same loss without DDP, averaged by hand.
-        D.zero_grad(set_to_none=True)
-        penalty(D, real, None)[0].backward()
-        local = torch.cat([p.grad.flatten() for p in D.parameters()])
-        dist.all_reduce(local)
-        torch.save({"reduced": reduced, "manual": local / world}, os.path.join(out_dir, f"{rank}.pt"))
+            penalty(D, real, None, labels)[0].backward()
+            local = torch.cat([p.grad.flatten() for p in D.parameters()])
+            dist.all_reduce(local)
+            results[name] = {"reduced": reduced, "manual": local / world}
+        torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.timeout(300)
 def test_penalty_backward_under_ddp_reduces_every_parameter(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
-    assert torch.equal(r0["reduced"], r1["reduced"])            # every rank steps the same way
-    assert torch.allclose(r0["reduced"], r0["manual"], rtol=1e-5, atol=1e-7)
-    assert r0["reduced"].abs().sum() > 0
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    assert set(ranks[0]) == set(NETWORKS.keys())
+    for name in NETWORKS.keys():
+        r0, r1 = ranks[0][name], ranks[1][name]
+        assert torch.equal(r0["reduced"], r1["reduced"]), name        # every rank steps the same way
+        assert torch.allclose(r0["reduced"], r0["manual"], rtol=1e-4, atol=1e-6), name
+        assert r0["reduced"].abs().sum() > 0, name
