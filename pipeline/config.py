@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -159,6 +160,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; allow int -> float and nothing else implicit."""
     origin = typing.get_origin(tp)
@@ -197,6 +201,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            return float(value)     # YAML 1.1 reads 4e-4 (no dot) as a string; everyone means the number
     elif tp is str:
         if isinstance(value, str):
             return value

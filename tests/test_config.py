@@ -65,3 +65,15 @@ def test_values_that_would_fail_later_fail_at_load(override, message):
     with pytest.raises(ConfigError) as exc:
         load_config(None, [override])
     assert message in str(exc.value)
+
+
+def test_exponent_without_a_dot_is_a_float():
+    """YAML 1.1 reads `4e-4` as a string; in a float field it is the number the user typed."""
+    from pipeline.catalog import load_config as load
+
+    cfg = load(None, ["train.g_lr=4e-4", "loss.penalty_weight=1E2"])
+    assert cfg.train.g_lr == 4e-4 and cfg.loss.penalty_weight == 100.0
+    with pytest.raises(ConfigError, match=r"train\.g_lr: expected float, got 'fast'"):
+        load(None, ["train.g_lr=fast"])
+    with pytest.raises(ConfigError, match=r"model\.name"):
+        load(None, ["model.name=4e-4"])      # a string field keeps the string (and the name check)

@@ -59,6 +59,25 @@ def test_forward_backward(name, resolution, classes):
     assert out.min() >= -1 and out.max() <= 1
 
 
+@pytest.mark.parametrize("name, resolution, classes", [c for c in CASES if c[1] <= 64])
+def test_forward_under_bf16_and_fp16_autocast(name, resolution, classes):
+    """Every family at each resolution up to 64 runs under both autocast dtypes with finite
+    results (128 and 256 px add only more of the same blocks and cost most of the time; the
+    penalties' agreement with fp32 is in test_penalties.py)."""
+    torch.manual_seed(0)
+    channels = 2 if resolution == 0 else 3
+    G, D = build(name, resolution, classes, channels)
+    z = torch.randn(2, G.z_dim)
+    labels = torch.arange(2) % classes if classes else None
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            x = G(z, labels)
+            logits = D(x, labels)
+        assert torch.isfinite(x.float()).all() and torch.isfinite(logits.float()).all(), dtype
+        logits.float().sum().backward()
+        assert all(torch.isfinite(p.grad).all() for p in D.parameters() if p.grad is not None), dtype
+
+
 @pytest.mark.parametrize("name", NETWORKS.keys())
 def test_conditional_output_changes_with_the_label(name):
     torch.manual_seed(0)
