@@ -69,10 +69,10 @@ def index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def export_arguments(p: argparse.ArgumentParser) -> None:
-    from pipeline.export import FORMATS
-
     p.add_argument("--snapshot", required=True, type=Path, help="snapshot .json (or .safetensors) from RUN/snapshots")
-    p.add_argument("--format", required=True, choices=FORMATS, help="onnx (needs the export extra) or torchscript")
+    # pipeline.export.FORMATS (not imported here: it loads torch)
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"),
+                   help="onnx (needs the export extra: onnx, onnxruntime) or torchscript")
     p.add_argument("--out", required=True, type=Path, help="file to write (e.g. G.onnx, G.pt); replaced atomically")
 
 

@@ -154,7 +154,8 @@ def index_dir(data_dir: Path, default_split: str = "train", progress: bool = Tru
 
 def index_command(args: argparse.Namespace) -> int:
     m = index_dir(args.data_dir, args.split, progress=not args.quiet)
-    parts = ", ".join(f"{name} {e['num_samples']} samples in {len(e['shards'])} shards" for name, e in m["splits"].items())
+    parts = ", ".join(f"{name} {e['num_samples']} samples in {len(e['shards'])} shards"
+                      for name, e in m["splits"].items())
     print(f"{args.data_dir}: indexed {parts}; {m['channels']}x{m['resolution']}x{m['resolution']} "
           f"({', '.join(f'{n} {ext}' for ext, n in m['image_formats'].items())}), "
           f"{m['num_classes'] or 'no'} classes; wrote {args.data_dir / MANIFEST}")

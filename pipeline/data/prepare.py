@@ -192,8 +192,9 @@ def prepare(source_spec: str, out: Path, *, resolution: int | None = None, chann
     if image_format not in FORMATS:
         raise UserError(f"--format {image_format}: choose one of {', '.join(FORMATS)}")
     if quality is not None and (image_format not in ("jpg", "webp") or not 1 <= quality <= 100):
+        given = "is lossless" if image_format in ("png", "keep") else "given"
         raise UserError(f"--quality {quality}: a number from 1 to 100, for --format jpg or webp only "
-                        f"(--format {image_format} " + ("is lossless)" if image_format in ("png", "keep") else "given)"))
+                        f"(--format {image_format} {given})")
     if crop not in CROPS or background not in BACKGROUNDS:
         raise UserError(f"--crop {crop} --background {background}: choose --crop from {', '.join(CROPS)} and "
                         f"--background from {', '.join(BACKGROUNDS)}")
