@@ -136,6 +136,7 @@ class TrainConfig:
     ada_p_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # course of a fixed p (ada_target=0)
     max_nonfinite_steps: int = opt(10, min=1, max=1_000_000)    # consecutive skipped (inf/NaN) steps that stop the run
     adam_impl: str = opt("fused", choices=("fused", "foreach", "for-loop"))  # torch's Adam implementation (fused: one kernel, skips without a host read)
+    channels_last: bool = opt(False)             # NHWC memory format for conv nets' weights and activations
     grid_size: int = opt(64, min=1, max=4096)              # images in the fixed-z sample grid
     threads: int = opt(0, min=0, max=4096)                 # torch CPU threads per process (0 = cores / local processes)
     peer_timeout_s: float = opt(300.0, min=1.0, max=86400.0)  # a collective waiting longer for another rank ends the run

@@ -2,8 +2,11 @@
 
     ganpipe bench train [--kimg 12] [--skip-multiprocess]
 
-Cases: DCGAN at 32x32 RGB (batch 64, non-saturating + R1 every 4 D steps) and the MLP GAN on the
-bundled MNIST (batch 64, non-saturating). The trainer runs as `ganpipe train` in a subprocess
+Cases: DCGAN at 32x32 RGB (batch 64, non-saturating + R1 every 4 D steps), the MLP GAN on the
+bundled MNIST (batch 64, non-saturating), and `dcgan64-example`: the CIFAR DCGAN config at 64x64 on
+4,096 RGB images against a loop written the way PyTorch's own DCGAN example is (examples/dcgan:
+BatchNorm in D, sigmoid + BCE, one fake batch per iteration reused for G's step, Adam 2e-4 (0.5,
+0.999), N(0, 0.02) init; in-memory batches here, where the example reads files). The trainer runs as `ganpipe train` in a subprocess
 (shard loader with 1 worker, EMA, per-tick stats, sample grids, snapshots, checkpoint all on);
 its rate is images shown to D per second of wall time between two ticks, so start-up is excluded
 and everything else is included: from the middle tick to the last (steady state, the loader's
@@ -38,7 +41,71 @@ CASES = {
     "dcgan32": {"config": "configs/cifar10_dcgan.yaml", "data": "rgb32",
                 "overrides": ["loss.penalty=r1", "loss.penalty_weight=0.1", "loss.penalty_interval=4"]},
     "mlp-mnist": {"config": "configs/mnist_mlp.yaml", "data": "mnist", "overrides": []},
+    "dcgan64-example": {"config": "configs/cifar10_dcgan.yaml", "data": "rgb64", "overrides": ["data.hflip=false"],
+                        "bare": "example"},
 }
+
+
+def example_networks(nz: int = 100, nc: int = 3, ngf: int = 64, ndf: int = 64) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The 64x64 G and D of PyTorch's DCGAN example (examples/dcgan/main.py), rebuilt here."""
+    from torch import nn
+
+    def up(c_in, c_out, stride=2, pad=1):
+        return [nn.ConvTranspose2d(c_in, c_out, 4, stride, pad, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+
+    def down(c_in, c_out, bn=True):
+        return [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), *([nn.BatchNorm2d(c_out)] if bn else []),
+                nn.LeakyReLU(0.2, inplace=True)]
+
+    G = nn.Sequential(*up(nz, ngf * 8, 1, 0), *up(ngf * 8, ngf * 4), *up(ngf * 4, ngf * 2), *up(ngf * 2, ngf),
+                      nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh())
+    D = nn.Sequential(*down(nc, ndf, bn=False), *down(ndf, ndf * 2), *down(ndf * 2, ndf * 4), *down(ndf * 4, ndf * 8),
+                      nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid())
+    for m in (*G.modules(), *D.modules()):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+    return G, D
+
+
+def example_rate(data: Path, kimg: float, threads: int, batch: int = 64) -> dict:
+    """PyTorch's DCGAN example loop on in-memory batches of the same images."""
+    torch.set_num_threads(threads)
+    shards = ShardSet.resolve(str(data))
+    raw = StreamLoader(shards, batch_size=4096, seed=0, rank=0, world_size=1, shuffle_buffer=0).next_raw()
+    reals = torch.from_numpy(raw["images"]).float().div_(127.5).sub_(1)
+    torch.manual_seed(0)
+    G, D = example_networks()
+    bce = torch.nn.BCELoss()
+    opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
+
+    def one_step() -> None:
+        real = reals[torch.randint(len(reals), (batch,))]
+        D.zero_grad()
+        out = D(real).view(-1)
+        err_real = bce(out, torch.ones_like(out))
+        err_real.backward()
+        fake = G(torch.randn(batch, 100, 1, 1))
+        out = D(fake.detach()).view(-1)
+        err_fake = bce(out, torch.zeros_like(out))
+        err_fake.backward()
+        opt_D.step()
+        G.zero_grad()
+        out = D(fake).view(-1)
+        bce(out, torch.ones_like(out)).backward()
+        opt_G.step()
+
+    for _ in range(3):
+        one_step()
+    steps = max(1, int(min(kimg, 4.0) * 1000 / batch))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    return {"images_per_s": round(steps * batch / (time.perf_counter() - t0), 1), "threads": threads, "steps": steps,
+            "loop": "PyTorch DCGAN example (BatchNorm D, BCE, fake reused for G)"}
 
 
 
@@ -120,22 +187,30 @@ def run(args: argparse.Namespace) -> dict:
     results = {}
     with tempfile.TemporaryDirectory(prefix="ganpipe-bench-train-") as tmp:
         tmp = Path(tmp)
-        np.savez(tmp / "rgb32.npz", images=smooth_rgb(5000, 32), labels=np.zeros(5000, dtype=np.int64))
-        data = {"rgb32": tmp / "rgb32", "mnist": tmp / "mnist"}
-        prepare(f"npz:{tmp / 'rgb32.npz'}", data["rgb32"], shard_size=500, workers=2, progress=False)
-        prepare("mnist", data["mnist"], shard_size=500, workers=2, progress=False)
+        data = {"rgb32": tmp / "rgb32", "mnist": tmp / "mnist", "rgb64": tmp / "rgb64"}
+        needed = {CASES[name]["data"] for name in args.cases}
+        for key, n, res in (("rgb32", 5000, 32), ("rgb64", 4096, 64)):
+            if key in needed:
+                np.savez(tmp / f"{key}.npz", images=smooth_rgb(n, res), labels=np.zeros(n, dtype=np.int64))
+                prepare(f"npz:{tmp / f'{key}.npz'}", data[key], shard_size=512, workers=2, progress=False)
+        if "mnist" in needed:
+            prepare("mnist", data["mnist"], shard_size=500, workers=2, progress=False)
         for name in args.cases:
             case = CASES[name]
-            bare = bare_rate(case["config"], data[case["data"]], case["overrides"], args.kimg, threads=2)
-            full = trainer_rate(case["config"], data[case["data"]], tmp / f"run-{name}-1x2", case["overrides"],
+            overrides = [*case["overrides"], *args.set]
+            if case.get("bare") == "example":
+                bare = example_rate(data[case["data"]], args.kimg, threads=2)
+            else:
+                bare = bare_rate(case["config"], data[case["data"]], case["overrides"], args.kimg, threads=2)
+            full = trainer_rate(case["config"], data[case["data"]], tmp / f"run-{name}-1x2", overrides,
                                 args.kimg, procs=1, threads=2)
             entry = {"bare_pytorch_loop": bare, "trainer_1proc_2threads": full,
                      "trainer_over_bare": round(full["images_per_s"] / bare["images_per_s"], 3),
                      "overhead_percent": round(100 * (1 - full["images_per_s"] / bare["images_per_s"]), 1)}
             if not args.skip_multiprocess:
-                multi = trainer_rate(case["config"], data[case["data"]], tmp / f"run-{name}-2x1", case["overrides"],
+                multi = trainer_rate(case["config"], data[case["data"]], tmp / f"run-{name}-2x1", overrides,
                                      args.kimg, procs=2, threads=1)
                 entry["trainer_2procs_1thread"] = multi
                 entry["2x1_over_1x2"] = round(multi["images_per_s"] / full["images_per_s"], 3)
             results[name] = entry
-    return {"batch": 64, "cases": results}
+    return {"batch": 64, "trainer_overrides": args.set, "cases": results}

@@ -243,6 +243,9 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     torch.manual_seed(cfg.seed)
     G, D = build_networks(cfg.model, resolution=shards.resolution, channels=shards.channels,
                           num_classes=shards.num_classes)
+    if t_cfg.channels_last and shards.resolution:
+        # NHWC weights: every convolution then runs (and hands on) channels-last activations.
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     for p in first_layers(D, t_cfg.freeze_d_layers):
         p.requires_grad_(False)             # FreezeD: before DDP, which reduces only trainable ones
     ema = EMA(G, t_cfg.ema_halflife_kimg, t_cfg.ema_rampup)
