@@ -97,7 +97,15 @@ def sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=256,
                    help="images generated per group; G runs on 16-image micro-batches; does not change the images")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    _generator_argument(p)
     _truncation_arguments(p)
+
+
+def _generator_argument(p: argparse.ArgumentParser) -> None:
+    # Not --weights: eval's --weights names the extractor's weights file.
+    p.add_argument("--generator", default="ema", choices=("ema", "raw"),
+                   help="which G of the snapshot: ema (default, the EMA of G) or raw (the trained G itself, as "
+                        "the CIFAR papers score it; snapshots keep it with train.snapshot_raw=true)")
 
 
 def _truncation_arguments(p: argparse.ArgumentParser) -> None:
@@ -151,7 +159,8 @@ def _scoring_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train", help="reference split of the run's data (default train)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images and of KID's subsets")
     p.add_argument("--data", type=Path, default=None, help="reference data dir (default: data.path of the run)")
-    _truncation_arguments(p)            # part of the protocol: recorded with every score
+    _generator_argument(p)              # part of the protocol, like truncation: recorded with every score
+    _truncation_arguments(p)
     _extractor_arguments(p, several=True)
 
 
@@ -162,12 +171,43 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
                        help="snapshot to score (.json or .safetensors; a bare name is looked up in RUN/snapshots)")
     which.add_argument("--all", action="store_true", help="every complete snapshot not yet scored under this protocol")
     p.add_argument("--force", action="store_true", help="with --all: score already scored snapshots again")
+    which.add_argument("--posthoc-std", default=None, metavar="STDS",
+                       help="comma-separated relative EMA lengths (e.g. 0.05,0.1,0.15): rebuild each from the "
+                            "snapshots' EMA profiles (train.posthoc_ema_std), score it; RUN/posthoc/ gets the "
+                            "snapshots, metrics.jsonl and metrics.png (metric against EMA length)")
+    p.add_argument("--at-kimg", type=float, default=None,
+                   help="with --posthoc-std: rebuild at the newest snapshot at or before this kimg (default: newest)")
 
 
 def watch_arguments(p: argparse.ArgumentParser) -> None:
     _scoring_arguments(p)
     p.add_argument("--interval", type=float, default=60.0, help="seconds between polls (default 60)")
     p.add_argument("--once", action="store_true", help="score what is pending, then exit (no polling)")
+    p.add_argument("--alert-metrics", default="fid,kid",
+                   help="metrics whose divergence raises an alert, comma-separated (default fid,kid; '' = none)")
+    p.add_argument("--alert-worse-by", type=float, default=0.25,
+                   help="alert when a metric is worse than its best by more than this fraction of the best "
+                        "(default 0.25) for --alert-patience snapshots in a row")
+    p.add_argument("--alert-patience", type=int, default=3, help="snapshots in a row (default 3)")
+    p.add_argument("--alert-min-recall", type=float, default=None,
+                   help="alert when recall (when scored: --metrics pr) stays below this for --alert-patience "
+                        "snapshots (mode collapse; default off)")
+    p.add_argument("--alert-min-coverage", type=float, default=None,
+                   help="the same for coverage (--metrics dc; default off)")
+    p.add_argument("--stop-on-alert", action="store_true",
+                   help="on an alert write RUN/STOP: the trainer checkpoints and exits at its next tick; "
+                        "the watcher scores what is pending and exits")
+
+
+def posthoc_ema_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", required=True, type=Path, help="run trained with train.posthoc_ema_std")
+    p.add_argument("--std", required=True, type=float,
+                   help="relative EMA length sigma_rel to rebuild (EDM2: 0.05-0.2; below 0.2887)")
+    p.add_argument("--at-kimg", type=float, default=None,
+                   help="rebuild at the newest snapshot at or before this kimg, from it and the ones before "
+                        "(default: the newest snapshot)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="snapshot .json to write (weights beside it); not inside RUN/snapshots")
 
 
 def compare_arguments(p: argparse.ArgumentParser) -> None:
@@ -314,6 +354,9 @@ COMMANDS: dict[str, tuple[str, str, Callable]] = {
              eval_arguments),
     "watch": ("pipeline.metrics.commands", "score each new snapshot of a run once, until training finishes",
               watch_arguments),
+    "posthoc-ema": ("pipeline.training.posthoc_ema",
+                    "rebuild the EMA generator of any relative length from the snapshots' EMA profiles (EDM2)",
+                    posthoc_ema_arguments),
     "compare": ("pipeline.metrics.compare", "plot several runs' scores against kimg; table of each run's best",
                 compare_arguments),
     "config": ("pipeline.catalog", "print the resolved config of a YAML file plus key=value overrides",
@@ -343,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     args._argv = argv
     try:
-        status = getattr(importlib.import_module(args._module), f"{args.command}_command")(args)
+        status = getattr(importlib.import_module(args._module), f"{args.command.replace('-', '_')}_command")(args)
     except (UserError, DataError, FileNotFoundError, FileExistsError) as exc:
         print(f"ganpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2

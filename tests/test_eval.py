@@ -90,8 +90,8 @@ def test_eval_explains_bad_input(tmp_path, mnist_dir):
     run = make_run(tmp_path, mnist_dir, {})
     out = cli("eval", "--run-dir", str(run), "--extractor", "mnist", "--num-gen", "100", check=False)
     assert out.returncode == 2 and "no snapshots in" in out.stderr
-    out = cli("eval", "--run-dir", str(run), "--extractor", "mnist", "--metrics", "fid,is", check=False)
-    assert out.returncode == 2 and "unknown metric 'is'; choose one of fid, kid" in out.stderr
+    out = cli("eval", "--run-dir", str(run), "--extractor", "mnist", "--metrics", "fid,fd", check=False)
+    assert out.returncode == 2 and "unknown metric 'fd'; choose one of dc, fid, is, kid, pr" in out.stderr
 
 
 def test_eval_refuses_a_damaged_snapshot(tmp_path, mnist_dir, mnist_ref):

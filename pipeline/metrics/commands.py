@@ -1,18 +1,24 @@
-"""`ganpipe eval` and `ganpipe watch`: score a run's snapshots (FID/KID) and record the protocol.
+"""`ganpipe eval` and `ganpipe watch`: score a run's snapshots (FID, KID, precision/recall,
+density/coverage, Inception Score) and record the protocol.
 
     ganpipe eval --run-dir RUN --extractor mnist                 # the newest snapshot
     ganpipe eval --run-dir RUN --all --extractor mnist           # every snapshot not yet scored
     ganpipe eval --run-dir RUN --snapshot snapshot-000004000.json --metrics fid --num-gen 5000
     torchrun --nproc_per_node 2 -m pipeline eval --run-dir RUN --all   # generation split over 2 processes
+    ganpipe eval --run-dir RUN --metrics fid,kid,pr,dc,is --extractor inception,dinov2-l14 --weights ~/weights
 
     ganpipe watch --run-dir RUN --extractor mnist --interval 60     # until the run finishes
     ganpipe watch --run-dir RUN --extractor mnist --once            # one pass (cron / Slurm array)
 
 Both build one `Evaluator` (evaluator.py) from the same arguments (cli.py). Outputs, all in RUN:
 `metrics.jsonl` (one line per snapshot and metric: the value with extractor and its weights hash,
-resize, N generated, reference data/split/N/manifest hash, seed and seeding convention, snapshot
-sha256, kimg, seconds), `best.json` (the lowest value per metric under the newest protocol),
-TensorBoard scalars `Metrics/{metric}_{extractor}` in RUN/tb at step cur_nimg, and `metrics.png`
+resize, N generated, reference data/split/N/manifest hash, seed and seeding convention,
+truncation psi and cutoff (`--psi`, `--cutoff`; a different psi is a different protocol), snapshot
+sha256, kimg, seconds; k and sample sizes for the k-NN metrics, subsets for KID, splits for the IS),
+`best.json` (the best value per metric under the newest protocol, for FID and KID or the
+`--best-metric` list; lower is better except for precision, recall, density, coverage and IS),
+TensorBoard scalars `Metrics/{metric}_{extractor}` in RUN/tb at step cur_nimg (and the same in the
+run's W&B and MLflow runs when train.trackers chose them: training/trackers.py), and `metrics.png`
 (each metric against kimg). Same seed, snapshot and extractor give the same score.
 
 The watcher, a periodic job beside training, scores each new snapshot exactly once: every
@@ -24,7 +30,18 @@ a restarted watcher continues where it stopped and never scores a snapshot twice
 (the trainer's end marker) exists, the watcher scores what is left and exits 0. SIGTERM or SIGINT
 stop it at once (a snapshot being scored is dropped and scored after a restart), also with exit 0.
 One watcher per run: a second one finds RUN/.watch.lock held and exits with an error.
-The extractor and the reference statistics are loaded once and kept between polls.
+
+After each snapshot the watcher checks for a run going wrong (alerts.py): a metric of
+`--alert-metrics` worse than its best by `--alert-worse-by` for `--alert-patience` snapshots in a
+row, or recall/coverage below `--alert-min-recall`/`--alert-min-coverage`. Alerts go to
+metrics.jsonl (`kind: "alert"`), TensorBoard (`Alerts/...`) and the log; with `--stop-on-alert`
+the watcher writes RUN/STOP, which the trainer reads at its next tick (it checkpoints and exits 0),
+scores what is pending and exits 0.
+
+    ganpipe watch --run-dir RUN --extractor mnist --metrics fid,pr --alert-min-recall 0.2 --stop-on-alert
+    ganpipe eval --run-dir RUN --generator raw --all        # the raw G (train.snapshot_raw): fid_mnist_raw
+    ganpipe eval --run-dir RUN --posthoc-std 0.05,0.1,0.15  # post-hoc EMA lengths: RUN/posthoc/ (posthoc.py)
+The extractors and the reference statistics are loaded once and kept between polls.
 """
 
 from __future__ import annotations
@@ -39,8 +56,12 @@ from typing import Callable
 
 from pipeline import dist
 from pipeline.errors import SnapshotError, UserError
+from pipeline.io import write_text_atomic
+from pipeline.metrics import posthoc
+from pipeline.metrics.alerts import STOP, AlertRules, check, new_alerts, record_alerts
 from pipeline.metrics.evaluator import Evaluator
-from pipeline.metrics.fid import parse_metrics
+from pipeline.metrics.records import read_records
+from pipeline.metrics.scores import parse_metrics
 from pipeline.training.snapshot import list_snapshots
 
 FINISHED = "FINISHED"       # the trainer's end marker in RUN
@@ -50,7 +71,24 @@ LOCK = ".watch.lock"
 def evaluator_from_args(args: argparse.Namespace, log: Callable[[str], None] = print) -> Evaluator:
     return Evaluator(args.run_dir, metrics=parse_metrics(args.metrics), extractor=args.extractor,
                      num_gen=args.num_gen, split=args.split, seed=args.seed, batch_size=args.batch_size,
-                     device=args.device, inception_weights=args.inception_weights, data=args.data, log=log)
+                     device=args.device, inception_weights=args.inception_weights, data=args.data, log=log,
+                     psi=getattr(args, "psi", 1.0), cutoff=getattr(args, "cutoff", None),
+                     best_metrics=parse_best_metrics(getattr(args, "best_metric", None)),
+                     weights=getattr(args, "generator", "ema"))
+
+
+def parse_best_metrics(text: str | None) -> list[str] | None:
+    """--best-metric 'fid' or 'fid,precision' -> record metrics best.json ranks (None: fid and kid)."""
+    if not text:
+        return None
+    from pipeline.errors import ConfigError
+    from pipeline.metrics.scores import record_metrics
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        if name not in record_metrics():
+            raise ConfigError(f"unknown --best-metric '{name}'; choose from {', '.join(record_metrics())}")
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,12 +120,25 @@ def _select(ev: Evaluator, args: argparse.Namespace) -> list[str]:
 def eval_command(args: argparse.Namespace) -> int:
     if not args.run_dir.is_dir():
         raise UserError(f"run directory {args.run_dir} does not exist")
+    stds = posthoc.parse_stds(args.posthoc_std) if args.posthoc_std is not None else None
+    if stds is not None and args.generator != "ema":
+        raise UserError("--posthoc-std rebuilds EMA generators from the EMA profiles; leave --generator at ema")
+    if stds is None and args.at_kimg is not None:
+        raise UserError("--at-kimg goes with --posthoc-std (to score one snapshot, give --snapshot)")
     ev = None
     try:
         ev = evaluator_from_args(args)
-        targets = dist.broadcast_object(dist.on_main(lambda: _select(ev, args), (UserError,)))
+        select = ((lambda: posthoc.rebuild(args.run_dir, stds, args.at_kimg, ev.log)) if stds is not None
+                  else (lambda: _select(ev, args)))
+        targets = dist.broadcast_object(dist.on_main(select, (UserError,)))
         for path in targets:
-            ev.record(ev.score(path))      # a SnapshotError is a UserError: one line, exit 2
+            records = ev.score(path)       # a SnapshotError is a UserError: one line, exit 2
+            if records and records[0].get("weights") == "posthoc":
+                posthoc.record(args.run_dir, records, ev.log)      # RUN/posthoc/, apart from the kimg history
+            else:
+                ev.record(records)
+        if not targets:
+            ev.refresh_best()              # nothing new, yet --best-metric may have changed
     finally:
         if ev is not None:
             ev.close()
@@ -125,6 +176,34 @@ def _lock(run_dir: Path):
     return f
 
 
+def alert_rules(args: argparse.Namespace) -> AlertRules:
+    from pipeline.metrics.scores import record_metrics
+
+    names = tuple(t.strip() for t in args.alert_metrics.split(",") if t.strip())
+    for name in names:
+        if name not in record_metrics():
+            raise UserError(f"unknown --alert-metrics '{name}'; choose from {', '.join(record_metrics())}")
+    try:
+        return AlertRules(metrics=names, worse_by=args.alert_worse_by, patience=args.alert_patience,
+                          min_recall=args.alert_min_recall, min_coverage=args.alert_min_coverage)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _alert(ev: Evaluator, run_dir: Path, rules: AlertRules, stop: bool) -> bool:
+    """Record and log the alerts the scores so far raise; with `stop`, write RUN/STOP (first line:
+    why, which the trainer prints). Whether RUN/STOP was written."""
+    alerts = new_alerts(run_dir, check(read_records(run_dir), rules))
+    if not alerts:
+        return False
+    record_alerts(run_dir, alerts, ev.writer)
+    for a in alerts:
+        _log(f"ALERT {a['alert']}: {a['message']}")
+    if stop:
+        write_text_atomic(run_dir / STOP, "".join(f"ganpipe watch --stop-on-alert: {a['message']}\n" for a in alerts))
+    return stop
+
+
 def watch_command(args: argparse.Namespace) -> int:
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():
@@ -132,6 +211,7 @@ def watch_command(args: argparse.Namespace) -> int:
     if dist.launch_env().world_size > 1:
         raise UserError("`ganpipe watch` runs as one process; use `ganpipe eval --all` under torchrun to "
                         "split generation over several")
+    rules = alert_rules(args)
     lock = _lock(run_dir)
     state = {"stop": "", "busy": False}      # stop: name of the signal received
 
@@ -149,7 +229,7 @@ def watch_command(args: argparse.Namespace) -> int:
             time.sleep(min(0.2, max(0.0, end - time.monotonic())))
 
     ev = None
-    scored, bad = 0, {}
+    scored, bad, stopping = 0, {}, False
     try:
         while not (run_dir / "config.yaml").is_file() and not state["stop"] and not args.once:
             _log(f"waiting for {run_dir / 'config.yaml'}")
@@ -159,7 +239,8 @@ def watch_command(args: argparse.Namespace) -> int:
             return 0
         ev = evaluator_from_args(args, log=_log)
         _log(f"watching {run_dir / 'snapshots'} every {args.interval:g} s "
-             f"({', '.join(ev.metrics)} with {ev.extractor.name}, {ev.num_gen} generated vs {args.split})")
+             f"({', '.join(ev.metrics)} with {', '.join(e.name for e in ev.extractors)}, {ev.num_gen} generated "
+             f"vs {args.split})")
         while not state["stop"]:
             finished = (run_dir / FINISHED).is_file()   # checked before listing: snapshots precede the marker
             for meta in ev.pending():
@@ -186,8 +267,13 @@ def watch_command(args: argparse.Namespace) -> int:
                     break
                 ev.record(records)
                 scored += 1
+                stopping = _alert(ev, run_dir, rules, args.stop_on_alert) or stopping
             if state["stop"]:
                 break
+            if stopping:
+                _log(f"--stop-on-alert: {run_dir / STOP} written, the trainer checkpoints and exits at its next "
+                     f"tick; scored {scored} snapshot(s) in this session; remove {STOP} and restart both to go on")
+                return 0
             if finished or args.once:
                 why = "training finished" if finished else "--once"
                 _log(f"{why}: scored {scored} snapshot(s) in this session"

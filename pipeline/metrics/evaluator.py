@@ -1,6 +1,7 @@
-"""The evaluator: one run, one extractor, one reference and one protocol; many snapshots.
+"""The evaluator: one run, its extractors, their references and one protocol; many snapshots.
 
     ev = Evaluator(RUN, metrics=["fid", "kid"], extractor="mnist")   # every process builds one
+    ev = Evaluator(RUN, metrics=["fid", "pr", "is"], extractor="inception,dinov2-l14")
     for meta in ev.pending():                                        # snapshots not yet scored
         ev.record(ev.score(meta["json_path"]))                       # score on all, record on rank 0
     ev.close()
@@ -8,10 +9,13 @@
 Scoring a snapshot: load the EMA generator (safetensors + JSON, no code executed, sha256 checked),
 generate N images with `pipeline.generate` (image i depends only on the seed and i, so neither the
 batch size nor the number of processes changes which images are scored; labels i % num_classes
-for conditional models), quantise them to uint8 as a saved PNG would be, extract features with
-clean-fid's clean resize, and score them against the reference statistics of the run's data
-(`refstats.py`, computed on first use). With several processes each generates every world_size-th
-batch and rank 0 gathers the features, scores and writes (`records.py`). `ganpipe eval` and
+for conditional models), quantise them to uint8 as a saved PNG would be, run every extractor once over
+them, keep per extractor running float64 sums (FID), IS sums and the features of the first
+`scores.SAMPLE_GEN` images (KID, precision/recall, density/coverage) (`stats.py`), and score them
+against the reference statistics of the run's data (`refstats.py`, computed on first use). With
+several processes each generates every world_size-th batch; the sums are gathered every round
+and added in batch order (the same bits for any number of processes), the sample goes to rank 0,
+which scores and writes (`records.py`). `ganpipe eval` and
 `ganpipe watch` (`commands.py`) both drive it.
 """
 
@@ -28,15 +32,20 @@ import torch
 from pipeline import dist, generate
 from pipeline.data.manifest import MANIFEST
 from pipeline.errors import DataError, SnapshotError, UserError
-from pipeline.metrics.features import Extractor, get_extractor
-from pipeline.metrics.fid import METRICS
-from pipeline.metrics.records import append_records, plot_metrics, protocol_key, read_records, write_best
+from pipeline.metrics.features import CLASSIFIERS, Extractor, get_extractors, parse_extractors
+from pipeline.metrics.records import (BEST_METRICS, append_records, plot_metrics, protocol_key, read_records,
+                                      write_best)
 from pipeline.metrics.refstats import RefStats, reference_stats
+from pipeline.metrics.scores import METRICS, SAMPLE_GEN, Metric, Setup
+from pipeline.metrics.stats import IS_SPLITS, generated_statistics
 from pipeline.training.snapshot import list_snapshots, load_snapshot, read_snapshot_meta
+from pipeline.training.trackers import EvalTrackers
+
+GENERATORS = ("ema", "raw")     # --generator: the snapshot's EMA G, or the raw G (train.snapshot_raw)
 
 
-def generated_features(G: torch.nn.Module, extractor: Extractor, *, num: int, batch_size: int, seed: int
-                       ) -> np.ndarray | None:
+def generated_features(G: torch.nn.Module, extractor: Extractor, *, num: int, batch_size: int, seed: int,
+                       psi: float = 1.0, cutoff: int | None = None) -> np.ndarray | None:
     """Features of images 0..num-1 of `seed`; rank r does batches r, r+world, ... (batches rounded
     up to whole micro-batches of `pipeline.generate`, so none is computed twice); the whole array
     on rank 0, None elsewhere."""
@@ -48,7 +57,7 @@ def generated_features(G: torch.nn.Module, extractor: Extractor, *, num: int, ba
     for b in range(dist.rank(), math.ceil(num / step), dist.world_size()):
         start = b * step
         x = generate.images(G, seed=seed, start=start, count=min(step, num - start), device=extractor.device,
-                            batch=step)
+                            batch=step, psi=psi, cutoff=cutoff)
         mine.append((b, extractor(generate.to_uint8(x))))
     parts = dist.gather_objects(mine)
     if parts is None:
@@ -68,7 +77,8 @@ class Evaluator:
     def __init__(self, run_dir: str | Path, *, metrics: list[str], extractor: str, num_gen: int | None = None,
                  split: str = "train", seed: int = 0, batch_size: int = 250, device: str | None = None,
                  inception_weights: str | None = None, data: str | Path | None = None,
-                 log: Callable[[str], None] = print):
+                 psi: float = 1.0, cutoff: int | None = None, best_metrics: list[str] | None = None,
+                 log: Callable[[str], None] = print, weights: str = "ema"):
         from pipeline.catalog import load_config
 
         self.run_dir = Path(run_dir)
@@ -86,34 +96,80 @@ class Evaluator:
             raise UserError(f"--batch-size {batch_size}: must be at least 1")
         self.metrics = metrics
         self.split, self.seed = split, seed
+        # Truncation is part of the protocol: psi 1 means none, whatever the cutoff.
+        self.psi, self.cutoff = float(psi), (cutoff if psi != 1 else None)
+        if weights not in GENERATORS:
+            raise UserError(f"--generator {weights}: choose one of {', '.join(GENERATORS)}")
+        self.weights = weights          # which G of each snapshot: part of the protocol
         self.batch_size = generation_batch(batch_size)
         self.device = dist.init_process_group(dist.default_device(device))
         self.rank, self.world = dist.rank(), dist.world_size()
         self.log = log if self.rank == 0 else (lambda msg: None)
-        self.extractor = get_extractor(extractor, self.device, inception_weights)
-        self.num_gen = num_gen or self.extractor.default_num_gen
+        self.best_metrics = list(best_metrics or BEST_METRICS)
+        self.specs: dict[str, Metric] = {m: METRICS.get(m) for m in metrics}
+        names = parse_extractors(extractor)
+        if any(s.classes for s in self.specs.values()) and not set(names) & set(CLASSIFIERS):
+            # Checked before any network is loaded: the IS needs a classifier among the extractors.
+            raise UserError(f"--metrics is needs class logits, which {', '.join(names)} lack{'s' * (len(names) == 1)}: "
+                            f"use --extractor inception (the Inception Score's network; "
+                            f"{' or '.join(CLASSIFIERS)} have logits), e.g. --extractor {names[0]},inception")
+        self.extractors = get_extractors(names, self.device, inception_weights)
+        self.extractor = self.extractors[0]
+        if any(s.classes for s in self.specs.values()) and not any(e.num_classes for e in self.extractors):
+            raise UserError(f"--metrics is needs class logits; the weights of {', '.join(names)} have no "
+                            "classification layer (the Inception file's `output` layer is missing)")
+        self.num_gen = num_gen or max(e.default_num_gen for e in self.extractors)
         if self.num_gen < 2:
             raise UserError(f"--num-gen {self.num_gen}: FID/KID need at least 2 generated images")
-        # Rank 0 alone needs the reference (it scores); the others only generate.
-        self.ref: RefStats | None = dist.on_main(lambda: reference_stats(
-            self.data_dir, split, self.extractor, batch_size=batch_size, log=self.log),
+        if "is" in self.specs and self.num_gen < IS_SPLITS:
+            raise UserError(f"--num-gen {self.num_gen}: the Inception Score's {IS_SPLITS} splits need at least "
+                            f"{IS_SPLITS} images")
+        self.sample_gen = min(self.num_gen, SAMPLE_GEN) if any(s.sample for s in self.specs.values()) else 0
+        if ("pr" in self.specs or "dc" in self.specs) and 0 < self.sample_gen <= 5:
+            raise UserError(f"--num-gen {self.num_gen}: precision/recall and density/coverage need more than "
+                            "5 generated images (k = 3 and 5 nearest neighbours)")
+        # Rank 0 alone needs the references (it scores); the others only generate.
+        self.refs: dict[str, RefStats] | None = dist.on_main(lambda: {ext.name: reference_stats(
+            self.data_dir, split, ext, batch_size=batch_size, log=self.log) for ext in self.extractors},
             (UserError, DataError, FileNotFoundError))
-        if self.ref is not None and min(self.ref.num, self.num_gen) <= self.extractor.dim:
-            self.log(f"warning: {min(self.ref.num, self.num_gen)} samples for {self.extractor.dim}-d features: "
-                     "the covariance is singular and FID is unreliable (use more images)")
+        self.ref: RefStats | None = None if self.refs is None else self.refs[self.extractor.name]
+        for ext in self.extractors:
+            ref = None if self.refs is None else self.refs[ext.name]
+            if ref is not None and "fid" in self.specs and min(ref.num, self.num_gen) <= ext.dim:
+                self.log(f"warning: {min(ref.num, self.num_gen)} samples for {ext.dim}-d {ext.name} features: "
+                         "the covariance is singular and FID is unreliable (use more images)")
         self._writer = None
+        self.tensorboard = "tensorboard" in cfg.train.trackers
+        # The run's W&B/MLflow runs (RUN/trackers.json) get the records too; rank 0 alone records.
+        self._trackers = EvalTrackers(self.run_dir, cfg, self.log) if self.rank == 0 else None
 
-    def protocol(self) -> dict:
-        """The fields that make a score comparable; stored with every record."""
-        assert self.ref is not None
-        return {**self.extractor.protocol(), "num_gen": self.num_gen, "seed": self.seed,
-                "seeding": generate.SEEDING,
-                "reference": {"data": str(self.data_dir.resolve()), "split": self.split, "num": self.ref.num,
-                              "manifest_sha256": self.ref.meta["manifest_sha256"]}}
+    def protocol(self, ext: Extractor | None = None) -> dict:
+        """The fields that make a score of extractor `ext` (default: the first) comparable; stored with
+        every record (each metric adds its own: `setup` and scores.py)."""
+        ext = ext or self.extractor
+        assert self.refs is not None
+        ref = self.refs[ext.name]
+        return {**ext.protocol(), "num_gen": self.num_gen, "seed": self.seed,
+                "seeding": generate.SEEDING, "psi": self.psi, "cutoff": self.cutoff, "weights": self.weights,
+                "reference": {"data": str(self.data_dir.resolve()), "split": self.split, "num": ref.num,
+                              "sample_num": ref.sample_num, "manifest_sha256": ref.meta["manifest_sha256"]}}
+
+    def setup(self, ext: Extractor) -> Setup:
+        assert self.refs is not None
+        return Setup(num_gen=self.num_gen, sample_gen=self.sample_gen, sample_ref=self.refs[ext.name].sample_num,
+                     seed=self.seed, device=ext.device)
+
+    def _planned(self) -> list[tuple[Extractor, str, Metric]]:
+        """(extractor, --metrics name, metric) of every score a snapshot gets; the IS only with class logits."""
+        return [(ext, name, spec) for ext in self.extractors for name, spec in self.specs.items()
+                if not spec.classes or ext.num_classes]
 
     def _keys(self, sha: str) -> set[tuple]:
-        proto = self.protocol()
-        return {(sha, protocol_key({**proto, "metric": m})) for m in self.metrics}
+        out = set()
+        for ext, _, spec in self._planned():
+            proto = {**self.protocol(ext), **spec.protocol(self.setup(ext))}
+            out |= {(sha, protocol_key({**proto, "metric": m})) for m in spec.records}
+        return out
 
     def pending(self) -> list[dict]:
         """Records (unchecked JSON) of complete snapshots not yet scored under this protocol, oldest first."""
@@ -131,28 +187,47 @@ class Evaluator:
     def score(self, snapshot: str | Path) -> list[dict]:
         """Score one snapshot (sha256 checked); records on rank 0, [] on other ranks."""
         t0 = time.perf_counter()
-        G, meta = load_snapshot(snapshot, device=self.extractor.device)
+        G, meta = load_snapshot(snapshot, device=self.extractor.device, weights=self.weights)
+        # A post-hoc EMA rebuild (`ganpipe posthoc-ema`) is its own protocol: weights "posthoc" and its std.
+        which = {"weights": "posthoc", "posthoc_std": meta["posthoc_ema"]["std"]} if "posthoc_ema" in meta else {}
+        suffix = "" if self.weights == "ema" else f"_{self.weights}"      # raw scores: their own series
         t1 = time.perf_counter()
-        feats = generated_features(G, self.extractor, num=self.num_gen, batch_size=self.batch_size, seed=self.seed)
+        # One pass: every image generated once, every extractor run once over it.
+        stats = generated_statistics(
+            G, self.extractors, num=self.num_gen, batch_size=self.batch_size, seed=self.seed,
+            moments=any(s.moments for s in self.specs.values()), classes=any(s.classes for s in self.specs.values()),
+            keep=self.sample_gen, generate_kwargs={"psi": self.psi, "cutoff": self.cutoff})
         gen_s = time.perf_counter() - t1
         if self.rank != 0:
             return []
-        assert feats is not None and self.ref is not None and len(feats) == self.num_gen
+        assert self.refs is not None
         records = []
-        for metric in self.metrics:
+        for ext, name, spec in self._planned():
             t2 = time.perf_counter()
-            value, extra = METRICS.get(metric)(feats, self.ref, self.seed)
-            records.append({
-                "name": f"{metric}_{self.extractor.name}", "metric": metric, "value": value,
-                "snapshot": Path(meta["json_path"]).stem, "snapshot_sha256": meta["sha256"],
-                "cur_nimg": meta["cur_nimg"], "kimg": meta["kimg"], **self.protocol(), **extra,
-                "labels": "balanced (i % num_classes)" if G.num_classes else "none",
-                "seconds": round(time.perf_counter() - t2 + gen_s + (t1 - t0), 3),
-                "generate_featurize_s": round(gen_s, 3), "images_per_s": round(self.num_gen / max(gen_s, 1e-9), 1),
-                "batch_size": self.batch_size, "world_size": self.world, "device": str(self.extractor.device),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })
+            setup = self.setup(ext)
+            values = spec.compute(stats[ext.name], self.refs[ext.name], setup)
+            metric_s = (time.perf_counter() - t2) / len(values)
+            for metric, (value, extra) in values.items():
+                records.append({
+                    "name": f"{metric}_{ext.name}{suffix}", "metric": metric, "value": value,
+                    "snapshot": Path(meta["json_path"]).stem, "snapshot_sha256": meta["sha256"],
+                    "cur_nimg": meta["cur_nimg"], "kimg": meta["kimg"], **self.protocol(ext),
+                    **spec.protocol(setup), **extra, **which,
+                    "labels": "balanced (i % num_classes)" if G.num_classes else "none",
+                    "seconds": round(metric_s + gen_s + (t1 - t0), 3),
+                    "generate_featurize_s": round(gen_s, 3),
+                    "images_per_s": round(self.num_gen / max(gen_s, 1e-9), 1),
+                    "extractors": [e.name for e in self.extractors],   # featurised in the same pass
+                    "batch_size": self.batch_size, "world_size": self.world, "device": str(ext.device),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                })
         return records
+
+    def refresh_best(self) -> None:
+        """Rewrite best.json from metrics.jsonl with this evaluator's best metrics (rank 0)."""
+        everything = read_records(self.run_dir) if self.rank == 0 else []
+        if everything:
+            write_best(self.run_dir, everything, self.best_metrics)
 
     def record(self, records: list[dict]) -> None:
         """Append to metrics.jsonl, then refresh best.json, TensorBoard and metrics.png (rank 0)."""
@@ -160,21 +235,31 @@ class Evaluator:
             return
         append_records(self.run_dir, records)
         everything = read_records(self.run_dir)
-        write_best(self.run_dir, everything)
-        if self._writer is None:
+        write_best(self.run_dir, everything, self.best_metrics)
+        if self._writer is None and self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.run_dir / "tb"), filename_suffix=".eval")
-        for r in records:
-            self._writer.add_scalar(f"Metrics/{r['name']}", r["value"], global_step=r["cur_nimg"])
-        self._writer.flush()
+        if self._writer is not None:
+            for r in records:
+                self._writer.add_scalar(f"Metrics/{r['name']}", r["value"], global_step=r["cur_nimg"])
+            self._writer.flush()
+        if self._trackers is not None:
+            self._trackers.log(records)
         plot_metrics(self.run_dir, everything)
         for r in records:
             ref = r["reference"]
             self.log(f"{r['snapshot']} kimg {r['kimg']:g}: {r['name']} {r['value']:.6g} "
                      f"({r['num_gen']} generated vs {ref['split']} {ref['num']}, {r['seconds']:.1f} s)")
 
+    @property
+    def writer(self):
+        """The TensorBoard writer of RUN/tb once a score was recorded here (None before)."""
+        return self._writer
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._trackers is not None:
+            self._trackers.close()

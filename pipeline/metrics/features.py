@@ -1,24 +1,41 @@
-"""Feature extractors for FID/KID, served by name from one registry.
+"""Feature extractors for FID/KID, precision/recall, density/coverage and the Inception Score,
+served by name from one registry.
 
-    ext = get_extractor("mnist", device="cpu")        # or "inception"
+    ext = get_extractor("mnist", device="cpu")        # or "inception", "dinov2-b14", "dinov2-l14"
     feats = ext(images_uint8_nchw)                    # (N, ext.dim) float32 numpy
-
-Every extractor follows clean-fid's protocol: uint8 images (grey is repeated to RGB, as clean-fid's
-`convert('RGB')` does) go through clean-fid's "clean" resize (PIL bicubic on each float32
-channel, no re-quantisation) to the network's input side, and the network receives float
-(B, 3, S, S) in [0, 255], the `custom_feat_extractor` contract. So the same `ext.net` can be
-handed to `cleanfid.fid.compute_fid(custom_feat_extractor=...)` and gives the same numbers.
+    feats, logits = ext.extract(images, logits=True)  # torch on ext.device; logits for the IS
 
 - `inception`: clean-fid's torchscript Inception-V3 (`InceptionV3W`, 2048-d pool features, the
   network behind published FIDs), loaded from a local file, never downloaded (clean-fid would
-  fetch it into /tmp without a checksum). Path: `--inception-weights PATH`, else the
-  `GANPIPE_INCEPTION_WEIGHTS` environment variable, else clean-fid's own location.
+  fetch it into /tmp without a checksum). Path: `--weights PATH` (alias `--inception-weights`),
+  else the `GANPIPE_INCEPTION_WEIGHTS` environment variable, else clean-fid's own location. Its
+  1008-class logits (the TF graph's `softmax/logits/MatMul`: pool features times the output
+  layer's weights, no bias, as the original Inception Score code and StyleGAN2-ADA take them)
+  serve the Inception Score.
 - `mnist`: the project's own 64-d digit embedding (`mnist_net.py`), weights committed, so
-  FID-style evaluation is real on machines without network.
+  FID-style evaluation is real on machines without network; its 10 digit logits give an
+  "MNIST Inception Score".
+- `dinov2-b14`, `dinov2-l14`: DINOv2 ViT-B/14 and ViT-L/14 (timm's architecture), the CLS token
+  after the final norm (768-d, 1024-d), as Stein et al. 2023 (FD_DINOv2) use them: images resized
+  to 224 x 224 by PIL bicubic on uint8 (torchvision's `Resize` on a PIL image), then ImageNet
+  mean/std. Weights: Meta's `dinov2_vit{b,l}14_pretrain.pth` (or timm's `model.safetensors` of
+  `vit_{base,large}_patch14_dinov2.lvd142m`), from `--weights PATH`, else
+  `$GANPIPE_DINOV2_WEIGHTS`, else torch hub's checkpoint folder; nothing is downloaded. The
+  518-px position embeddings are resampled to 16 x 16 as DINOv2 itself does at run time
+  (bicubic, scale factor (16 + 0.1) / 37, no antialias).
+
+clean-fid extractors (inception, mnist) follow clean-fid's protocol: uint8 images (grey is
+repeated to RGB, as clean-fid's `convert('RGB')` does) go through clean-fid's "clean" resize
+(PIL bicubic on each float32 channel, no re-quantisation) to the network's input side, and the
+network receives float (B, 3, S, S) in [0, 255], the `custom_feat_extractor` contract. So the
+same `ext.net` can be handed to `cleanfid.fid.compute_fid(custom_feat_extractor=...)` and gives
+the same numbers. A `weights` directory serves several extractors: each takes its own file name
+from it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import warnings
@@ -40,6 +57,7 @@ INCEPTION_ENV = "GANPIPE_INCEPTION_WEIGHTS"
 
 # name -> build(device, weights=None) -> Extractor
 EXTRACTORS = Registry("feature extractor")
+CLASSIFIERS = ("inception", "mnist")    # extractors whose networks have class logits (Inception Score)
 
 
 @dataclass
@@ -53,11 +71,16 @@ class Extractor:
     weights_sha256: str
     device: torch.device
     default_num_gen: int        # generated images per score when the user gives none
+    # Class logits from the features (for the Inception Score); None: the network has no classes.
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    num_classes: int = 0
+    resize_kind: str = "clean"  # "clean": clean-fid's float resize; "pil": PIL bicubic on uint8 (DINOv2)
 
     @property
     def resize(self) -> str:
-        """Protocol tag of the resize: clean-fid 'clean' mode (PIL bicubic, float) to size x size."""
-        return f"clean{self.size}"
+        """Protocol tag of the resize: clean-fid 'clean' mode (PIL bicubic, float) to size x size,
+        or `pil-bicubic{size}` (uint8 PIL bicubic, torchvision's Resize on a PIL image)."""
+        return f"clean{self.size}" if self.resize_kind == "clean" else f"pil-bicubic{self.size}"
 
     def protocol(self) -> dict:
         return {"extractor": self.name, "extractor_sha256": self.weights_sha256, "feature_dim": self.dim,
@@ -75,6 +98,8 @@ class Extractor:
             raise ValueError(f"expected uint8 images (B, 1|3, H, W), got shape {images.shape}")
         if images.shape[1] == 1:
             images = np.repeat(images, 3, axis=1)
+        if self.resize_kind == "pil":
+            return _pil_bicubic(images, self.size)
         if images.shape[2:] == (self.size, self.size):
             # PIL returns an unchanged copy for a same-size resize (checked in the tests), so skip it:
             # it costs ~0.3 ms per image, more than the mnist network itself.
@@ -84,15 +109,58 @@ class Extractor:
         return torch.from_numpy(out.transpose(0, 3, 1, 2).copy())
 
     @torch.no_grad()
+    def extract(self, images: np.ndarray, logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 (B, C, H, W) numpy -> (float32 (B, dim) features, (B, num_classes) logits or None),
+        on `device`, from one pass of the network."""
+        feats = self.net(self.prepare(images).to(self.device)).float()
+        if not logits:
+            return feats, None
+        if self.head is None:
+            raise ValueError(f"the {self.name} extractor has no class logits")
+        return feats, self.head(feats).float()
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, C, H, W) numpy -> float32 (B, dim) numpy features."""
-        batch = self.prepare(images).to(self.device)
-        return self.net(batch).float().cpu().numpy()
+        return self.extract(images)[0].cpu().numpy()
+
+
+def _pil_bicubic(images: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float (B, 3, size, size) in [0, 255]: PIL bicubic on each uint8 RGB image,
+    the result quantised to uint8 again, as torchvision's Resize does it on PIL images."""
+    from PIL import Image
+
+    out = np.stack([np.asarray(Image.fromarray(img.transpose(1, 2, 0)).resize((size, size), Image.BICUBIC))
+                    for img in images])
+    return torch.from_numpy(out.transpose(0, 3, 1, 2).astype(np.float32))
 
 
 def get_extractor(name: str, device: str | torch.device = "cpu", weights: str | Path | None = None) -> Extractor:
     """Build the extractor registered as `name` (a ConfigError lists the names if unknown)."""
     return EXTRACTORS.get(name)(device=torch.device(device), weights=weights)
+
+
+def parse_extractors(text: str) -> list[str]:
+    """'inception,dinov2-l14' -> ['inception', 'dinov2-l14'], each checked against EXTRACTORS."""
+    names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not names:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"--extractor is empty; choose from {', '.join(EXTRACTORS.keys())}")
+    for name in names:
+        EXTRACTORS.get(name)
+    return names
+
+
+def get_extractors(names: list[str], device: str | torch.device = "cpu", weights: str | Path | None = None
+                   ) -> list[Extractor]:
+    """Several extractors at once; `weights` must then be a directory (each takes its own file from it)."""
+    if len(names) > 1 and weights and not Path(weights).expanduser().is_dir():
+        from pipeline.errors import UserError
+
+        raise UserError(f"--weights {weights} names one file, but {len(names)} extractors "
+                        f"({', '.join(names)}) need weights: name a directory holding each one's file "
+                        f"(e.g. {INCEPTION_FILE}, {DINOV2['dinov2-l14'][1]})")
+    return [get_extractor(name, device, weights) for name in names]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +182,7 @@ def _missing_inception(path: Path) -> str:
     return (f"Inception weights file {path} not found; the inception extractor needs {INCEPTION_FILE} "
             f"(the file clean-fid downloads): on a machine with network run "
             f"`curl -L -o {INCEPTION_FILE} {INCEPTION_URL}`, copy it to {path} (or anywhere, and point "
-            f"--inception-weights or ${INCEPTION_ENV} at it); nothing is downloaded at run time. "
+            f"--weights (alias --inception-weights) or ${INCEPTION_ENV} at it); nothing is downloaded at run time. "
             f"For MNIST-like data `--extractor mnist` works offline")
 
 
@@ -139,7 +207,15 @@ def build_inception(device: torch.device, weights: str | Path | None = None) -> 
         raise UserError(f"Inception weights file {path} cannot be loaded ({str(exc).splitlines()[0][:160]}); "
                         f"it is probably an interrupted download: fetch it again from {INCEPTION_URL}") from None
     net = net.to(device).eval().requires_grad_(False)
-    return Extractor("inception", net, 2048, 299, str(path), sha256_file(path), device, 50_000)
+    head, classes = None, 0
+    output = getattr(net.base, "output", None)     # the 1008-class layer of the TF graph
+    if output is not None and hasattr(output, "weight"):
+        weight = output.weight.detach().float()
+        # No bias: the original Inception Score code multiplies the pool features by the weights
+        # of softmax/logits/MatMul alone (StyleGAN2-ADA: `no_output_bias=True`).
+        head, classes = (lambda feats: feats @ weight.T), int(weight.shape[0])
+    return Extractor("inception", net, 2048, 299, str(path), sha256_file(path), device, 50_000,
+                     head=head, num_classes=classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,11 +226,128 @@ def build_mnist(device: torch.device, weights: str | Path | None = None) -> Extr
     from pipeline.errors import UserError
     from pipeline.metrics.mnist_net import FEATURE_DIM, INPUT_SIZE, WEIGHTS, load_mnist_net
 
-    path = Path(weights or WEIGHTS)
+    path = Path(weights or WEIGHTS).expanduser()
+    if path.is_dir():                  # a directory of several extractors' weights
+        path = path / WEIGHTS.name if (path / WEIGHTS.name).is_file() else WEIGHTS
     if not path.is_file():
         raise UserError(f"mnist extractor weights {path} not found; they ship with ganpipe "
                         f"(pipeline/metrics/weights/); rebuild them with `python -m "
                         f"pipeline.metrics.train_mnist_extractor --out {path}`")
     net, _ = load_mnist_net(path)
-    return Extractor("mnist", net.to(device), FEATURE_DIM, INPUT_SIZE, str(path), sha256_file(path),
-                     device, 10_000)
+    net = net.to(device)
+
+    def head(feats: torch.Tensor) -> torch.Tensor:
+        return net.head(feats / net.feature_scale)       # features are the scaled embedding
+
+    return Extractor("mnist", net, FEATURE_DIM, INPUT_SIZE, str(path), sha256_file(path),
+                     device, 10_000, head=head, num_classes=10)
+
+
+# ---------------------------------------------------------------------------------------------
+# dinov2 (Stein et al. 2023, FD_DINOv2)
+
+DINOV2_ENV = "GANPIPE_DINOV2_WEIGHTS"
+DINOV2_SIZE = 224                     # Stein et al. resize every image to 224 x 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# name -> (timm architecture, Meta's weights file, feature dim)
+DINOV2 = {"dinov2-b14": ("vit_base_patch14_dinov2", "dinov2_vitb14_pretrain.pth", 768),
+          "dinov2-l14": ("vit_large_patch14_dinov2", "dinov2_vitl14_pretrain.pth", 1024)}
+
+
+def dinov2_url(name: str) -> str:
+    file = DINOV2[name][1]
+    return f"https://dl.fbaipublicfiles.com/dinov2/{file.split('_pretrain')[0]}/{file}"
+
+
+def dinov2_path(name: str, weights: str | Path | None = None) -> Path:
+    """The argument, else $GANPIPE_DINOV2_WEIGHTS, else torch hub's checkpoints folder (where
+    `torch.hub.load('facebookresearch/dinov2', ...)` leaves the file); a directory gets the file name."""
+    file = DINOV2[name][1]
+    chosen = weights or os.environ.get(DINOV2_ENV) or Path(torch.hub.get_dir()) / "checkpoints" / file
+    path = Path(chosen).expanduser()
+    return path / file if path.is_dir() else path
+
+
+class Dinov2Features(nn.Module):
+    """float (B, 3, 224, 224) in [0, 255] -> (B, dim) CLS token after the final norm.
+    /255 then ImageNet mean/std, the operations of torchvision's ToTensor + Normalize."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit((x / 255 - self.mean) / self.std)
+
+
+def resample_dinov2_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """(1, 1 + M*M, D) -> (1, 1 + grid*grid, D) exactly as DINOv2's `interpolate_pos_encoding`:
+    bicubic with scale factor (grid + 0.1) / M, no antialias (timm's own resample antialiases)."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:].float()
+    m = math.isqrt(patches.shape[1])
+    if m * m != patches.shape[1]:
+        raise ValueError(f"position embedding of {patches.shape[1]} patches is not square")
+    if m == grid:
+        return pos_embed
+    dim = patches.shape[-1]
+    scale = (grid + 0.1) / m
+    out = torch.nn.functional.interpolate(patches.reshape(1, m, m, dim).permute(0, 3, 1, 2),
+                                          scale_factor=(scale, scale), mode="bicubic", antialias=False)
+    out = out.permute(0, 2, 3, 1).reshape(1, grid * grid, dim)
+    return torch.cat([cls, out.to(pos_embed.dtype)], dim=1)
+
+
+def _missing_dinov2(name: str, path: Path) -> str:
+    file = DINOV2[name][1]
+    return (f"DINOv2 weights file {path} not found; the {name} extractor needs {file}: on a machine with "
+            f"network run `curl -L -o {file} {dinov2_url(name)}`, copy it to {path} (or anywhere, and point "
+            f"--weights or ${DINOV2_ENV} at it, or at a directory holding it); nothing is downloaded at run time")
+
+
+def _build_dinov2(name: str, device: torch.device, weights: str | Path | None) -> Extractor:
+    from pipeline.errors import UserError
+
+    arch, file, dim = DINOV2[name]
+    path = dinov2_path(name, weights)
+    if not path.is_file():
+        raise UserError(_missing_dinov2(name, path))
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:     # a truncated or foreign file: say which and what to do
+        raise UserError(f"DINOv2 weights file {path} cannot be loaded ({str(exc).splitlines()[0][:160]}); "
+                        f"fetch {file} again from {dinov2_url(name)}") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    vit = timm.create_model(arch, pretrained=False, img_size=DINOV2_SIZE, num_classes=0)
+    if "pos_embed" not in state:
+        raise UserError(f"DINOv2 weights file {path} has no pos_embed: not a DINOv2 ViT checkpoint ({file})")
+    state = dict(state)
+    state["pos_embed"] = resample_dinov2_pos_embed(state["pos_embed"], DINOV2_SIZE // 14)
+    try:
+        vit.load_state_dict(checkpoint_filter_fn(state, vit), strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"DINOv2 weights file {path} does not fit {arch} ({str(exc).splitlines()[0][:160]}); "
+                        f"the {name} extractor needs {file}") from None
+    net = Dinov2Features(vit).to(device).eval().requires_grad_(False)
+    return Extractor(name, net, dim, DINOV2_SIZE, str(path), sha256_file(path), device, 50_000,
+                     resize_kind="pil")
+
+
+@EXTRACTORS.register("dinov2-b14")
+def build_dinov2_b14(device: torch.device, weights: str | Path | None = None) -> Extractor:
+    return _build_dinov2("dinov2-b14", device, weights)
+
+
+@EXTRACTORS.register("dinov2-l14")
+def build_dinov2_l14(device: torch.device, weights: str | Path | None = None) -> Extractor:
+    return _build_dinov2("dinov2-l14", device, weights)

@@ -4,9 +4,8 @@
     fid = frechet_distance(mu_g, sigma_g, mu_r, sigma_r)  # cleanfid.fid.frechet_distance
     kid = kernel_distance(feats_g, feats_r, seed=0)      # cleanfid.fid.kernel_distance, seeded
 
-Scores are served by name from `METRICS` (the values of `--metrics`); each takes the generated
-features, the reference statistics and a seed, and returns the score plus the protocol facts
-that belong next to it.
+The evaluator's FID takes its generated mean and covariance from running float64 sums
+(`stats.py`) instead of `feature_stats`; `scores.py` serves every metric by its `--metrics` name.
 """
 
 from __future__ import annotations
@@ -14,14 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from typing import Any
-
 import numpy as np
-
-from pipeline.registry import Registry
-
-# name -> fn(gen_feats, ref: RefStats, seed) -> (value, extra protocol fields)
-METRICS = Registry("metric")
 
 KID_SUBSETS = 100          # clean-fid's defaults for kernel_distance
 KID_SUBSET_SIZE = 1000
@@ -69,29 +61,3 @@ def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, *, seed: int, num_su
                                   num_subsets=num_subsets, max_subset_size=max_subset_size))
     finally:
         np.random.set_state(state)
-
-
-@METRICS.register("fid")
-def fid_metric(gen_feats: np.ndarray, ref: Any, seed: int) -> tuple[float, dict]:
-    mu, sigma = feature_stats(gen_feats)
-    return frechet_distance(mu, sigma, ref.mu, ref.sigma), {}
-
-
-@METRICS.register("kid")
-def kid_metric(gen_feats: np.ndarray, ref: Any, seed: int) -> tuple[float, dict]:
-    value = kernel_distance(ref.feats, gen_feats, seed=seed)   # clean-fid's argument order
-    return value, {"kid_subsets": KID_SUBSETS,
-                   "kid_subset_size": int(min(KID_SUBSET_SIZE, len(gen_feats), len(ref.feats)))}
-
-
-def parse_metrics(text: str) -> list[str]:
-    """'fid,kid' -> ['fid', 'kid'], each checked against METRICS (ConfigError names the choices)."""
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    if not names:
-        from pipeline.errors import ConfigError
-
-        raise ConfigError(f"--metrics is empty; choose from {', '.join(METRICS.keys())}")
-    for name in names:
-        METRICS.get(name)
-    return list(dict.fromkeys(names))
-

@@ -2,7 +2,7 @@
 
     append_records(RUN, records)        # all lines of one snapshot in one O_APPEND write
     everything = read_records(RUN)      # complete lines only (a torn last line is skipped)
-    write_best(RUN, everything)         # per metric, the lowest score under its newest protocol
+    write_best(RUN, everything)         # per metric (fid, kid by default), the best score under its newest protocol
     plot_metrics(RUN, everything)       # one panel per metric against kimg, best starred
 
 metrics.jsonl is also the evaluator's memory: a snapshot counts as scored under a protocol when a
@@ -26,6 +26,11 @@ REQUIRED = {"name", "metric", "value", "snapshot", "snapshot_sha256", "cur_nimg"
 # Records written before `pipeline.generate` existed carry no "seeding": their images were drawn
 # another way, so they are another protocol (a re-evaluation scores those snapshots anew).
 OLD_SEEDING = "chunked-v0"
+# Per-metric protocol fields (scores.py): k of the k-NN metrics, the feature samples' sizes, KID's
+# subsets, the Inception Score's splits. Absent ones compare as None.
+METRIC_PROTOCOL = ("k", "sample_gen", "sample_ref", "kid_subsets", "kid_subset_size", "splits")
+HIGHER_IS_BETTER = {"precision", "recall", "density", "coverage", "is"}   # every other metric: lower is better
+BEST_METRICS = ("fid", "kid")           # what best.json ranks unless --best-metric says otherwise
 
 
 def read_records(run_dir: str | Path) -> list[dict]:
@@ -39,7 +44,7 @@ def read_records(run_dir: str | Path) -> list[dict]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(rec, dict) and REQUIRED <= rec.keys():
+        if isinstance(rec, dict) and REQUIRED <= rec.keys() and "kind" not in rec:   # kind: alerts (alerts.py)
             out.append(rec)
     return out
 
@@ -78,8 +83,18 @@ def append_records(run_dir: str | Path, records: list[dict]) -> None:
 def protocol_key(rec: dict) -> tuple:
     """What must match for two scores to be comparable (everything but the snapshot)."""
     ref = rec["reference"]
+    # Records from before truncation existed were made without it: psi 1, no cutoff.
     return (rec["metric"], rec["extractor"], rec["extractor_sha256"], rec["resize"], rec["num_gen"],
-            rec["seed"], rec.get("seeding", OLD_SEEDING), ref["split"], ref["num"], ref["manifest_sha256"])
+            rec["seed"], rec.get("seeding", OLD_SEEDING), ref["split"], ref["num"], ref["manifest_sha256"],
+            float(rec.get("psi", 1.0)), rec.get("cutoff"), *(rec.get(k) for k in METRIC_PROTOCOL),
+            rec.get("weights", "ema"), rec.get("posthoc_std"))   # which G: ema (records before it), raw, posthoc
+
+
+def best_of(series: list[dict]) -> dict:
+    """The best record of one metric's series: the lowest value, or the highest where higher is
+    better (precision, recall, density, coverage, IS); ties go to the earliest snapshot."""
+    sign = -1 if series[0]["metric"] in HIGHER_IS_BETTER else 1
+    return min(series, key=lambda r: (sign * r["value"], r["cur_nimg"]))
 
 
 def current_series(records: list[dict]) -> dict[str, list[dict]]:
@@ -93,14 +108,20 @@ def current_series(records: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def write_best(run_dir: str | Path, records: list[dict]) -> dict:
-    """RUN/best.json: per metric, the lowest score under its newest protocol (FID, KID: lower is better)."""
+def write_best(run_dir: str | Path, records: list[dict], metrics: tuple[str, ...] | list[str] = BEST_METRICS
+               ) -> dict:
+    """RUN/best.json: per metric name whose metric is in `metrics` (default FID and KID), the best
+    score under its newest protocol (lowest, or highest for precision/recall/density/coverage/IS)."""
     best = {}
     for name, series in current_series(records).items():
-        r = min(series, key=lambda r: (r["value"], r["cur_nimg"]))
+        if series[0]["metric"] not in metrics:
+            continue
+        r = best_of(series)
         best[name] = {k: r[k] for k in ("value", "metric", "snapshot", "snapshot_sha256", "cur_nimg", "kimg",
                                         "extractor", "resize", "num_gen", "seed", "reference", "time")}
         best[name]["seeding"] = r.get("seeding", OLD_SEEDING)
+        best[name]["psi"], best[name]["cutoff"] = r.get("psi", 1.0), r.get("cutoff")
+        best[name]["weights"] = r.get("weights", "ema")
         best[name]["snapshots_scored"] = len(series)
     write_json_atomic(Path(run_dir) / BEST_FILE, best)
     return best
@@ -121,7 +142,7 @@ def plot_metrics(run_dir: str | Path, records: list[dict]) -> Path | None:
         x = [r["kimg"] for r in recs]
         y = [r["value"] for r in recs]
         ax.plot(x, y, marker="o", ms=3, lw=1.2)
-        b = min(recs, key=lambda r: (r["value"], r["cur_nimg"]))
+        b = best_of(recs)
         ax.plot([b["kimg"]], [b["value"]], marker="*", ms=12, color="tab:red", ls="none",
                 label=f"best {b['value']:.4g} at {b['kimg']:g} kimg")
         if min(y) > 0 and max(y) / min(y) > 20:

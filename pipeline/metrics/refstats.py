@@ -1,4 +1,4 @@
-"""Reference statistics of a prepared data split: feature mean, covariance and KID features.
+"""Reference statistics of a prepared data split: feature mean, covariance and a feature sample.
 
     ganpipe refstats data/mnist --split train --extractor mnist
     ganpipe refstats data/ffhq --extractor inception --inception-weights ~/weights/inception-2015-12-05.pt
@@ -7,8 +7,10 @@ Computed once and cached beside the data as
 
     DATA_DIR/refstats/{split}-{extractor}-{resize}-{manifest_sha256[:12]}.npz
 
-(`mu`, `sigma` as clean-fid computes them, `feats` float32 for KID, `meta` JSON with
-the protocol: N, extractor weights hash, seconds). A new `prepare` changes the manifest hash and
+(`mu`, `sigma` as clean-fid computes them from every image, `feats`: the float32 features of a
+seeded random sample of at most `SAMPLE_MAX` images, for KID, precision/recall and
+density/coverage; `meta` JSON with the protocol: N, the sample's size and seed, extractor weights
+hash, seconds). A new `prepare` changes the manifest hash and
 so the key; a retrained extractor is caught by the weights hash stored inside. The file is written
 atomically (temp file + rename). Where the data directory is read-only the cache goes to
 `$XDG_CACHE_HOME/ganpipe/refstats/` (default `~/.cache`). `ganpipe eval` calls `reference_stats`
@@ -22,7 +24,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -35,19 +37,27 @@ from pipeline.io import atomic_path
 from pipeline.metrics.fid import feature_stats
 
 CACHE_SUBDIR = "refstats"
-VERSION = 1             # of how the statistics are computed; a cached file of another version is redone
+VERSION = 2             # of how the statistics are computed; a cached file of another version is redone
+SAMPLE_MAX = 10_000     # real features kept for KID and the k-NN metrics (Naeem et al. use 10k)
+SAMPLE_SEED = 0         # of the choice of those images
 
 
 @dataclass
 class RefStats:
     mu: np.ndarray          # (D,) in the features' dtype (float32), as clean-fid keeps it
     sigma: np.ndarray       # (D, D) float64
-    feats: np.ndarray       # (N, D) float32, for KID
-    meta: dict              # protocol: data, split, num, extractor, resize, manifest_sha256, seconds
+    feats: np.ndarray       # (min(N, SAMPLE_MAX), D) float32: a seeded sample, for KID and the k-NN metrics
+    meta: dict              # protocol: data, split, num, sample_num, extractor, resize, manifest_sha256, seconds
     path: Path | None = None
+    knn_radii: dict = field(default_factory=dict, repr=False)   # k -> radii of `feats`, filled by the k-NN metrics
 
     @property
     def num(self) -> int:
+        """Images the mean and covariance were computed from (the whole split)."""
+        return int(self.meta["num"])
+
+    @property
+    def sample_num(self) -> int:
         return int(self.feats.shape[0])
 
 
@@ -67,16 +77,19 @@ def cache_paths(data_dir: str | Path, split: str, extractor: Extractor) -> list[
 
 def compute_refstats(data_dir: str | Path, split: str, extractor: Extractor, *, batch_size: int = 250
                      ) -> RefStats:
-    """Features of every image of the split, then clean-fid-style mean and covariance."""
+    """Features of every image of the split, then clean-fid-style mean and covariance, and a sample."""
     t0 = time.perf_counter()
     feats = np.concatenate([extractor(images) for images, _ in iter_split(data_dir, split, batch_size)])
     mu, sigma = feature_stats(feats)
+    sample = np.sort(np.random.default_rng(SAMPLE_SEED).choice(len(feats), min(len(feats), SAMPLE_MAX),
+                                                               replace=False))
     seconds = time.perf_counter() - t0
     meta = {"refstats_version": VERSION, "data": str(Path(data_dir).resolve()), "split": split,
-            "num": int(len(feats)), "manifest_sha256": manifest_hash(data_dir), **extractor.protocol(),
+            "num": int(len(feats)), "sample_num": int(len(sample)), "sample_seed": SAMPLE_SEED,
+            "manifest_sha256": manifest_hash(data_dir), **extractor.protocol(),
             "seconds": round(seconds, 3), "images_per_s": round(len(feats) / max(seconds, 1e-9), 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    return RefStats(mu, sigma, np.asarray(feats, np.float32), meta)
+    return RefStats(mu, sigma, np.asarray(feats[sample], np.float32), meta)
 
 
 def save_refstats(stats: RefStats, path: Path) -> Path:

@@ -1,0 +1,136 @@
+"""`ganpipe compare`: several runs' scores against kimg on one figure, and each run's best snapshot.
+
+    ganpipe compare runs/dcgan runs/rpgan --metric fid --out compare.png
+    ganpipe compare runs/a runs/b --metric fid,precision,recall --extractor inception --out cmp.png
+
+Reads every RUN/metrics.jsonl (written by `ganpipe eval` / `ganpipe watch`). Scores are only
+comparable under one protocol (extractor and its weights, resize, N generated, seed, truncation,
+reference split/N/manifest, k and sample sizes): per metric, the runs must share one, else the
+command stops and names the fields that differ. Where a run was scored under several, the newest
+protocol that every run has is used. `--metric` takes record metrics (fid, kid, precision, recall,
+density, coverage, is) or full names (fid_inception); `--extractor` picks one extractor's scores
+when runs hold several. Prints one table per metric (best snapshot of each run: lowest FID/KID,
+highest precision/recall/density/coverage/IS) and writes the figure: one panel per metric, one
+line per run, each run's best starred.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.errors import UserError
+from pipeline.metrics.records import METRIC_PROTOCOL, HIGHER_IS_BETTER, best_of, protocol_key, read_records
+
+# Names of protocol_key's fields, for saying what differs.
+KEY_FIELDS = ("metric", "extractor", "extractor_sha256", "resize", "num_gen", "seed", "seeding", "reference split",
+              "reference num", "reference manifest_sha256", "psi", "cutoff", *METRIC_PROTOCOL)
+
+
+def _differences(a: dict, b: dict) -> str:
+    ka, kb = protocol_key(a), protocol_key(b)
+    names = KEY_FIELDS if len(KEY_FIELDS) == len(ka) else [f"field {i}" for i in range(len(ka))]
+    return ", ".join(f"{n} {x} vs {y}" for n, x, y in zip(names, ka, kb) if x != y)
+
+
+def _select(records: list[dict], metric: str, extractor: str | None) -> list[dict]:
+    out = [r for r in records if metric in (r["metric"], r["name"])]
+    return [r for r in out if r["extractor"] == extractor] if extractor else out
+
+
+def comparable_series(runs: list[Path], metric: str, extractor: str | None = None) -> tuple[str, dict[Path, list[dict]]]:
+    """(metric name, per run the records of one shared protocol, one per snapshot, by kimg)."""
+    chosen: dict[Path, list[dict]] = {}
+    for run in runs:
+        recs = _select(read_records(run), metric, extractor)
+        if not recs:
+            which = f" with --extractor {extractor}" if extractor else ""
+            raise UserError(f"{run} has no '{metric}' scores{which} in {run / 'metrics.jsonl'} "
+                            f"(score it with `ganpipe eval --run-dir {run} --all --metrics ...`)")
+        chosen[run] = recs
+    names = sorted({r["name"] for recs in chosen.values() for r in recs})
+    if len(names) > 1:
+        raise UserError(f"'{metric}' names several scores ({', '.join(names)}): pick one extractor with "
+                        "--extractor NAME, or give the full name (e.g. --metric "
+                        f"{names[0]})")
+    keys = [{protocol_key(r) for r in recs} for recs in chosen.values()]
+    common = set.intersection(*keys)
+    first = runs[0]
+    if not common:
+        newest = {run: recs[-1] for run, recs in chosen.items()}
+        other = next(run for run in runs[1:] if protocol_key(newest[run]) not in keys[0])
+        raise UserError(f"{names[0]} of {first} and {other} were scored under different protocols "
+                        f"({_differences(newest[first], newest[other])}); scores are only comparable under one: "
+                        f"score both alike (`ganpipe eval --all` with the same --extractor, --num-gen, --seed, ...)")
+    key = next(protocol_key(r) for r in reversed(chosen[first]) if protocol_key(r) in common)
+    series = {}
+    for run, recs in chosen.items():
+        per_snapshot = {r["snapshot_sha256"]: r for r in recs if protocol_key(r) == key}
+        series[run] = sorted(per_snapshot.values(), key=lambda r: r["cur_nimg"])
+    return names[0], series
+
+
+def describe(rec: dict) -> str:
+    """One line of the protocol of a record."""
+    ref = rec["reference"]
+    extra = "".join(f", {k} {rec[k]}" for k in METRIC_PROTOCOL if rec.get(k) is not None)
+    psi = f", psi {rec['psi']:g}" if rec.get("psi", 1.0) != 1.0 else ""
+    return (f"{rec['num_gen']} generated (seed {rec['seed']}{psi}) vs {ref['split']} ({ref['num']} images), "
+            f"{rec['extractor']} {rec['resize']}{extra}")
+
+
+def table(name: str, series: dict[Path, list[dict]]) -> str:
+    first = next(iter(series.values()))[-1]
+    better = "highest" if first["metric"] in HIGHER_IS_BETTER else "lowest"
+    rows = [("run", "best snapshot", "kimg", name, "snapshots")]
+    for run, recs in series.items():
+        b = best_of(recs)
+        rows.append((str(run), b["snapshot"], f"{b['kimg']:g}", f"{b['value']:.6g}", str(len(recs))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"{name} ({better} is best): {describe(first)}"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def plot(panels: list[tuple[str, dict[Path, list[dict]]]], out: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 2.8 * len(panels) + 0.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (name, series) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, i + 1)
+        values = []
+        for j, (run, recs) in enumerate(series.items()):
+            color = f"C{j % 10}"
+            x, y = [r["kimg"] for r in recs], [r["value"] for r in recs]
+            values += y
+            ax.plot(x, y, marker="o", ms=3, lw=1.2, color=color, label=str(run))
+            b = best_of(recs)
+            ax.plot([b["kimg"]], [b["value"]], marker="*", ms=12, color=color, ls="none")
+        if min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")
+        ax.set_title(f"{name}: {describe(next(iter(series.values()))[-1])} (best starred)", fontsize=8)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax.set_xlabel("kimg (thousands of real images shown to D)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=100)
+    return out
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    runs = [Path(r) for r in args.runs]
+    for run in runs:
+        if not run.is_dir():
+            raise UserError(f"run directory {run} does not exist")
+    metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
+    if not metrics:
+        raise UserError("--metric is empty; name one, e.g. --metric fid")
+    panels = [comparable_series(runs, m, args.extractor) for m in metrics]
+    for name, series in panels:
+        print(table(name, series) + "\n")
+    if args.out is not None:
+        print(f"wrote {plot(panels, args.out)}")
+    return 0
