@@ -138,11 +138,16 @@ class TrainConfig:
     adam_impl: str = opt("fused", choices=("fused", "foreach", "for-loop"))  # torch's Adam implementation (fused: one kernel, skips without a host read)
     channels_last: bool = opt(False)             # NHWC memory format for conv nets' weights and activations
     grid_size: int = opt(64, min=1, max=4096)              # images in the fixed-z sample grid
+    trackers: list[str] = opt(["tensorboard"], choices=("tensorboard", "wandb", "mlflow"))  # where scalars, grids, params and eval metrics go (RUN/tb; wandb offline in RUN/wandb; mlflow in RUN/mlruns)
+    tracker_project: str = opt("ganpipe")        # W&B project and MLflow experiment the run is filed under
+    mlflow_uri: str = opt("")                     # MLflow tracking URI, e.g. http://host:5000 or sqlite:///mlflow.db ("" = file store RUN/mlruns)
     threads: int = opt(0, min=0, max=4096)                 # torch CPU threads per process (0 = cores / local processes)
     peer_timeout_s: float = opt(300.0, min=1.0, max=86400.0)  # a collective waiting longer for another rank ends the run
     init_from: str = opt("")                      # start a new run from weights: a checkpoint dir, a run dir (its newest), or a snapshot .json (G only)
     freeze_d_layers: int = opt(0, min=0, max=1000)  # FreezeD (Mo et al. 2020): D's first N layers from the input keep their weights
     progress: bool = opt(True)                   # progress bar on rank 0 (status lines are printed either way)
+    snapshot_raw: bool = opt(False)              # each snapshot also keeps the raw (non-EMA) G's weights, for `--generator raw`
+    posthoc_ema_std: list[float] = opt([], min=1e-3, below=0.2886)  # relative EMA lengths (sigma_rel) of EDM2 power-function EMA profiles kept in snapshots for `ganpipe posthoc-ema` ([] = off; EDM2: [0.05, 0.1])
 
 
 @dataclass
@@ -247,9 +252,11 @@ def validate(obj: Any, prefix: str = "", names: Mapping[str, Iterable[str]] | No
             choices = names[registry]
         if choices is not None:
             allowed = list(choices)
-            if value not in allowed:
-                raise ConfigError(f"{key}: {value!r} is not allowed; choose one of "
-                                  f"{', '.join(map(str, allowed))}")
+            for i, item in enumerate(value if isinstance(value, list) else [value]):   # per item for a list
+                if item not in allowed:
+                    where = f"{key}[{i}]" if isinstance(value, list) else key
+                    raise ConfigError(f"{where}: {item!r} is not allowed; choose one of "
+                                      f"{', '.join(map(str, allowed))}")
         length = f.metadata.get("length")
         if length is not None and len(value) != length:
             raise ConfigError(f"{key}: {value!r} has {len(value)} values, expected {length}")

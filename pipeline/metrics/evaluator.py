@@ -140,8 +140,9 @@ class Evaluator:
                          "the covariance is singular and FID is unreliable (use more images)")
         self._writer = None
         self.tensorboard = "tensorboard" in cfg.train.trackers
-        # The run's W&B/MLflow runs (RUN/trackers.json) get the records too; rank 0 alone records.
-        self._trackers = EvalTrackers(self.run_dir, cfg, self.log) if self.rank == 0 else None
+        # The run's W&B/MLflow runs (RUN/trackers.json) get the records too (rank 0 alone records; every
+        # rank checks that the chosen trackers are installed, so that all fail together).
+        self._trackers = EvalTrackers(self.run_dir, cfg, self.log)
 
     def protocol(self, ext: Extractor | None = None) -> dict:
         """The fields that make a score of extractor `ext` (default: the first) comparable; stored with

@@ -31,14 +31,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 
 from pipeline import dist, generate
-from pipeline.training import schedules
+from pipeline.training import schedules, trackers
 from pipeline.config import Config, config_hash, to_dict
 from pipeline.data.loader import ShardSet, StreamLoader
 from pipeline.errors import ConfigError, DataError
 from pipeline.io import write_json_atomic
 from pipeline.networks import build_networks
 from pipeline.training.checkpoint import load_checkpoint, load_newest_checkpoint, save_checkpoint
-from pipeline.training.ema import EMA
+from pipeline.training.ema import EMA, PowerEMA
 from pipeline.training.phases import (MicroBatch, NonFiniteGuard, Phases, accumulate, autocast_for, build_phases,
                                       first_layers, step, unwrap)
 from pipeline.training.snapshot import prune_snapshots, save_snapshot
@@ -46,6 +46,7 @@ from pipeline.training.stats import Stats, StatsWriter
 
 EXIT_PREEMPTED = 3          # checkpoint written after SIGTERM/SIGUSR1/Ctrl-C: requeue and run again to resume
 PREEMPTED = "PREEMPTED"     # RUN/PREEMPTED: written with that checkpoint, removed when the run starts again
+STOP = "STOP"               # RUN/STOP (`ganpipe watch --stop-on-alert`, or by hand): checkpoint at the next tick, exit 0
 # Skipped-sample counters of the loader, logged as Data/skipped_<kind>.
 BAD_KINDS = ("undecodable", "wrong_shape", "missing_label", "bad_label", "truncated", "read_error")
 
@@ -79,13 +80,14 @@ def crossed(prev_nimg: int, cur_nimg: int, every_kimg: float) -> bool:
     return math.floor(cur_nimg / every) > math.floor(prev_nimg / every)
 
 
-def start_processes(threads: int, peer_timeout_s: float) -> Accelerator:
-    """The Accelerator, and torch threads so that all local processes together fill the cores."""
+def start_processes(threads: int, peer_timeout_s: float, log_with: list[str] | None = None) -> Accelerator:
+    """The Accelerator (with the trackers `log_with`, trackers.py), and torch threads so that all local
+    processes together fill the cores."""
     # broadcast_buffers=False is what we mean (BatchNorm statistics stay per rank, no in-place
     # broadcast between D's forwards); torch calls it deprecated in favour of an option that would
     # still sync buffers at init. mixed_precision="no": autocast and scalers are ours.
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated", category=FutureWarning)
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", log_with=log_with or None,
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
                                        dist.process_group_timeout(peer_timeout_s)])
     local = dist.launch_env().local_world_size if acc.num_processes > 1 else 1
@@ -103,7 +105,7 @@ def split_batch(batch: int, per_process: int, world: int) -> tuple[int, int]:
 
 
 def training_state(G, D, ema: EMA, phases: Phases, progress: Progress, guard: NonFiniteGuard, world: int,
-                   cfg: Config, weights_finite: bool) -> dict:
+                   cfg: Config, weights_finite: bool, posthoc: PowerEMA | None = None) -> dict:
     """What rank 0 writes into a checkpoint (the same on every rank)."""
     d, g = phases.named("D"), phases.named("G")
     return {"G": unwrap(G).state_dict(), "D": unwrap(D).state_dict(), "G_ema": ema.state_dict(),
@@ -112,7 +114,25 @@ def training_state(G, D, ema: EMA, phases: Phases, progress: Progress, guard: No
             "cur_nimg": progress.cur_nimg, "d_steps": progress.d_steps, "g_steps": progress.g_steps,
             "skipped": guard.skipped, "world_size": world, "config": to_dict(cfg), "finite": weights_finite,
             "ada": phases.ada.state_dict() if phases.ada is not None else {},
-            "penalties": phases.penalty_state()}
+            "penalties": phases.penalty_state(),
+            "posthoc_ema": posthoc.state_dict() if posthoc is not None else {}}
+
+
+def snapshot_variants(G, posthoc: PowerEMA | None, raw: bool) -> dict:
+    """What a snapshot keeps beside the EMA G: the raw G (train.snapshot_raw) and the EMA profiles."""
+    return {**({"raw": (unwrap(G), {})} if raw else {}), **(posthoc.variants() if posthoc is not None else {})}
+
+
+def stop_requested(run_dir: Path, main: bool) -> str:
+    """What RUN/STOP says (its first line, or its path when empty), as rank 0 read it, on every
+    rank; "" when there is none. A collective: every rank calls it at the same (tick) steps."""
+    reason = ""
+    if main and (path := run_dir / STOP).is_file():
+        try:
+            reason = next(iter(path.read_text(errors="replace").strip().splitlines()), "")[:300] or str(path)
+        except OSError:
+            reason = str(path)       # removed between the check and the read, or unreadable: still a request
+    return dist.broadcast_object(reason)
 
 
 def finite(G, D) -> bool:
@@ -130,7 +150,8 @@ def rank_state(G, D, loader: StreamLoader, device: torch.device) -> dict:
 
 
 def resume(run_dir: Path, G, D, ema: EMA, phases: Phases, guard: NonFiniteGuard, *, rank: int, world: int,
-           device: torch.device, seed: int, log) -> tuple[Progress, dict | None, Path | None]:
+           device: torch.device, seed: int, log, posthoc: PowerEMA | None = None
+           ) -> tuple[Progress, dict | None, Path | None]:
     """Restore the newest complete checkpoint of the run, if any: (progress, loader state, path).
     The RNG and loader streams come back exactly when the process count is the same."""
     torch.manual_seed(seed * 1000 + rank)
@@ -140,6 +161,8 @@ def resume(run_dir: Path, G, D, ema: EMA, phases: Phases, guard: NonFiniteGuard,
     unwrap(G).load_state_dict(state["G"])
     unwrap(D).load_state_dict(state["D"])
     ema.load_state_dict(state["G_ema"])
+    if posthoc is not None:
+        posthoc.load_state_dict(state["posthoc_ema"])      # the profiles go on as if never stopped
     for phase, key in ((phases.named("G"), "G"), (phases.named("D"), "D")):
         phase.optimizer.load_state_dict(state[f"opt_{key}"])
         phase.scaler.load_state_dict(state[f"scaler_{key}"])
@@ -228,7 +251,8 @@ def status_line(row: dict) -> str:
 def training_loop(cfg: Config, run_dir: Path) -> int:
     t_cfg = cfg.train
     # Start the processes and split the global batch into processes x micro-batches x per-process batch.
-    acc = start_processes(t_cfg.threads, t_cfg.peer_timeout_s)
+    external = trackers.chosen(cfg)         # W&B, MLflow beside our TensorBoard: checked before any work
+    acc = start_processes(t_cfg.threads, t_cfg.peer_timeout_s, external)
     rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
     batch = cfg.data.batch_size
@@ -250,6 +274,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
         p.requires_grad_(False)             # FreezeD: before DDP, which reduces only trainable ones
     ema = EMA(G, t_cfg.ema_halflife_kimg, t_cfg.ema_rampup)
     ema.model.to(device)
+    posthoc = PowerEMA(G, t_cfg.posthoc_ema_std).to(device) if t_cfg.posthoc_ema_std else None
     G, D = acc.prepare(G, D)
     z_dim, num_classes = unwrap(G).z_dim, unwrap(G).num_classes
     stats = Stats(device)
@@ -258,7 +283,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     guard = NonFiniteGuard(t_cfg.max_nonfinite_steps, lambda: str(good["checkpoint"] or "none yet"),
                            lambda: progress.cur_nimg / 1000)
     progress, loader_state, last_ckpt = resume(run_dir, G, D, ema, phases, guard, rank=rank, world=world,
-                                               device=device, seed=cfg.seed, log=log)
+                                               device=device, seed=cfg.seed, log=log, posthoc=posthoc)
     good["checkpoint"] = last_ckpt
     if last_ckpt is None and t_cfg.init_from:
         initialise_from(t_cfg.init_from, G, D, ema, log)
@@ -275,7 +300,11 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
         (run_dir / PREEMPTED).unlink(missing_ok=True)
-    writer = StatsWriter(run_dir, enabled=main, resume_nimg=progress.cur_nimg)
+        if (run_dir / STOP).is_file():
+            log(f"{run_dir / STOP} exists: training stops at the first tick (remove the file to train on)")
+    writer = StatsWriter(run_dir, enabled=main, resume_nimg=progress.cur_nimg,
+                         tensorboard="tensorboard" in t_cfg.trackers,
+                         trackers=trackers.open_training(acc, cfg, run_dir, external, log))
     total_nimg = int(t_cfg.total_kimg * 1000)
     log(f"training {cfg.model.name} G {unwrap(G).num_params():,} / D {unwrap(D).num_params():,} params on {world} x "
         f"{device.type} (batch {batch} = {world} x {accum} x {per_proc}, precision {dtype or 'fp32'}) to "
@@ -322,6 +351,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                 taken = step(phase, guard, stats.report)
                 if phase.name == "G":   # images since the last G step: n_critic x batch; no move if skipped
                     ema.update(unwrap(G), progress.cur_nimg, progress.cur_nimg - prev_nimg, taken=taken)
+                    if posthoc is not None:     # t counts G steps; a skipped step averages in the unchanged G
+                        posthoc.update(unwrap(G), progress.g_steps + 1)
             progress.g_steps += 1
             if progress_bar is not None:
                 progress_bar.update((progress.cur_nimg - prev_nimg) / 1000)
@@ -330,7 +361,9 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
             done = progress.cur_nimg >= total_nimg
             stop = preemption.requested()
             tick = crossed(prev_nimg, progress.cur_nimg, t_cfg.tick_kimg) or done or stop
-            checkpoint = crossed(prev_nimg, progress.cur_nimg, t_cfg.checkpoint_kimg) or done or stop
+            # RUN/STOP ends the run like preemption; read at ticks only, by rank 0, and broadcast.
+            halt = tick and not done and not stop and stop_requested(run_dir, main)
+            checkpoint = crossed(prev_nimg, progress.cur_nimg, t_cfg.checkpoint_kimg) or done or stop or halt
             if tick or checkpoint:
                 guard.check()       # the one read of the skip counters: too many in a row stop the run
             if tick:
@@ -339,16 +372,17 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                 writer.write(row, progress.cur_nimg)
                 if main:
                     progress_bar.write(status_line(row)) if progress_bar is not None else log(status_line(row))
+                    png = run_dir / "samples" / f"fakes-{progress.cur_nimg:09d}.png"
                     grid = generate.save_grid(generate.images(ema.model, seed=cfg.seed, start=0,
-                                                              count=t_cfg.grid_size, device=device),
-                                              run_dir / "samples" / f"fakes-{progress.cur_nimg:09d}.png")
+                                                              count=t_cfg.grid_size, device=device), png)
                     if grid is not None:
-                        writer.image("Samples/fakes", grid, progress.cur_nimg)
+                        writer.image("Samples/fakes", grid, progress.cur_nimg, png)
                 since = (progress.cur_nimg, time.time())
             if main and (crossed(prev_nimg, progress.cur_nimg, t_cfg.snapshot_kimg) or done):
                 save_snapshot(ema.model, run_dir / "snapshots", cur_nimg=progress.cur_nimg, model_cfg=cfg.model,
                               resolution=shards.resolution, channels=shards.channels, num_classes=num_classes,
-                              extra={"config_hash": config_hash(cfg), "data_path": cfg.data.path})
+                              extra={"config_hash": config_hash(cfg), "data_path": cfg.data.path},
+                              variants=snapshot_variants(G, posthoc, t_cfg.snapshot_raw))
                 prune_snapshots(run_dir, t_cfg.keep_snapshots, log)
             if checkpoint:
                 dist.check_ranks_identical({"G": unwrap(G), "D": unwrap(D)}, device)
@@ -356,8 +390,14 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                 last_ckpt = save_checkpoint(
                     run_dir, progress.cur_nimg, rank=rank, world_size=world, keep=t_cfg.keep_checkpoints,
                     per_rank=rank_state(G, D, loader, device),
-                    shared=lambda: training_state(G, D, ema, phases, progress, guard, world, cfg, ok))
+                    shared=lambda: training_state(G, D, ema, phases, progress, guard, world, cfg, ok, posthoc))
                 good["checkpoint"] = last_ckpt if ok else good["checkpoint"]
+            if halt:
+                log(f"stopped on request ({halt}): checkpoint {last_ckpt} written at kimg "
+                    f"{progress.cur_nimg / 1000:.3f}; exiting with status 0 (remove {run_dir / STOP} and run the "
+                    "same command again to resume)")
+                writer.close()
+                return 0
             if stop and not done:
                 if main:    # launchers may not keep exit status 3: the marker says it to the job script
                     write_json_atomic(run_dir / PREEMPTED, {"cur_nimg": progress.cur_nimg, "checkpoint": str(last_ckpt)})

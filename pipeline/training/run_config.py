@@ -7,8 +7,9 @@ resumed), record it, run the loop.
 A second `ganpipe train` on an existing RUN resumes from its newest checkpoint. The config is
 then RUN/config.yaml plus overrides (or --config plus overrides, which must agree with it): keys
 that change the model or the optimisation are refused by name; run length, intervals, workers and
-display may change. Exit status: 0 done, 3 preempted after writing a checkpoint (requeue), 2 bad
-input, 1 anything else.
+display may change. Exit status: 0 done, or stopped on request (RUN/STOP, e.g. from `ganpipe watch
+--stop-on-alert`: checkpoint written; remove the file and run again to resume), 3 preempted after
+writing a checkpoint (requeue), 2 bad input, 1 anything else.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from pipeline.io import write_text_atomic
 RESUMABLE = {"train.total_kimg", "train.tick_kimg", "train.snapshot_kimg", "train.checkpoint_kimg",
              "train.keep_checkpoints", "train.keep_snapshots", "train.peer_timeout_s",
              "train.progress", "train.threads", "train.max_nonfinite_steps",
-             "train.grid_size", "data.num_workers", "data.path"}
+             "train.grid_size", "train.snapshot_raw", "data.num_workers", "data.path",
+             "train.trackers", "train.tracker_project", "train.mlflow_uri"}
 
 
 def resolve_run_config(config: str | None, run_dir: Path, overrides: list[str]) -> Config:

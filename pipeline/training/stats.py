@@ -2,7 +2,7 @@
 
 Values are summed locally (detached, no host sync per call); at the tick boundary `reduce()`
 averages every name across calls and across ranks in one collective, and `write()` sends the row to
-`RUN/stats.jsonl` and TensorBoard on rank 0.
+`RUN/stats.jsonl`, TensorBoard and the run's other trackers (W&B, MLflow: trackers.py) on rank 0.
 """
 
 from __future__ import annotations
@@ -48,15 +48,18 @@ class Stats:
 
 
 class StatsWriter:
-    """Rank 0's sink: one JSON line per tick in RUN/stats.jsonl plus TensorBoard scalars."""
+    """Rank 0's sink: one JSON line per tick in RUN/stats.jsonl plus TensorBoard scalars (unless
+    `tensorboard` is off) plus the scalars and grids for `trackers` (trackers.RunTrackers)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_nimg: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool, resume_nimg: int = 0, tensorboard: bool = True,
+                 trackers=None):
         self.enabled = enabled
         self.path = run_dir / "stats.jsonl"
         self.tb = None
+        self.trackers = trackers
         if enabled and self.path.is_file():
             self._drop_rows_after(resume_nimg)
-        if enabled:
+        if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir / "tb"))
 
@@ -78,16 +81,24 @@ class StatsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        for name, value in row.items():
-            if isinstance(value, (int, float)) and "/" in name:
-                self.tb.add_scalar(name, value, step)
-        self.tb.flush()
+        if self.tb is not None:
+            for name, value in row.items():
+                if isinstance(value, (int, float)) and "/" in name:
+                    self.tb.add_scalar(name, value, step)
+            self.tb.flush()
+        if self.trackers is not None:
+            self.trackers.log(row, step)
 
-    def image(self, name: str, grid: torch.Tensor, step: int) -> None:
-        if self.enabled:
+    def image(self, name: str, grid: torch.Tensor, step: int, png: Path | None = None) -> None:
+        """A sample grid: into TensorBoard, and from its PNG file `png` into the other trackers."""
+        if self.enabled and self.tb is not None:
             self.tb.add_image(name, grid, step)
             self.tb.flush()
+        if self.enabled and self.trackers is not None and png is not None:
+            self.trackers.image(name, png, step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.trackers is not None:
+            self.trackers.close()

@@ -1,0 +1,238 @@
+"""Experiment trackers beside TensorBoard: Weights & Biases and MLflow, through Accelerate's tracker API.
+
+    ganpipe train --config configs/mnist_dcgan.yaml --run-dir RUN train.trackers=[tensorboard,wandb,mlflow]
+    wandb sync RUN/wandb/offline-run-*                   # later, from a machine with a network
+    MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri RUN/mlruns   # the full `mlflow` package
+
+What reaches each chosen tracker: every stats row of each tick (step = cur_nimg, images shown to D, as
+in TensorBoard; the row's `kimg` too), each tick's sample grid (W&B: an image; MLflow: the PNG as an
+artifact under samples/), the resolved config as the run's parameters (dotted keys), and the records
+of `ganpipe eval`/`watch` as `Metrics/{metric}_{extractor}` at the snapshot's cur_nimg.
+
+TensorBoard stays our own SummaryWriter in RUN/tb (stats.py): Accelerate's TensorBoard tracker writes
+to logging_dir/project_name, which would move the event files that users, tests and the evaluator
+already use. W&B and MLflow are Accelerate's `WandBTracker` and `MLflowTracker`: the trainer passes
+`log_with` to its Accelerator and calls `init_trackers` (rank 0 only: Accelerate starts no tracker on
+the other ranks). W&B runs offline unless WANDB_MODE says otherwise (RUN/wandb/offline-run-*, no
+network needed); MLflow logs to the file store RUN/mlruns unless `train.mlflow_uri` names another
+store or a server. MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE is set: we set it
+(if unset) for our default store only.
+
+RUN/trackers.json keeps each tracker's run id and where that run lives; a resumed run passes them
+back (W&B `id` + `resume="allow"`, MLflow `run_id`), so it continues the same tracker run. A
+resumed run whose project or MLflow URI changed starts a new tracker run there. MLflow does not
+let a parameter change: values that a resume changed (say train.total_kimg) are set as tags
+`resumed.KEY`. Ticks between the last checkpoint and a kill are logged again by the resumed run
+(MLflow then holds two values at those steps; W&B, whose steps only go up, may drop the repeats
+when it syncs).
+
+The evaluator (`EvalTrackers`) is a separate job without an Accelerator (Accelerate's trackers need
+its state), so it uses the libraries themselves: MlflowClient.log_batch into the training's MLflow
+run, which leaves the run's status to the trainer (start_run and end_run would mark a live run
+finished), and wandb.init of a companion run `ID-eval` in the training run's group (job_type eval):
+a W&B run's step only goes up, and an eval job writes beside the trainer at older steps; its charts
+use `kimg` as the x axis.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.config import Config, to_dict
+from pipeline.errors import ConfigError
+from pipeline.io import write_json_atomic
+
+RECORD = "trackers.json"                # RUN/trackers.json: {tracker: {"id": ..., where the run lives}}
+PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}   # tracker -> module it needs (mlflow-skinny provides mlflow)
+
+
+def chosen(cfg: Config) -> list[str]:
+    """The trackers besides TensorBoard that `train.trackers` asks for, in order, each installed."""
+    out = []
+    for name in cfg.train.trackers:
+        if name == "tensorboard" or name in out:
+            continue
+        if importlib.util.find_spec(PACKAGES[name]) is None:
+            raise ConfigError(f"train.trackers: {name} is chosen but not installed; "
+                              f"pip install 'ganpipe[trackers]' (or {name}), or drop it from train.trackers")
+        out.append(name)
+    return out
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """The resolved config as {dotted key: value}; lists stay lists (W&B shows them, MLflow stores str)."""
+    def walk(d: dict, prefix: str) -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(walk(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    return walk(to_dict(cfg), "")
+
+
+def read_ids(run_dir: Path) -> dict:
+    path = run_dir / RECORD
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); fix it, or delete it to start new tracker runs") from None
+    return data if isinstance(data, dict) else {}
+
+
+def wandb_mode() -> dict:
+    """Offline unless the user's WANDB_MODE says otherwise (online, disabled)."""
+    return {} if os.environ.get("WANDB_MODE") else {"mode": "offline"}
+
+
+def use_mlflow_store(cfg: Config, run_dir: Path) -> str:
+    """Point MLflow at the run's store and return its URI: train.mlflow_uri, else the file store RUN/mlruns."""
+    import mlflow
+
+    uri = cfg.train.mlflow_uri
+    if not uri:
+        uri = (run_dir / "mlruns").resolve().as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow's own opt-in; read when a store opens
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _scalars(values: dict) -> dict[str, float]:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class RunTrackers:
+    """The training run's W&B and MLflow runs; empty (every call a no-op) on other ranks or when none is chosen."""
+
+    def __init__(self, acc=None):
+        self.acc = acc
+        self.trackers = acc.trackers if acc is not None else []     # the Accelerator's own list
+
+    def log(self, row: dict, step: int) -> None:
+        if self.trackers:
+            self.acc.log(_scalars(row), step=step)
+
+    def image(self, name: str, png: Path, step: int) -> None:
+        """A sample grid already written to `png`: a W&B image, an MLflow artifact under samples/."""
+        for t in self.trackers:
+            if t.name == "wandb":
+                t.log_images({name: [str(png)]}, step=step)
+            elif t.name == "mlflow":
+                t.log_artifact(str(png), artifact_path="samples")
+
+    def close(self) -> None:
+        """Finish every tracker run; the list is emptied so that `acc.end_training()` finishes none twice."""
+        for t in self.trackers:
+            t.finish()
+        self.trackers.clear()
+
+
+def open_training(acc, cfg: Config, run_dir: Path, names: list[str], log: Callable[[str], None]) -> RunTrackers:
+    """Start (or continue, from RUN/trackers.json) the run's tracker runs and log its parameters.
+    `acc` was built with `log_with=names`; call on every rank (Accelerate starts them on rank 0)."""
+    if not names or not acc.is_main_process:
+        return RunTrackers()
+    project, ids = cfg.train.tracker_project, read_ids(run_dir)
+    kwargs: dict[str, dict] = {}
+    if "wandb" in names:
+        prev = ids.get("wandb", {})
+        run_id = prev["id"] if prev.get("project") == project and prev.get("id") else secrets.token_hex(4)
+        kwargs["wandb"] = {"dir": str(run_dir), "id": run_id, "resume": "allow", "name": run_dir.name,
+                           "group": run_id, "job_type": "train", **wandb_mode()}
+    if "mlflow" in names:
+        uri = use_mlflow_store(cfg, run_dir)
+        prev = ids.get("mlflow", {})
+        same = (prev.get("experiment"), prev.get("uri")) == (project, cfg.train.mlflow_uri)
+        kwargs["mlflow"] = {"run_id": prev.get("id") if same else None, "run_name": run_dir.name}
+    acc.init_trackers(project, config=None, init_kwargs=kwargs)
+    params, where = flat_config(cfg), []
+    for t in acc.trackers:
+        if t.name == "wandb":
+            t.store_init_configuration(params)
+            ids["wandb"] = {"id": t.tracker.id, "project": project}
+            where.append(f"wandb {t.tracker.id} ({kwargs['wandb'].get('mode') or os.environ['WANDB_MODE']}, "
+                         f"{run_dir / 'wandb'})")
+        elif t.name == "mlflow":
+            _mlflow_params(t, params)
+            ids["mlflow"] = {"id": t.tracker.info.run_id, "experiment": project, "uri": cfg.train.mlflow_uri}
+            where.append(f"mlflow {t.tracker.info.run_id} ({uri})")
+    write_json_atomic(run_dir / RECORD, ids)
+    log(f"trackers: {'; '.join(where)}")
+    return RunTrackers(acc)
+
+
+def _mlflow_params(tracker, params: dict) -> None:
+    """Log the parameters MLflow does not hold yet; values a resume changed become tags `resumed.KEY`."""
+    import mlflow
+
+    held = mlflow.get_run(tracker.tracker.info.run_id).data.params
+    new = {k: v for k, v in params.items() if k not in held}
+    if new:
+        tracker.store_init_configuration(new)
+    changed = {f"resumed.{k}": str(v) for k, v in params.items() if k in held and held[k] != str(v)}
+    if changed:
+        mlflow.set_tags(changed)
+
+
+class EvalTrackers:
+    """The evaluator's side: its records go to the trackers of the run's config (rank 0 only).
+    Opened on the first `log`; the training run must have recorded its ids in RUN/trackers.json."""
+
+    def __init__(self, run_dir: Path, cfg: Config, log: Callable[[str], None]):
+        self.run_dir, self.cfg, self.say = run_dir, cfg, log
+        self.names = chosen(cfg)            # fails early when the run's trackers are not installed here
+        self.opened = False
+        self.wandb = None                   # the companion wandb.Run
+        self.mlflow: tuple[Any, str] | None = None  # (MlflowClient, run id)
+
+    def _open(self) -> None:
+        self.opened = True
+        ids = read_ids(self.run_dir)
+        for name in self.names:
+            if not ids.get(name, {}).get("id"):
+                self.say(f"trackers: no {name} run recorded in {self.run_dir / RECORD} (training starts it); "
+                         f"eval metrics go to metrics.jsonl only")
+            elif name == "mlflow":
+                from mlflow import MlflowClient
+
+                self.mlflow = (MlflowClient(use_mlflow_store(self.cfg, self.run_dir)), ids["mlflow"]["id"])
+            elif name == "wandb":
+                import wandb
+
+                train = ids["wandb"]
+                self.wandb = wandb.init(project=train["project"], dir=str(self.run_dir), id=f"{train['id']}-eval",
+                                        resume="allow", group=train["id"], job_type="eval",
+                                        name=f"{self.run_dir.name}-eval", **wandb_mode())
+                self.wandb.define_metric("kimg")
+                self.wandb.define_metric("Metrics/*", step_metric="kimg")
+
+    def log(self, records: list[dict]) -> None:
+        """Records of `Evaluator.score` as `Metrics/NAME` at each snapshot's cur_nimg (W&B: at its kimg)."""
+        if not self.names or not records:
+            return
+        if not self.opened:
+            self._open()
+        by_nimg: dict[int, dict] = {}
+        for r in records:
+            by_nimg.setdefault(r["cur_nimg"], {"kimg": r["kimg"]})[f"Metrics/{r['name']}"] = float(r["value"])
+        if self.mlflow is not None:
+            from mlflow.entities import Metric
+
+            client, run_id = self.mlflow
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k, v, now, nimg) for nimg, row in sorted(by_nimg.items())
+                                              for k, v in row.items() if k != "kimg"])
+        if self.wandb is not None:
+            for nimg, row in sorted(by_nimg.items()):
+                self.wandb.log({**row, "cur_nimg": nimg})
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
