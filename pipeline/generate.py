@@ -4,6 +4,7 @@ trainer's tick grid and `ganpipe eval` all call `images()` here, and one grid wr
     ganpipe sample --snapshot RUN/snapshots/snapshot-000200000.json --num 64 --out grid.png
     ganpipe sample --snapshot ... --num 1000 --start 5000 --out samples/ --label 3 --seed 1
     ganpipe sample --snapshot ... --num 64 --psi 0.7 --cutoff 8 --out truncated.png
+    ganpipe sample --snapshot ... --num 64 --generator raw --out raw.png      # the raw G (train.snapshot_raw)
 
     x = images(G, seed=0, start=0, count=64)           # float32 (64, C, H, W) in [-1, 1], on the CPU
     grid = save_grid(x, RUN / "samples" / "fakes-000004000.png")
@@ -218,7 +219,8 @@ def sample_command(args: argparse.Namespace) -> int:
     from pipeline.dist import default_device
 
     device = default_device(args.device)
-    G, meta = load_snapshot(args.snapshot, device=device)
+    which = getattr(args, "generator", "ema")      # the EMA G, or the raw G (train.snapshot_raw)
+    G, meta = load_snapshot(args.snapshot, device=device, weights=which)
     if not G.resolution:
         raise UserError(f"{args.snapshot}: this generator makes flat vectors (resolution 0), not images; "
                         "there is nothing to write as PNG")
@@ -240,5 +242,5 @@ def sample_command(args: argparse.Namespace) -> int:
             save_pngs(images(G, start=first, count=last - first, **kw), args.out, start=first)
     trunc = f", psi {psi}" + (f" cutoff {cutoff}" if cutoff is not None else "") if psi != 1 else ""
     print(f"wrote {args.num} images (seed {args.seed}, indices {args.start}..{args.start + args.num - 1}{trunc}) "
-          f"from {args.snapshot} (kimg {meta['kimg']:.1f}) to {args.out}")
+          f"from {args.snapshot} ({which} G, kimg {meta['kimg']:.1f}) to {args.out}")
     return 0

@@ -24,7 +24,8 @@ from pipeline.metrics.records import METRIC_PROTOCOL, HIGHER_IS_BETTER, best_of,
 
 # Names of protocol_key's fields, for saying what differs.
 KEY_FIELDS = ("metric", "extractor", "extractor_sha256", "resize", "num_gen", "seed", "seeding", "reference split",
-              "reference num", "reference manifest_sha256", "psi", "cutoff", *METRIC_PROTOCOL)
+              "reference num", "reference manifest_sha256", "psi", "cutoff", *METRIC_PROTOCOL, "weights",
+              "posthoc_std")
 
 
 def _differences(a: dict, b: dict) -> str:

@@ -74,6 +74,8 @@ def generation_batch(batch_size: int) -> int:
 class Evaluator:
     """Scores snapshots of one run under one protocol; all processes call `score`, rank 0 records."""
 
+    weights = "ema"                 # which G of each snapshot (GENERATORS); set by __init__
+
     def __init__(self, run_dir: str | Path, *, metrics: list[str], extractor: str, num_gen: int | None = None,
                  split: str = "train", seed: int = 0, batch_size: int = 250, device: str | None = None,
                  inception_weights: str | None = None, data: str | Path | None = None,

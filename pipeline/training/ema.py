@@ -7,12 +7,29 @@ beta = 0.5 ** (batch / halflife_nimg), with halflife_nimg = min(halflife_kimg * 
 rampup * cur_nimg) during the ramp-up: the average forgets the random initial weights quickly,
 and the result does not depend on batch size or the number of processes. Buffers (BatchNorm
 statistics) are copied, not averaged. The EMA model stays in eval mode with gradients off.
+
+Power-function EMA profiles for post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the
+Training Dynamics of Diffusion Models" (EDM2), sec. 3):
+
+    profiles = PowerEMA(G, stds=[0.05, 0.10])            # train.posthoc_ema_std
+    profiles.update(G, t=g_steps)                          # after each G step, t = G steps so far (1, 2, ...)
+
+Profile k averages G with weights proportional to tau^gamma_k over the steps tau = 1..t so far:
+beta_t = (1 - 1/t)^(gamma + 1), so step s carries (s^(gamma+1) - (s-1)^(gamma+1)) / t^(gamma+1),
+exactly the integral over (s-1, s] of the continuous profile (gamma+1) tau^gamma / t^(gamma+1).
+Its width relative to t, sigma_rel = sqrt(gamma+1) / ((gamma+2) sqrt(gamma+3)) (the standard
+deviation of that density on [0, 1]), names a profile: 0.05 and 0.10 are gamma 16.97 and 6.94.
+The profile has no length in kimg to choose: it scales with the run, and `ganpipe posthoc-ema`
+(posthoc_ema.py) rebuilds any other sigma_rel from the stored ones. Unlike `EMA`, a skipped G
+step still updates the profiles (with G unchanged): the weights must stay those of t steps.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,3 +67,74 @@ class EMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state)
+
+
+def sigma_rel(gamma: float) -> float:
+    """Relative standard deviation of the power-function profile of exponent `gamma` (EDM2 eq. 3)."""
+    return math.sqrt(gamma + 1) / ((gamma + 2) * math.sqrt(gamma + 3))
+
+
+MAX_STD = sigma_rel(0.0)        # 1/sqrt(12): gamma = 0, the plain average of every step so far
+
+
+def gamma_for(std: float) -> float:
+    """The exponent gamma >= 0 whose profile has relative width `std`: the positive root of
+    std^2 (gamma+2)^2 (gamma+3) - (gamma+1) = 0 (sigma_rel falls monotonically for gamma >= 0)."""
+    if not 0 < std < MAX_STD:
+        raise ValueError(f"relative EMA length {std} outside (0, {MAX_STD:.4f}) (sigma_rel of gamma >= 0)")
+    s2 = std * std
+    roots = np.roots([s2, 7 * s2, 16 * s2 - 1, 12 * s2 - 1])
+    gamma = float(max(r.real for r in roots if abs(r.imag) < 1e-9 and r.real >= 0))
+    for _ in range(3):      # Newton polish on the cubic: np.roots is good to ~1e-10 relative only
+        f = s2 * (gamma + 2) ** 2 * (gamma + 3) - (gamma + 1)
+        df = s2 * (2 * (gamma + 2) * (gamma + 3) + (gamma + 2) ** 2) - 1
+        gamma -= f / df
+    return gamma
+
+
+def profile_name(std: float) -> str:
+    """The snapshot variant name of the profile of `std` ("phema-0.05")."""
+    return f"phema-{std:g}"
+
+
+class PowerEMA:
+    """Power-function EMA profiles of G, one model copy per relative width (see the module doc)."""
+
+    def __init__(self, G: nn.Module, stds: list[float]):
+        self.stds = [float(s) for s in stds]
+        if len({profile_name(s) for s in self.stds}) != len(self.stds):
+            raise ValueError(f"train.posthoc_ema_std {self.stds}: each value once")
+        self.gammas = [gamma_for(s) for s in self.stds]
+        self.models = [copy.deepcopy(G).eval().requires_grad_(False) for _ in self.stds]
+        self.t = 0              # G steps averaged in so far
+
+    def to(self, device: torch.device) -> "PowerEMA":
+        for m in self.models:
+            m.to(device)
+        return self
+
+    @torch.no_grad()
+    def update(self, G: nn.Module, t: int) -> None:
+        """Average in G after G step `t` (1 for the first: beta 0, a plain copy)."""
+        self.t = int(t)
+        src = [p.detach() for p in G.parameters()]
+        for gamma, model in zip(self.gammas, self.models):
+            beta = (1.0 - 1.0 / t) ** (gamma + 1)
+            torch._foreach_lerp_(list(model.parameters()), src, 1.0 - beta)
+            for b_ema, b in zip(model.buffers(), G.buffers()):
+                b_ema.copy_(b)
+
+    def variants(self) -> dict[str, tuple[nn.Module, dict]]:
+        """Snapshot variants: name -> (model, what the reconstruction needs to know of it)."""
+        return {profile_name(s): (m, {"std": s, "gamma": g, "t": self.t})
+                for s, g, m in zip(self.stds, self.gammas, self.models)}
+
+    def state_dict(self) -> dict:
+        return {"stds": list(self.stds), "t": self.t, "models": [m.state_dict() for m in self.models]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if [float(s) for s in state.get("stds", [])] != self.stds:
+            raise ValueError(f"checkpoint holds EMA profiles for {state.get('stds')}, the config asks for {self.stds}")
+        for model, sd in zip(self.models, state["models"]):
+            model.load_state_dict(sd)
+        self.t = int(state["t"])

@@ -3,11 +3,18 @@
     RUN/snapshots/snapshot-000012345.safetensors   weights of the unwrapped EMA G (no `module.`)
     RUN/snapshots/snapshot-000012345.json          what is needed to rebuild G, and the sha256
 
+Variants beside them, each with its own file and sha256 in the record's `variants`:
+
+    RUN/snapshots/snapshot-000012345-raw.safetensors         the raw G (train.snapshot_raw)
+    RUN/snapshots/snapshot-000012345-phema-0.05.safetensors  power-function EMA profiles
+                                                             (train.posthoc_ema_std, ema.PowerEMA)
+
 The number is `cur_nimg` (images seen). Both files are written atomically and the JSON last, so a
 snapshot is complete exactly when its JSON exists and the weights match its sha256; readers (the
 watcher) never see half a snapshot. Loading executes no code: safetensors plus a JSON config.
 
     G, meta = load_snapshot("RUN/snapshots/snapshot-000012345.json")
+    G, meta = load_snapshot("RUN/snapshots/snapshot-000012345.json", weights="raw")
 """
 
 from __future__ import annotations
@@ -32,23 +39,40 @@ def snapshot_name(cur_nimg: int) -> str:
     return f"snapshot-{cur_nimg:09d}"
 
 
+# What writes each variant, said in the error when a snapshot lacks it.
+VARIANT_HINTS = {"raw": "train with train.snapshot_raw=true (it may be switched on when resuming; the snapshots "
+                        "after that keep it), or use --generator ema",
+                 "phema": "train with train.posthoc_ema_std (e.g. [0.05,0.1]) from the start of the run"}
+
+
+def _write_weights(G: torch.nn.Module, path: Path) -> str:
+    state = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT})
+    return sha256_file(path)
+
+
 def save_snapshot(G: torch.nn.Module, directory: str | Path, *, cur_nimg: int, model_cfg: ModelConfig,
-                  resolution: int, channels: int, num_classes: int, extra: dict | None = None) -> Path:
-    """Write weights then JSON (both atomically); returns the JSON path."""
+                  resolution: int, channels: int, num_classes: int, extra: dict | None = None,
+                  variants: dict[str, tuple[torch.nn.Module, dict]] | None = None, name: str | None = None) -> Path:
+    """Write the weights, each variant's (name -> (module, fields for its record)), then the JSON
+    (all atomically); returns the JSON path. `name` defaults to snapshot-{cur_nimg:09d}."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    name = snapshot_name(cur_nimg)
+    name = name or snapshot_name(cur_nimg)
     weights = directory / f"{name}.safetensors"
-    state = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT})
+    sha = _write_weights(G, weights)
+    written = {}
+    for key, (module, fields) in (variants or {}).items():
+        file = directory / f"{name}-{key}.safetensors"
+        written[key] = {"weights": file.name, "sha256": _write_weights(module, file), **fields}
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "cur_nimg": int(cur_nimg),
         "kimg": cur_nimg / 1000.0,
         "weights": weights.name,
-        "sha256": sha256_file(weights),
+        "sha256": sha,
         "model": dataclasses.asdict(model_cfg),
         "resolution": resolution,
         "channels": channels,
@@ -56,6 +80,8 @@ def save_snapshot(G: torch.nn.Module, directory: str | Path, *, cur_nimg: int, m
         "z_dim": int(getattr(G, "z_dim")),
         **(extra or {}),
     }
+    if written:
+        meta["variants"] = written
     path = directory / f"{name}.json"
     write_json_atomic(path, meta)
     return path
@@ -78,9 +104,14 @@ def read_snapshot_meta(path: str | Path, check_hash: bool = True) -> dict:
     if missing:
         raise SnapshotError(f"{path}: record lacks {', '.join(missing)}")
     name = meta.get("weights")
+    variants = meta.get("variants", {})
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str)
+                                                 for v in variants.values()):
+        raise SnapshotError(f"{path}: unreadable variants in the record")
     # The weights sit beside their record: a bare file name, never a path into another run.
-    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or "\\" in name:
-        raise SnapshotError(f"{path}: weights {name!r} is not a file name beside the record")
+    for file in (name, *(v.get("weights") for v in variants.values())):
+        if not _bare(file):
+            raise SnapshotError(f"{path}: weights {file!r} is not a file name beside the record")
     weights = path.parent / name
     if not weights.is_file():
         raise SnapshotError(f"{path}: weights file {weights.name} is missing")
@@ -91,14 +122,46 @@ def read_snapshot_meta(path: str | Path, check_hash: bool = True) -> dict:
     return meta
 
 
-def load_snapshot(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the EMA generator of a snapshot, in eval mode with gradients off."""
+def _bare(name) -> bool:
+    return isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..") and "\\" not in name
+
+
+def variant_path(meta: dict, variant: str) -> Path:
+    """The checked weights file of a snapshot's variant ("raw", "phema-0.05"), or a SnapshotError
+    naming the snapshot and the training option that writes the variant."""
+    json_path = Path(meta["json_path"])
+    entry = meta.get("variants", {}).get(variant)
+    if entry is None:
+        hint = VARIANT_HINTS.get(variant.split("-")[0], "choose one it has")
+        kept = ", ".join(meta.get("variants", {})) or "none"
+        raise SnapshotError(f"{json_path} has no {variant} generator weights (variants: {kept}); {hint}")
+    file = json_path.parent / entry["weights"]
+    if not file.is_file():
+        raise SnapshotError(f"{json_path}: {variant} weights file {file.name} is missing")
+    if sha256_file(file) != entry["sha256"]:
+        raise SnapshotError(f"{file}: sha256 does not match its record (truncated or modified)")
+    return file
+
+
+def build_generator(meta: dict) -> torch.nn.Module:
+    """An untrained G of the architecture a snapshot record describes."""
     from pipeline.networks import build_networks
 
-    meta = read_snapshot_meta(path)
     model_cfg = build_dataclass(ModelConfig, meta["model"], "model")
     G, _ = build_networks(model_cfg, resolution=meta["resolution"], channels=meta["channels"],
                           num_classes=meta["num_classes"])
+    return G
+
+
+def load_snapshot(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema"
+                  ) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a snapshot's generator, in eval mode with gradients off: the EMA G (`weights="ema"`)
+    or a variant ("raw", "phema-0.05"); meta["generator"] says which, meta["weights_path"] its file."""
+    meta = read_snapshot_meta(path, check_hash=weights == "ema")
+    if weights != "ema":
+        meta["weights_path"] = str(variant_path(meta, weights))
+    meta["generator"] = weights
+    G = build_generator(meta)
     G.load_state_dict(load_file(meta["weights_path"], device="cpu"))
     G.to(device).eval().requires_grad_(False)
     return G, meta
@@ -132,9 +195,10 @@ def prune_snapshots(run_dir: Path, keep: int, log: Callable[[str], None]) -> lis
         if meta.get("sha256") not in scored or record.stem in best:
             continue
         record.unlink(missing_ok=True)
-        weights = meta.get("weights")
-        if isinstance(weights, str) and weights and Path(weights).name == weights:
-            (record.parent / weights).unlink(missing_ok=True)
+        variants = meta.get("variants") if isinstance(meta.get("variants"), dict) else {}
+        for weights in (meta.get("weights"), *(v.get("weights") for v in variants.values() if isinstance(v, dict))):
+            if _bare(weights):
+                (record.parent / weights).unlink(missing_ok=True)
         removed.append(record)
     if removed:
         log(f"pruned {len(removed)} scored snapshot(s) beyond the newest {keep} (train.keep_snapshots)")
