@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?= data/mnist
-RUN ?= runs/mnist_dcgan
+CONFIG ?= configs/mnist_rpgan.yaml
+RUN ?= runs/mnist_rpgan
 
 .PHONY: demo test bench clean-venv
 
@@ -19,11 +20,12 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
-# Prepare the bundled MNIST, train the demo DCGAN (resumes if RUN exists), sample a grid, score every snapshot.
+# Prepare the bundled MNIST, train the demo recipe (RpGAN + R1 + R2 on the half-width DCGAN; resumes if RUN
+# exists), sample a grid, score every snapshot.
 demo: $(STAMP)
 	test -f $(DATA)/manifest.json || $(BIN)/ganpipe prepare --source mnist --out $(DATA) --holdout 1000
 	$(BIN)/ganpipe verify $(DATA) --quiet
-	$(BIN)/ganpipe train --config configs/mnist_dcgan.yaml --run-dir $(RUN) data.path=$(DATA)
+	$(BIN)/ganpipe train --config $(CONFIG) --run-dir $(RUN) data.path=$(DATA)
 	$(BIN)/ganpipe sample --snapshot $$(ls $(RUN)/snapshots/snapshot-*.json | tail -1) --num 64 --out $(RUN)/demo-grid.png
 	$(BIN)/ganpipe eval --run-dir $(RUN) --all --extractor mnist --num-gen 5000
 	@echo "demo done: sample grid $(RUN)/demo-grid.png, scores $(RUN)/metrics.png, best snapshot $(RUN)/best.json"

@@ -62,7 +62,12 @@ def verify_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def index_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_dir", type=Path, help="a directory of webdataset shards (*.tar, *.tar.gz) without a manifest")
+    p.add_argument("source", metavar="DIR_OR_PATTERN",
+                   help="a directory of webdataset shards (*.tar, *.tar.gz), or a brace pattern of local shards "
+                        "such as '/data/train-{000000..000099}.tar' (quote it)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory the manifest is written to (default: the directory indexed; needed for a pattern); "
+                        "shards outside it are listed by absolute path")
     p.add_argument("--split", default="train",
                    help="split of the shards whose name does not start with test-/val-/validation- (default train)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -225,6 +230,7 @@ def bench_loader_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", type=int, default=150, help="timed batches per measurement")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--images", type=int, default=5000, help="images per dataset (default 5000; at least 500)")
 
 
 def bench_networks_arguments(p: argparse.ArgumentParser) -> None:
@@ -290,7 +296,7 @@ def bench_modes_arguments(p: argparse.ArgumentParser) -> None:
 
 # name -> (module, help, arguments). The module's `run(args)` returns a dict of measurements.
 BENCHMARKS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
-    "loader": ("pipeline.bench.loader", "streaming shard loader vs a plain in-memory DataLoader",
+    "loader": ("pipeline.bench.loader", "streaming shard loader vs a plain in-memory DataLoader and webdataset",
                bench_loader_arguments),
     "networks": ("pipeline.bench.networks", "params, FLOPs and fwd+bwd images/s of every network",
                  bench_networks_arguments),
@@ -341,8 +347,9 @@ COMMANDS: dict[str, tuple[str, str, Callable]] = {
     "prepare": ("pipeline.data.prepare", "turn an image collection into webdataset shards + manifest",
                 prepare_arguments),
     "verify": ("pipeline.data.verify", "re-hash and decode every shard of a prepared directory", verify_arguments),
-    "index": ("pipeline.data.index", "write the manifest for webdataset shards made elsewhere (then verify, train)",
-              index_arguments),
+    "index-shards": ("pipeline.data.index",
+                     "write the manifest for webdataset shards made elsewhere (then verify, train)", index_arguments),
+    "index": ("pipeline.data.index", "the same as index-shards", index_arguments),
     "train": ("pipeline.training.run_config", "train a GAN (resumes RUN automatically); see configs/",
               train_arguments),
     "sample": ("pipeline.generate", "write images or a grid from a snapshot", sample_arguments),

@@ -1,19 +1,25 @@
-"""`ganpipe index DIR`: the manifest for webdataset shards that ganpipe did not write, in place.
+"""`ganpipe index-shards DIR_OR_PATTERN [--out DIR]`: the manifest for webdataset shards that
+ganpipe did not write (`ganpipe index DIR` is the same command).
 
-    ganpipe index ~/shards/celeba64          # DIR/*.tar (or .tar.gz): writes DIR/manifest.json
-    ganpipe verify ~/shards/celeba64
-    ganpipe train --config ... data.path=~/shards/celeba64
+    ganpipe index-shards ~/shards/celeba64        # DIR/*.tar (or .tar.gz): writes DIR/manifest.json
+    ganpipe index-shards '/data/celeba/train-{000000..000099}.tar' --out ~/data/celeba64
+    ganpipe verify ~/data/celeba64
+    ganpipe train --config ... data.path=~/data/celeba64
 
-Every shard in DIR (top level; `.tar`, `.tar.gz`, `.tgz`) is read once: its size and sha256, its
-samples counted, each sample's image decoded with `decode_sample` (the loader's decoder: PNG, JPEG
-or WebP), its `cls` read when present. The first image fixes the resolution and channels; every
-other image must agree, every sample must have an image, keys must not repeat within a shard, and
-either every sample has a class or none has. Any disagreement is listed (shard and key) and no
-manifest is written: a manifest that lied about its shards would fail later, mid-training.
+The shards are a directory (its top level; `.tar`, `.tar.gz`, `.tgz`) or a brace pattern of local
+files, expanded as webdataset expands URLs (`::` joins several). The manifest goes to --out
+(default: the directory indexed; required for a pattern); shards outside --out are listed with
+their absolute path, shards below it relative to it, so DIR can move with them. Every shard is
+read once: its size and sha256, its samples counted, each sample's image decoded with
+`decode_sample` (the loader's decoder: PNG, JPEG or WebP), its `cls` read when present. The first
+image fixes the resolution and channels; every other image must agree, every sample must have an
+image, keys must not repeat within a shard, and either every sample has a class or none has. Any
+disagreement is listed (shard and key) and no manifest is written: a manifest that lied about its
+shards would fail later, mid-training.
 
 Splits come from the shard names: `test-*`, `val-*`, `validation-*` (also with `_` or `.` after the
 name) go to that split, every other shard to `--split` (default train). The shards are never
-modified or renamed; the manifest lists them by name.
+modified or renamed; the manifest lists them by name (and path).
 """
 
 from __future__ import annotations
@@ -74,17 +80,62 @@ def first_image(path: Path) -> tuple[int, int]:
     raise DataError(f"{path.name}: no sample with an image entry (.{', .'.join(IMAGE_EXTS)})")
 
 
+def find_shards(source: str | Path) -> tuple[list[Path], Path | None]:
+    """(shard files, the directory they were found in or None for a pattern) of DIR_OR_PATTERN."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        shards = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
+        if not shards:
+            raise UserError(f"no shards in {path} (expected *.tar, *.tar.gz or *.tgz at its top level)")
+        return shards, path
+    source = str(source)
+    if source.startswith("pipe:") or "://" in source:
+        raise UserError(f"{source}: index-shards reads local files (a directory or a brace pattern such as "
+                        "'shards/train-{000000..000009}.tar'); copy remote shards first, or train on the URL "
+                        "with data.resolution, data.channels and data.num_classes set")
+    from webdataset.shardlists import expand_urls
+
+    shards = [Path(u.removeprefix("file:")).expanduser() for u in dict.fromkeys(expand_urls(source))]
+    missing = [p for p in shards if not p.is_file()]
+    if missing:
+        raise UserError(f"{source}: {len(missing)} of {len(shards)} shards are not files (first: {missing[0]}); "
+                        "give a directory of shards or a brace pattern of existing ones")
+    return shards, None
+
+
+def _entry_path(shard: Path, out: Path) -> str | None:
+    """The manifest `path` of a shard: None beside the manifest, relative below it, else absolute."""
+    # The directory resolved, not the file: a shard that is a symlink stays where it was named.
+    shard, out = shard.parent.resolve() / shard.name, out.resolve()
+    if shard.parent == out:
+        return None
+    return shard.relative_to(out).as_posix() if shard.is_relative_to(out) else str(shard)
+
+
 def index_dir(data_dir: Path, default_split: str = "train", progress: bool = True) -> dict:
     """Write DIR/manifest.json for the shards in DIR; returns the manifest."""
-    data_dir = Path(data_dir).expanduser()
-    if not data_dir.is_dir():
-        raise UserError(f"{data_dir} is not a directory of shards")
+    return index_shards(data_dir, None, default_split, progress)
+
+
+def index_shards(source: str | Path, out: Path | None = None, default_split: str = "train",
+                 progress: bool = True) -> dict:
+    """Write OUT/manifest.json for the shards of a directory or brace pattern; returns the manifest."""
+    shards, found_in = find_shards(source)
+    if out is None:
+        if found_in is None:
+            raise UserError(f"{source} is a pattern: give --out DIR, the directory the manifest is written to")
+        out = found_in
+    data_dir = Path(out).expanduser()
     if (data_dir / MANIFEST).exists():
         raise UserError(f"{data_dir / MANIFEST} exists already: this directory is indexed (or prepared); "
                         "`ganpipe verify` checks it, or delete the manifest to index again")
-    shards = sorted(p for p in data_dir.iterdir() if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
-    if not shards:
-        raise UserError(f"no shards in {data_dir} (expected *.tar, *.tar.gz or *.tgz at its top level)")
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"--out {data_dir} is a file, not a directory")
+    names: dict[str, Path] = {}
+    for p in shards:
+        if names.setdefault(p.name, p) != p:
+            raise UserError(f"two shards are named {p.name} ({names[p.name]}, {p}): a manifest lists shards by "
+                            "file name; index each directory into its own --out")
     channels, resolution = first_image(shards[0])
     problems: list[str] = []
     splits: dict[str, dict] = {}
@@ -116,8 +167,11 @@ def index_dir(data_dir: Path, default_split: str = "train", progress: bool = Tru
         except (TruncatedTar, OSError) as exc:
             problems.append(f"{path.name}: unreadable after {n} samples ({type(exc).__name__}: {exc})")
         entry = splits.setdefault(split, {"num_samples": 0, "shards": []})
-        entry["shards"].append({"name": path.name, "num_samples": n, "bytes": path.stat().st_size,
-                                "sha256": sha256_file(path)})
+        record = {"name": path.name, "num_samples": n, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        where = _entry_path(path, data_dir)
+        if where is not None:
+            record["path"] = where
+        entry["shards"].append(record)
         entry["num_samples"] += n
     labelled = sum(sum(c.values()) for c in class_counts.values())
     if labelled and unlabelled:
@@ -127,7 +181,7 @@ def index_dir(data_dir: Path, default_split: str = "train", progress: bool = Tru
     if problems:
         listed = "; ".join(problems[:MAX_LISTED]) + (f"; ... ({len(problems)} in all)"
                                                      if len(problems) > MAX_LISTED else "")
-        raise DataError(f"{data_dir}: {len(problems)} problem(s), no manifest written (the shape of the first "
+        raise DataError(f"{source}: {len(problems)} problem(s), no manifest written (the shape of the first "
                         f"image of {shards[0].name} is {channels}x{resolution}x{resolution}): {listed}")
     num_classes = max((label + 1 for c in class_counts.values() for label in c), default=0)
     for split, entry in splits.items():
@@ -137,7 +191,7 @@ def index_dir(data_dir: Path, default_split: str = "train", progress: bool = Tru
         "format_version": FORMAT_VERSION,
         "created_by": f"ganpipe {__version__} index",
         "source": "index",
-        "source_spec": str(data_dir),
+        "source_spec": str(source),
         "resolution": resolution,
         "channels": channels,
         "image_format": next(iter(formats)) if len(formats) == 1 else "mixed",
@@ -148,15 +202,20 @@ def index_dir(data_dir: Path, default_split: str = "train", progress: bool = Tru
         "splits": dict(sorted(splits.items(), key=lambda kv: kv[0] != default_split)),
         "skipped": {"count": 0, "files": []},
     }
+    data_dir.mkdir(parents=True, exist_ok=True)
     write_manifest(data_dir, manifest)
     return manifest
 
 
-def index_command(args: argparse.Namespace) -> int:
-    m = index_dir(args.data_dir, args.split, progress=not args.quiet)
+def index_shards_command(args: argparse.Namespace) -> int:
+    m = index_shards(args.source, args.out, args.split, progress=not args.quiet)
+    out = args.out if args.out is not None else Path(args.source).expanduser()
     parts = ", ".join(f"{name} {e['num_samples']} samples in {len(e['shards'])} shards"
                       for name, e in m["splits"].items())
-    print(f"{args.data_dir}: indexed {parts}; {m['channels']}x{m['resolution']}x{m['resolution']} "
+    print(f"{args.source}: indexed {parts}; {m['channels']}x{m['resolution']}x{m['resolution']} "
           f"({', '.join(f'{n} {ext}' for ext, n in m['image_formats'].items())}), "
-          f"{m['num_classes'] or 'no'} classes; wrote {args.data_dir / MANIFEST}")
+          f"{m['num_classes'] or 'no'} classes; wrote {out / MANIFEST}")
     return 0
+
+
+index_command = index_shards_command      # `ganpipe index`, the command's first name

@@ -16,12 +16,14 @@ index (part r keeps samples i with i % k == r), so the dealing still covers ever
 epoch without overlap.
 
 Each stream reads its shards sequentially (webdataset's `gopen`, so `pipe:` URLs work; plain or
-gzip tar), decodes and checks each sample (`shards.read_samples`, the reader `ganpipe verify` uses
-too), feeds a shuffle buffer, and emits whole batches. Every batch carries the
-stream's state after it: epoch, shard position, sample index, RNG state, the (shard, index)
-references of what is in the shuffle buffer, and bad-sample counters. The main process keeps the
-newest state per stream; restoring re-reads exactly the buffered samples, so a resumed stream
-continues with the very batches the uninterrupted one would have produced.
+gzip tar; a shard that cannot be read at all, such as a `pipe:` command that fails, is an error
+naming its URL unless data.max_bad_fraction=1), decodes and checks each sample
+(`shards.read_samples`, the reader `ganpipe verify` uses too), feeds a shuffle buffer, and emits
+whole batches. Every batch carries the stream's state after it: epoch, shard position, sample
+index, RNG state, the (shard, index) references of what is in the shuffle buffer, and bad-sample
+counters. The main process keeps the newest state per stream; restoring re-reads exactly the
+buffered samples, so a resumed stream continues with the very batches the uninterrupted one
+would have produced.
 
 Worker processes ignore the signals the trainer handles (`dist.Preemption`: SIGTERM, SIGUSR1,
 SIGINT): Slurm, `kill -- -PGID` and launchers signal the whole process group, and a worker that
@@ -50,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import dist
-from pipeline.data.manifest import read_manifest
+from pipeline.data.manifest import read_manifest, shard_path
 from pipeline.data.shards import read_samples
 from pipeline.errors import DataError
 
@@ -87,7 +89,7 @@ class ShardSet:
                                 "classes; set data.num_classes=0 (the manifest's count) or point data.path "
                                 "at the intended data")
             shards = m["splits"][split]["shards"]
-            return ShardSet([str(p / s["name"]) for s in shards], [s["num_samples"] for s in shards],
+            return ShardSet([str(shard_path(p, s)) for s in shards], [s["num_samples"] for s in shards],
                             m["resolution"], m["channels"], m["num_classes"])
         from webdataset.shardlists import expand_urls
 
@@ -222,9 +224,11 @@ class ShardStreamDataset(IterableDataset):
         url = self.shards.urls[shard]
         index, error, record = -1, "", start == 0 and self.cache_used < self.cache_bytes
         entries: list = []
+        stream = None
         try:
+            stream = gopen(url, "rb")
             for index, _, image, label, bad in read_samples(
-                    gopen(url, "rb"), url, channels=self.shards.channels, resolution=self.shards.resolution,
+                    stream, url, channels=self.shards.channels, resolution=self.shards.resolution,
                     num_classes=self.shards.num_classes, require_label=self.require_labels,
                     select=lambda i: i >= start and i % parts == part):
                 kind = bad.kind if bad is not None else None
@@ -235,7 +239,16 @@ class ShardStreamDataset(IterableDataset):
                 yield index, image, label
         except Exception as exc:  # TruncatedTar, a failed pipe or file: skip the rest, go on
             counts["read_error"] += 1
-            error = self.last_error = f"{type(exc).__name__}: {exc} (after sample {index})"
+            where = f"after sample {index}" if index >= 0 else "before its first sample"
+            status = getattr(stream, "status", None)         # a `pipe:` command's exit status
+            if url.startswith("pipe:") and status not in (None, 0, 141):
+                # gopen's own message is a repr of Popen's arguments: say it plainly
+                cause = f"the command exited with status {status} (its own message, if any, is on stderr)"
+                if not isinstance(exc, OSError):
+                    cause += f"; {type(exc).__name__}: {exc}"
+            else:
+                cause = f"{type(exc).__name__}: {exc}"
+            error = self.last_error = f"{cause} ({where})"
         if record:
             self.cache[key] = (entries, error)
             self.cache_used += sum(e[1].nbytes for e in entries if e[1] is not None)
@@ -264,6 +277,12 @@ class ShardStreamDataset(IterableDataset):
         """Count samples a truncated shard lost; fail when a shard pass is too bad to train on."""
         expected = self.shards.num_samples[shard]
         decoded_bad = seen - good
+        if expected is None and seen == 0 and pass_counts["read_error"] and self.max_bad_fraction < 1:
+            # Nothing says how many samples were lost (no manifest): the whole shard is, as the
+            # manifest's count would make it. A failed `pipe:` command ends here, in one line.
+            raise DataError(f"shard {self.shards.urls[shard]} could not be read: {self.last_error}; check the "
+                            "URL (for pipe: run its command by hand), or set data.max_bad_fraction=1 to skip "
+                            "unreadable shards")
         if expected is not None:
             total = len([i for i in range(part, expected, parts) if i >= start])
             missing = total - seen

@@ -5,6 +5,9 @@
 
 A prepared directory holds `{split}-%06d.tar` shards (read by `pipeline.data.shards`) and
 `manifest.json`, which `ganpipe prepare` writes last: a directory without it is not a dataset.
+A shard entry's `name` is a file name in that directory; `ganpipe index-shards PATTERN --out DIR`
+indexes shards that lie elsewhere, and their entries add `path`: where the file is, relative to
+DIR (shards inside it) or absolute. Readers find a shard with `shard_path`.
 """
 
 from __future__ import annotations
@@ -63,13 +66,22 @@ def _shape_problem(m: dict) -> str:
             if not isinstance(shard, dict):
                 return f"split '{split}' has a shard entry that is not an object"
             name = shard.get("name")
-            # A bare file name: a manifest must not send readers outside its directory.
+            # A bare file name: readers look in the manifest's directory, unless `path` (written by
+            # index-shards, never guessed) says where that file lies.
             if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
                 return f"split '{split}' has a shard name {name!r} that is not a file name in the directory"
+            where = shard.get("path", name)
+            if not isinstance(where, str) or not where or Path(where).name != name:
+                return f"shard {name} has a path {where!r} that does not end in its name"
             if not (_count(shard.get("num_samples")) and _count(shard.get("bytes"))
                     and isinstance(shard.get("sha256"), str)):
                 return f"shard {name} needs 'num_samples', 'bytes' and 'sha256'"
     return ""
+
+
+def shard_path(data_dir: str | Path, shard: dict) -> Path:
+    """The file of a manifest's shard entry: DIR/name, or its `path` (relative to DIR, or absolute)."""
+    return Path(data_dir) / shard.get("path", shard["name"])
 
 
 def write_manifest(data_dir: str | Path, manifest: dict) -> Path:

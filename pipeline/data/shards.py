@@ -5,13 +5,15 @@
                                                       num_classes=10, require_label=False):
         ...                              # image uint8 CHW, or None with `bad` (a BadSample) saying why
 
-A shard is a webdataset-style tar, plain or gzip-compressed (`.tar.gz`, detected by its magic
-bytes): the members of one sample share a key, the member path up to the first dot of its file
-name (`a/1.png` and `a/1.cls` are sample `a/1`; `b/1.png` is another one), and the rest of the
-name, lower-cased, is the entry's extension. The image entry may be PNG (what `ganpipe prepare`
-writes, via `encode_png`), JPEG or WebP; `cls` holds the class index as text. The loader,
-`ganpipe verify` and whole-split reading all go through `read_samples` and `decode_sample`, so
-they agree on which samples are good.
+A shard is a webdataset tar, plain or gzip-compressed (`.tar.gz`, detected by its magic bytes),
+grouped into samples by webdataset's own rules (`sample_key`; tests/test_webdataset_rules.py runs
+webdataset on the same tars and asserts the same samples): the members of one sample are
+consecutive and share a key, the member path up to the first dot of its file name (`a/1.png`,
+`a/1.seg.png` and `a/1.cls` are sample `a/1` with entries `png`, `seg.png`, `cls`; `b/1.png` is
+another one), and the rest of the name, lower-cased, is the entry's extension. The image entry
+may be PNG (what `ganpipe prepare` writes, via `encode_png`), JPEG or WebP; `cls` holds the class
+index as text. The loader, `ganpipe verify` and whole-split reading all go through
+`read_samples` and `decode_sample`, so they agree on which samples are good.
 
 No byte sequence may crash or exhaust the process. torchvision's libpng binding dies with SIGSEGV
 on any libpng error raised while it reads the image rows (a flipped bit in the compressed data, a
@@ -40,7 +42,6 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image as _tv_decode_image
 
 from pipeline.errors import BadSample, TruncatedTar
 
@@ -285,6 +286,10 @@ def _decode_png(data: bytes) -> np.ndarray:
 def _decode_torchvision(data: bytes) -> np.ndarray:
     """JPEG or WebP -> uint8 CHW with torchvision (about twice as fast as PIL on small images;
     these two bindings report broken data as exceptions: none crashed in the fuzz)."""
+    # Imported here: importing torchvision costs about 2.5 s (its ops pull in torch's compiler
+    # stack), which every `ganpipe` process would otherwise pay at start-up, PNG data or not.
+    from torchvision.io import ImageReadMode, decode_image as _tv_decode_image
+
     # Its deprecation (since 0.29, which we pin) is not news to the user at every sample.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -366,13 +371,39 @@ def _octal(field: bytes, what: str, name: str) -> int:
                            "(corrupt or not a tar)") from None
 
 
+def _text(field: bytes) -> str:
+    """A name field as Python's tarfile reads it: up to the first NUL, UTF-8, undecodable bytes
+    kept as surrogates (two different names never become one)."""
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _pax_path(data: bytes, name: str) -> str | None:
+    """The `path` record of a PAX extended header ("LENGTH key=value\n" records; a value may hold
+    newlines, so records are cut by their length, not at newlines)."""
+    path, pos, n = None, 0, len(data)
+    while pos < n and data[pos] != 0:
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        end = pos + (int(digits) if digits.isdigit() else 0)
+        if end <= space + 1 or end > n or data[end - 1] != 0x0A:
+            raise TruncatedTar(f"{name}: malformed PAX header record at byte {pos} (corrupt tar)")
+        keyword, _, value = data[space + 1:end - 1].partition(b"=")
+        if keyword == b"path":
+            path = value.decode("utf-8", "surrogateescape")
+        pos = end
+    return path
+
+
 def _tar_members(stream, name: str):
     """(member name, bytes) of the regular files in a tar stream, read sequentially.
 
     A small reader of our own: the standard `tarfile` module parses every header field in Python
     and costs more than decoding a small PNG. This reads only what a shard needs (name, size,
-    type), checks every header's checksum, and understands the PAX and GNU long-name records other
-    writers emit. A short read, a bad header or a member over MAX_MEMBER_BYTES raises `TruncatedTar`.
+    type), checks every header's checksum (unsigned, or signed as old Sun tars wrote it), and
+    understands ustar name prefixes and the PAX and GNU long-name records other writers emit,
+    giving the names `tarfile` (hence webdataset) gives. Where `tarfile` silently ends the archive
+    at a damaged header, this raises: a short read, a bad header or a member over
+    MAX_MEMBER_BYTES raises `TruncatedTar`, so lost samples are counted, not unnoticed.
     """
     long_name = None
     while True:
@@ -383,7 +414,9 @@ def _tar_members(stream, name: str):
             raise TruncatedTar(f"{name}: truncated header")
         if header == _ZERO_BLOCK:
             return                                   # end of archive
-        if _octal(header[148:156], "checksum", name) != sum(header[:148]) + 256 + sum(header[156:]):
+        checksum = _octal(header[148:156], "checksum", name)
+        if checksum != sum(header[:148]) + 256 + sum(header[156:]) and \
+                checksum != 256 + sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]):
             raise TruncatedTar(f"{name}: bad tar header checksum (corrupt or not a tar)")
         size_field = header[124:136]
         size = (int.from_bytes(size_field[1:], "big") if size_field[0] & 0x80
@@ -398,13 +431,10 @@ def _tar_members(stream, name: str):
             raise TruncatedTar(f"{name}: truncated data ({len(data)} of {padded} bytes)")
         data = data[:size]
         if kind == b"x":                             # PAX extended header for the next member
-            for record in data.decode("utf-8", "replace").split("\n"):
-                _, _, kv = record.partition(" ")
-                if kv.startswith("path="):
-                    long_name = kv[5:]
+            long_name = _pax_path(data, name) or long_name
             continue
         if kind == b"L":                             # GNU long name for the next member
-            long_name = data.rstrip(b"\0").decode("utf-8", "replace")
+            long_name = _text(data)
             continue
         if kind not in (b"0", b"\0", b"7"):          # directories, links, global headers: skip
             long_name = None
@@ -412,10 +442,10 @@ def _tar_members(stream, name: str):
         if long_name is not None:
             member, long_name = long_name, None
         else:
-            member = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            prefix = header[345:500].split(b"\0", 1)[0]
-            if header[257:262] == b"ustar" and prefix:
-                member = prefix.decode("utf-8", "replace") + "/" + member
+            # tarfile joins a non-empty prefix field whatever the magic says; so do we
+            member, prefix = _text(header[:100]), _text(header[345:500])
+            if prefix:
+                member = prefix + "/" + member
         yield member, data
 
 
@@ -428,29 +458,66 @@ def _open_tar_stream(fileobj, name: str):
     return gzip.GzipFile(fileobj=stream, mode="rb")
 
 
+def sample_key(member: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member by webdataset's rule, or None when it belongs to no sample.
+
+    The key is the path up to the first dot of the file name, the extension the rest (`d/x.seg.png`
+    is key `d/x`, extension `seg.png`; dots in directory names do not count). A file name without a
+    dot, or a path ending in `/`, belongs to no sample and is skipped. A file name that starts with a
+    dot is webdataset's corner: the key is then the path up to and including the last slash, when
+    the last directory name has no dot (`d/.png` is key `d/`), else nothing. The extension is
+    lower-cased by the caller, the key never.
+    """
+    slash = member.rfind("/")
+    dot = member.find(".", slash + 1)
+    if dot < 0:
+        return None
+    if dot > slash + 1:
+        return member[:dot], member[dot + 1:]
+    if slash < 0 or "." in member[member.rfind("/", 0, slash) + 1:slash]:
+        return None
+    return member[:slash + 1], member[dot + 1:]
+
+
+def is_metadata(member: str) -> bool:
+    """webdataset skips these members: a top-level `__name__` file, anything under a top-level
+    `__name__/` directory."""
+    first, slash, _ = member.partition("/")
+    return first.startswith("__") and first.endswith("__") and (not slash or len(first) >= 4)
+
+
+# Names webdataset gives a sample's own fields: an entry with one of them as its extension makes
+# webdataset raise ("duplicate file name"); skipping handlers drop that entry, and so do we.
+RESERVED_EXTS = frozenset(("__key__", "__url__", "__local_path__"))
+
+
 def iter_tar_samples(fileobj, name: str = "tar") -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield (key, {ext: bytes}) from a tar or tar.gz stream, grouping consecutive members by key.
 
-    The key is webdataset's: the member path up to the first dot of the file name; the extension
-    is the rest, lower-cased. A member whose extension the current sample already has starts a
-    new sample with the same key (`read_samples` counts it as a duplicate) instead of silently
-    replacing the first. Works on pipes (reads sequentially); the file object is closed at the
-    end. A truncated or corrupt tar (or gzip stream) raises `TruncatedTar` after the last whole
-    sample (a partial one is dropped).
+    Keys, extensions and skipped members are webdataset's (`sample_key`, `is_metadata`,
+    RESERVED_EXTS); a sample ends where the key changes, so a key that comes back later is a
+    second sample (`read_samples` counts it as a duplicate). Where webdataset raises on a member
+    whose extension the current sample already has, this starts a new sample with the same key
+    (a counted duplicate again), so the good samples are those webdataset yields with a skipping
+    handler. Works on pipes (reads sequentially); the file object is closed at the end (a pipe's
+    exit status is checked then; a reader that stops early closes it quietly). A truncated or
+    corrupt tar (or gzip stream) raises `TruncatedTar` after the last whole sample (a partial one
+    is dropped).
     """
     key, files = None, {}
-    with fileobj:
+    try:
         stream = _open_tar_stream(fileobj, name)
         try:
             for member, data in _tar_members(stream, name):
-                folder, slash, file_name = member.rpartition("/")
-                stem, _, ext = file_name.partition(".")
-                base, ext = folder + slash + stem, ext.lower()
+                if is_metadata(member) or (split := sample_key(member)) is None:
+                    continue
+                base, ext = split[0], split[1].lower()
                 if base != key or ext in files:
                     if key is not None:
                         yield key, files
                     key, files = base, {}
-                files[ext] = data
+                if ext not in RESERVED_EXTS:
+                    files[ext] = data
             if isinstance(stream, gzip.GzipFile):
                 # The gzip CRC is checked at the end of the stream, after the tar's end blocks:
                 # read on (a little) so that damage it catches is not missed.
@@ -461,6 +528,20 @@ def iter_tar_samples(fileobj, name: str = "tar") -> Iterator[tuple[str, dict[str
             if isinstance(exc, TruncatedTar):
                 raise
             raise TruncatedTar(f"{name}: corrupt or truncated gzip stream ({type(exc).__name__}: {exc})") from None
+    except GeneratorExit:
+        # Stopped early: a pipe's command may now die of SIGPIPE or report a write error; no news.
+        try:
+            fileobj.close()
+        except Exception:
+            pass
+        raise
+    except BaseException:
+        try:
+            fileobj.close()
+        except Exception:
+            pass
+        raise
+    fileobj.close()
     if key is not None:
         yield key, files
 

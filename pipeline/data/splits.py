@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline.data.manifest import read_manifest
+from pipeline.data.manifest import read_manifest, shard_path
 from pipeline.data.shards import read_samples
 from pipeline.errors import TruncatedTar, UserError
 
@@ -32,7 +32,7 @@ def iter_split(data_dir: str | Path, split: str, batch_size: int = 250
     shape = dict(channels=m["channels"], resolution=m["resolution"], num_classes=m["num_classes"])
     images, labels = [], []
     for shard in m["splits"][split]["shards"]:
-        path = data_dir / shard["name"]
+        path = shard_path(data_dir, shard)
         try:
             for _, key, image, label, bad in read_samples(open(path, "rb"), str(path), **shape,
                                                           require_label=False):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.data.manifest import read_manifest
+from pipeline.data.manifest import read_manifest, shard_path
 from pipeline.data.shards import read_samples
 from pipeline.errors import TruncatedTar
 from pipeline.io import sha256_file
@@ -60,11 +60,12 @@ def verify_dir(data_dir: Path, progress: bool = True) -> tuple[list[str], dict]:
         total = 0
         for shard in entry["shards"]:
             name = shard["name"]
-            listed.add(name)
-            path = data_dir / name
+            path = shard_path(data_dir, shard)
+            listed.add(path.resolve())
             counts["shards"] += 1
             if not path.is_file():
-                problems.append(f"{name}: missing (listed in the manifest)")
+                at = f" at {path}" if "path" in shard else ""
+                problems.append(f"{name}: missing (listed in the manifest{at})")
                 continue
             try:
                 found, n = verify_shard(path, name, shard, shape, progress)
@@ -75,7 +76,7 @@ def verify_dir(data_dir: Path, progress: bool = True) -> tuple[list[str], dict]:
             total += n
         if total != entry["num_samples"]:
             problems.append(f"split {split}: {total} samples, manifest says {entry['num_samples']}")
-    extras = (p.name for p in data_dir.iterdir() if p.name.endswith(SHARD_SUFFIXES) and p.name not in listed)
+    extras = (p.name for p in data_dir.iterdir() if p.name.endswith(SHARD_SUFFIXES) and p.resolve() not in listed)
     for extra in sorted(extras):
         problems.append(f"{extra}: shard not listed in the manifest (left over from another run?)")
     return problems, counts
