@@ -346,3 +346,6 @@ def test_fid_equals_cleanfids_compute_fid_on_the_same_images(mnist_dir):
     assert out["num_gen"] == 500 and out["reference"]["num"] == 1000
     assert out["ours"]["fid"] > 1 and out["cleanfid_compute_fid"]["fid"] == out["ours"]["fid"]   # same bits
     assert out["ratio_cleanfid_time_to_ours"] > 0
+    costs = out["metric_costs"]
+    assert set(costs["seconds"]) == set(bench_eval.METRIC_SETS) and costs["over_fid_alone"]["fid"] == 1.0
+    assert all(t > 0 for t in costs["seconds"].values())

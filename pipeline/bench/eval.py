@@ -12,6 +12,11 @@ generation alone and featurisation alone are timed too. clean-fid: `compute_fid(
 PNG folder, mode="clean", custom_feat_extractor=<the same network>, custom_fn_resize=<the same
 clean resize>)`, where `gen` replays exactly our seeded images, so both score the same images
 with the same extractor: the FIDs must agree, and the time ratio is the honest comparison.
+
+Metric costs: `ganpipe eval --snapshot S --metrics M` on the same snapshot for M = fid alone, fid
+plus each other metric, and all five; each call generates and featurises once and computes the
+chosen metrics from that pass (reference statistics cached by an untimed first call). The
+issue's target: the full set at most 1.5x the time of FID alone.
 """
 
 from __future__ import annotations
@@ -113,8 +118,11 @@ def run(args: argparse.Namespace) -> dict:
             num_workers=args.cleanfid_workers, verbose=False, use_dataparallel=False))
         cf_s = time.perf_counter() - t0
 
+        costs = metric_costs(snap, data, args, n, bs)
+
     ours_s = refstats_s + eval_s
     return {
+        "metric_costs": costs,
         "extractor": ext.name, "resize": ext.resize, "feature_dim": ext.dim, "device": str(ext.device),
         "generator": {"model": args.model, "z_dim": G.z_dim, "resolution": G.resolution, "channels": G.channels},
         "num_gen": n, "reference": {"data": "bundled mnist" if args.data is None else str(args.data),
@@ -133,3 +141,33 @@ def run(args: argparse.Namespace) -> dict:
         "ratio_cleanfid_time_to_ours": round(cf_s / ours_s, 3),
         "fid_abs_diff": abs(cf_fid - ours_fid),
     }
+
+
+METRIC_SETS = ("fid", "fid,kid", "fid,pr", "fid,dc", "fid,is", "fid,kid,pr,dc,is")
+
+
+def metric_costs(snapshot: Path, data: Path, args: argparse.Namespace, num: int, batch: int) -> dict:
+    """Seconds of `ganpipe eval` per metric set on one snapshot, and each set over FID alone."""
+    import contextlib
+    import io
+
+    from pipeline import cli
+
+    run_dir = snapshot.parent.parent
+    base = ["eval", "--run-dir", str(run_dir), "--snapshot", str(snapshot), "--data", str(data), "--split", args.split,
+            "--extractor", args.extractor, "--num-gen", str(num), "--batch-size", str(batch)]
+    if args.inception_weights:
+        base += ["--weights", str(args.inception_weights)]
+
+    def timed(metrics: str) -> float:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            code = cli.main([*base, "--metrics", metrics])
+        if code:
+            raise RuntimeError(f"ganpipe eval --metrics {metrics} failed with status {code}")
+        return time.perf_counter() - t0
+
+    timed("fid")                        # reference statistics and sample into the cache, untimed
+    seconds = {m: round(timed(m), 3) for m in METRIC_SETS}
+    return {"seconds": seconds, "over_fid_alone": {m: round(t / seconds["fid"], 3) for m, t in seconds.items()}}
