@@ -153,7 +153,12 @@ def metric_costs(snapshot: Path, data: Path, args: argparse.Namespace, num: int,
 
     from pipeline import cli
 
+    from pipeline.catalog import from_dict
+    from pipeline.config import dump_config
+
     run_dir = snapshot.parent.parent
+    # A run directory as `ganpipe train` leaves it: eval reads the run's config.
+    dump_config(from_dict({"data": {"path": str(data)}, "model": {"name": args.model}}), run_dir / "config.yaml")
     base = ["eval", "--run-dir", str(run_dir), "--snapshot", str(snapshot), "--data", str(data), "--split", args.split,
             "--extractor", args.extractor, "--num-gen", str(num), "--batch-size", str(batch)]
     if args.inception_weights:
@@ -169,5 +174,5 @@ def metric_costs(snapshot: Path, data: Path, args: argparse.Namespace, num: int,
         return time.perf_counter() - t0
 
     timed("fid")                        # reference statistics and sample into the cache, untimed
-    seconds = {m: round(timed(m), 3) for m in METRIC_SETS}
+    seconds = {m: round(timed(m), 3) for m in getattr(args, "metric_sets", None) or METRIC_SETS}
     return {"seconds": seconds, "over_fid_alone": {m: round(t / seconds["fid"], 3) for m, t in seconds.items()}}
