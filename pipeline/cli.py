@@ -272,6 +272,9 @@ def bench_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     p.add_argument("--cleanfid-workers", type=int, default=0, help="clean-fid's folder DataLoader workers")
+    p.add_argument("--at-scale", action="store_true",
+                   help="also time the metrics at 10k samples of 2048-d and 768-d features and the Inception and "
+                        "ViT-B/14 forwards, for the full set's cost over FID alone at 50k images")
 
 
 def bench_recipes_arguments(p: argparse.ArgumentParser) -> None:

@@ -91,8 +91,10 @@ def test_one_pass_gives_what_each_metric_computes_alone(mnist_dir, mnist_ext, mn
     feats = generated_features(G, mnist_ext, num=500, batch_size=160, seed=4)
     assert stats.count == 500 and np.array_equal(stats.sample, feats[:300])
     fid_alone = frechet_distance(*feature_stats(feats), mnist_ref.mu, mnist_ref.sigma)
+    # feature_stats takes the mean in float32 as clean-fid does (relative error ~1e-7 per element),
+    # the running sums in float64: the two FIDs agree to about 1e-7 (1.2e-7 on an Intel Xeon).
     assert frechet_distance(stats.mean(), stats.cov(), mnist_ref.mu, mnist_ref.sigma) == pytest.approx(
-        fid_alone, rel=1e-7)
+        fid_alone, rel=1e-6)
     with torch.no_grad():
         probs = torch.softmax(mnist_ext.net.logits(mnist_ext.prepare(_images(G, 500, 4))).double(), 1).numpy()
     assert stats.class_sums.score() == pytest.approx(inception_score(probs), rel=1e-6)

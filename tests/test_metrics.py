@@ -131,8 +131,20 @@ def test_kid_is_seeded_and_leaves_the_global_rng_alone():
     assert kernel_distance(a, shifted, seed=0, **kw) == k1 and kernel_distance(a, shifted, seed=1, **kw) != k1
     same = kernel_distance(a, b, seed=0, **kw)
     assert abs(same) < 0.1 * k1 and k1 > 0
-    np.random.seed(0)   # it is clean-fid's number (on float32 features, as clean-fid's pipeline passes them)
-    assert k1 == cleanfid_kid(a.astype(np.float32), shifted.astype(np.float32), **kw)
+    # It is clean-fid's number on clean-fid's subsets: to float32 rounding of clean-fid's own
+    # float32 loop, and closer still to the same formula in float64.
+    np.random.seed(0)
+    theirs32 = cleanfid_kid(a.astype(np.float32), shifted.astype(np.float32), **kw)
+    np.random.seed(0)
+    theirs64 = cleanfid_kid(a, shifted, **kw)
+    assert k1 == pytest.approx(theirs32, rel=1e-5) and k1 == pytest.approx(theirs64, rel=1e-5)
+    np.random.seed(1)
+    assert kernel_distance(a, shifted, seed=1, **kw) == pytest.approx(cleanfid_kid(a, shifted, **kw), rel=1e-5)
+    # m - 1 in the within-set term: the diagonal really is left out (a wrong formula moves it by far more).
+    x, y = a[:20], shifted[:20]
+    kxx, kyy, kxy = ((u @ v.T / 16 + 1) ** 3 for u, v in ((y, y), (x, x), (y, x)))
+    by_hand = ((kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / 19 - 2 * kxy.sum() / 20) / 20
+    assert kernel_distance(x, y, seed=0, num_subsets=1, max_subset_size=20) == pytest.approx(by_hand, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,10 +119,11 @@ def run(args: argparse.Namespace) -> dict:
         cf_s = time.perf_counter() - t0
 
         costs = metric_costs(snap, data, args, n, bs)
+    at_scale = metrics_at_scale(device) if getattr(args, "at_scale", False) else None
 
     ours_s = refstats_s + eval_s
     return {
-        "metric_costs": costs,
+        "metric_costs": costs, **({"at_scale": at_scale} if at_scale else {}),
         "extractor": ext.name, "resize": ext.resize, "feature_dim": ext.dim, "device": str(ext.device),
         "generator": {"model": args.model, "z_dim": G.z_dim, "resolution": G.resolution, "channels": G.channels},
         "num_gen": n, "reference": {"data": "bundled mnist" if args.data is None else str(args.data),
@@ -176,3 +177,51 @@ def metric_costs(snapshot: Path, data: Path, args: argparse.Namespace, num: int,
     timed("fid")                        # reference statistics and sample into the cache, untimed
     seconds = {m: round(timed(m), 3) for m in getattr(args, "metric_sets", None) or METRIC_SETS}
     return {"seconds": seconds, "over_fid_alone": {m: round(t / seconds["fid"], 3) for m, t in seconds.items()}}
+
+
+def metrics_at_scale(device: torch.device, num_images: int = 50_000, sample: int = 10_000, batch: int = 16) -> dict:
+    """The metric arithmetic at production sample sizes and the production networks' forward rates,
+    each measured here, and the full set's cost over FID alone for `num_images` computed from them."""
+    import numpy as np
+    import timm
+    import torchvision
+
+    from pipeline.metrics.fid import frechet_distance, kernel_distance
+    from pipeline.metrics.manifold import manifold_scores
+
+    def forward_rate(net: torch.nn.Module, size: int) -> float:
+        x = torch.rand(batch, 3, size, size, device=device)
+        with torch.no_grad():
+            net(x[:2])
+            t0 = time.perf_counter()
+            net(x)
+        return batch / (time.perf_counter() - t0)
+
+    torch.manual_seed(0)
+    nets = {"inception": (torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False), 299, 2048),
+            "dinov2-b14": (timm.create_model("vit_base_patch14_dinov2", pretrained=False, img_size=224, num_classes=0),
+                           224, 768)}
+    out = {"num_images": num_images, "sample_gen": sample, "sample_ref": sample, "forward_batch": batch,
+           "note": "metric seconds and forward rates measured here; the ratio is computed from them"}
+    for name, (net, size, dim) in nets.items():
+        rate = forward_rate(net.to(device).eval(), size)
+        rng = np.random.default_rng(0)
+        real = rng.standard_normal((sample, dim)).astype(np.float32)
+        fake = (rng.standard_normal((sample, dim)) * 1.1 + 0.05).astype(np.float32)
+        seconds = {}
+        t0 = time.perf_counter()
+        mu_r, mu_f = real.mean(0, dtype=np.float64), fake.mean(0, dtype=np.float64)
+        frechet_distance(mu_f, np.cov(fake, rowvar=False), mu_r, np.cov(real, rowvar=False))
+        seconds["fid_distance"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        kernel_distance(real, fake, seed=0, device=device)
+        seconds["kid"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        manifold_scores(real, fake, pr_k=3, dc_k=5, device=device)          # pr and dc share one pass
+        seconds["pr_dc"] = time.perf_counter() - t0
+        fid_alone = num_images / rate + seconds["fid_distance"]
+        out[name] = {"feature_dim": dim, "input_px": size, "forward_images_per_s": round(rate, 2),
+                     "metric_seconds": {k: round(v, 2) for k, v in seconds.items()},
+                     "fid_alone_s": round(fid_alone, 1),
+                     "full_set_over_fid_alone": round((fid_alone + seconds["kid"] + seconds["pr_dc"]) / fid_alone, 4)}
+    return out

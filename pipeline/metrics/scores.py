@@ -70,7 +70,7 @@ def _kid_protocol(s: Setup) -> dict:
 
 METRICS.register("kid")(Metric(
     records=("kid",), protocol=_kid_protocol, sample=True,
-    compute=lambda g, ref, s: {"kid": (kernel_distance(ref.feats, g.sample, seed=s.seed), {})}))  # clean-fid's order
+    compute=lambda g, ref, s: {"kid": (kernel_distance(ref.feats, g.sample, seed=s.seed, device=s.device), {})}))  # clean-fid's order
 
 
 def _manifold(pr_k: int | None, dc_k: int | None):
