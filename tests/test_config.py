@@ -13,7 +13,7 @@ def test_defaults_yaml_and_overrides_compose(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("seed: 3\ndata:\n  batch_size: 16\n  hflip: true\n")
     cfg = load_config(f, ["data.batch_size=32", "data.max_bad_fraction=0"])
-    assert (cfg.seed, cfg.data.batch_size, cfg.data.hflip, cfg.data.num_workers) == (3, 32, True, 2)
+    assert (cfg.seed, cfg.data.batch_size, cfg.data.hflip, cfg.data.num_workers) == (3, 32, True, -1)
     assert cfg.data.max_bad_fraction == 0.0 and isinstance(cfg.data.max_bad_fraction, float)
     dump_config(cfg, tmp_path / "resolved.yaml")
     again = load_config(tmp_path / "resolved.yaml")

@@ -567,3 +567,13 @@ def test_from_config_requires_labels_when_the_model_or_the_config_asks(small_dir
     with pytest.raises(DataError, match="labels are required.*model.conditional=false"):
         StreamLoader.from_config(DataConfig(path=str(small_dir.parent / "u")), batch_size=4, seed=0,
                                  rank=0, world_size=1, require_labels=True)
+
+
+def test_auto_loader_workers_follow_the_device():
+    """data.num_workers=-1 (the default): no worker process on a CPU-only run, 2 with a GPU; an
+    explicit count is kept as given."""
+    from pipeline.data.loader import auto_workers
+
+    assert auto_workers(-1, torch.device("cpu")) == 0 and auto_workers(-1, None) == 0
+    assert auto_workers(-1, "cuda:0") == 2 and auto_workers(-1, torch.device("cuda", 1)) == 2
+    assert auto_workers(3, "cpu") == 3 and auto_workers(0, "cuda") == 0

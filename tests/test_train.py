@@ -63,6 +63,16 @@ def test_tiny_run_writes_every_artifact(tmp_path, mnist_dir):
             assert key in r and r[key] == r[key], key          # present and not NaN
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["fakes-000000128.png", "fakes-000000256.png"]
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
+    # TensorBoard holds each tick's grid as the very PNG bytes written to samples/ (not encoded twice).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    shown = {e.step: e for e in acc.Images("Samples/fakes")}
+    assert sorted(shown) == [128, 256]
+    for step, event in shown.items():
+        png = (run / "samples" / f"fakes-{step:09d}.png").read_bytes()
+        assert event.encoded_image_string == png and (event.width, event.height) == (4 * 30 + 2, 4 * 30 + 2)   # 16 digits
     assert [p.name for p in list_checkpoints(run)] == ["ckpt-000000256"]           # keep_checkpoints=1
     snaps = list_snapshots(run / "snapshots")
     assert [p.name for p in snaps] == ["snapshot-000000128.json", "snapshot-000000256.json"]

@@ -7,7 +7,8 @@ bundled MNIST (batch 64, non-saturating), and `dcgan64-example`: the CIFAR DCGAN
 4,096 RGB images against a loop written the way PyTorch's own DCGAN example is (examples/dcgan:
 BatchNorm in D, sigmoid + BCE, one fake batch per iteration reused for G's step, Adam 2e-4 (0.5,
 0.999), N(0, 0.02) init; in-memory batches here, where the example reads files). The trainer runs as `ganpipe train` in a subprocess
-(shard loader with 1 worker, EMA, per-tick stats, sample grids, snapshots, checkpoint all on);
+(shard loader at its default, which on a CPU-only run is no worker process: `--set
+data.num_workers=1` measures one; EMA, per-tick stats, sample grids, snapshots, checkpoint all on);
 its rate is images shown to D per second of wall time between two ticks, so start-up is excluded
 and everything else is included: from the middle tick to the last (steady state, the loader's
 decoded-sample cache warm after the first 5 kimg epoch) and from the first tick to the last. The bare loop runs in this process on in-memory
@@ -113,7 +114,7 @@ def example_rate(data: Path, kimg: float, threads: int, batch: int = 64) -> dict
 def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg: float, procs: int,
                  threads: int) -> dict:
     tick = kimg / 8
-    args = ["train", "--config", config, "--run-dir", str(run), f"data.path={data}", "data.num_workers=1",
+    args = ["train", "--config", config, "--run-dir", str(run), f"data.path={data}",
             f"train.total_kimg={kimg}", f"train.tick_kimg={tick}", f"train.snapshot_kimg={kimg / 2}",
             f"train.checkpoint_kimg={kimg}", "train.progress=false", f"train.threads={threads}",
             "train.mixed_precision=fp32", *overrides]

@@ -95,6 +95,16 @@ def start_processes(threads: int, peer_timeout_s: float, log_with: list[str] | N
     return acc
 
 
+def device_flags(device: torch.device, t_cfg) -> dict:
+    """cuDNN autotuning and TF32 as `train.cudnn_benchmark` / `train.tf32` say, on a GPU only (a
+    CPU run leaves torch's flags alone); returns what was set."""
+    if device.type != "cuda":
+        return {}
+    torch.backends.cudnn.benchmark = bool(t_cfg.cudnn_benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(t_cfg.tf32)
+    return {"cudnn_benchmark": bool(t_cfg.cudnn_benchmark), "tf32": bool(t_cfg.tf32)}
+
+
 def split_batch(batch: int, per_process: int, world: int) -> tuple[int, int]:
     """(images per process per forward, micro-batches per step) for a global batch."""
     per_proc = per_process or batch // world
@@ -258,6 +268,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     batch = cfg.data.batch_size
     per_proc, accum = split_batch(batch, t_cfg.batch_per_process, world)
     dtype = resolve_precision(t_cfg.mixed_precision, device)
+    device_flags(device, t_cfg)
     autocast = autocast_for(device, dtype)
 
     # Build networks (same init on every rank), EMA, phases; resume; then the data stream.
@@ -307,8 +318,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                          trackers=trackers.open_training(acc, cfg, run_dir, external, log))
     total_nimg = int(t_cfg.total_kimg * 1000)
     log(f"training {cfg.model.name} G {unwrap(G).num_params():,} / D {unwrap(D).num_params():,} params on {world} x "
-        f"{device.type} (batch {batch} = {world} x {accum} x {per_proc}, precision {dtype or 'fp32'}) to "
-        f"{t_cfg.total_kimg} kimg")
+        f"{device.type} (batch {batch} = {world} x {accum} x {per_proc}, precision {dtype or 'fp32'}, "
+        f"{loader.num_workers} loader workers per process) to {t_cfg.total_kimg} kimg")
     progress_bar = None
     if main and t_cfg.progress:
         from tqdm import tqdm
@@ -374,9 +385,10 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                     progress_bar.write(status_line(row)) if progress_bar is not None else log(status_line(row))
                     png = run_dir / "samples" / f"fakes-{progress.cur_nimg:09d}.png"
                     grid = generate.save_grid(generate.images(ema.model, seed=cfg.seed, start=0,
-                                                              count=t_cfg.grid_size, device=device), png)
+                                                              count=t_cfg.grid_size, device=device), png,
+                                              compress_level=1)
                     if grid is not None:
-                        writer.image("Samples/fakes", grid, progress.cur_nimg, png)
+                        writer.image("Samples/fakes", png, progress.cur_nimg)
                 since = (progress.cur_nimg, time.time())
             if main and (crossed(prev_nimg, progress.cur_nimg, t_cfg.snapshot_kimg) or done):
                 save_snapshot(ema.model, run_dir / "snapshots", cur_nimg=progress.cur_nimg, model_cfg=cfg.model,

@@ -271,10 +271,11 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
     opt_D = adam(D, t.d_lr, t.d_betas, ratio, t.adam_impl)
     opt_G = adam(G, t.g_lr, t.g_betas, ratio_G, t.adam_impl)
     clean = cfg.loss.penalty_inputs == "clean"
+    fwd_G, fwd_D = compiled(G, t.compile), compiled(D, t.compile)     # the main phases' forwards
 
     def d_main(mb: MicroBatch) -> Tensor:
-        real_logits = D(augment(mb.real), mb.labels).float()
-        fake_logits = D(augment(mb.fake), mb.labels).float()
+        real_logits = fwd_D(augment(mb.real), mb.labels).float()
+        fake_logits = fwd_D(augment(mb.fake), mb.labels).float()
         value = loss.d_loss(real_logits, fake_logits)
         if ada is not None:
             ada.observe(real_logits.detach())       # the overfitting heuristic's r_t
@@ -297,11 +298,11 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
         return term
 
     def g_main(mb: MicroBatch) -> Tensor:
-        fake_logits = D(augment(G(mb.z, mb.labels)), mb.labels).float()
+        fake_logits = fwd_D(augment(fwd_G(mb.z, mb.labels)), mb.labels).float()
         real_logits = None
         if loss.relativistic:           # paired with this micro-batch's reals; no gradient through them
             with torch.no_grad():
-                real_logits = D(augment(mb.real), mb.labels).float()
+                real_logits = fwd_D(augment(mb.real), mb.labels).float()
         value = loss.g_loss(fake_logits, real_logits)
         report("Loss/G/main", value)
         return value
@@ -333,6 +334,15 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
                             [g_penalty_term(p) for p in on_G if p.interval == k], ratio=ratio_G))
     phases.penalties, phases.pairs_reals, phases.ada = penalties, loss.relativistic, ada
     return phases
+
+
+def compiled(module: nn.Module, backend: str) -> nn.Module:
+    """`module` itself (`train.compile=off`), or torch.compile of it with `backend`, sharing its
+    parameters: only the main phases' forwards use it. The penalties call the eager module: they
+    differentiate through the gradient (create_graph), which compiled graphs do not support."""
+    if backend == "off":
+        return module
+    return torch.compile(module, backend=backend, dynamic=False)
 
 
 def build_augment(t) -> tuple:
