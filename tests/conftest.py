@@ -17,16 +17,50 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Commands that hold no signal handlers, loops or process groups of their own: run in this process
+# by `cli` (through the same `pipeline.cli.main` as the `ganpipe` entry point), which spares each
+# call the 2-3 s of a fresh interpreter importing torch. train and watch always get a subprocess.
+IN_PROCESS = {"eval", "sample", "verify", "prepare", "config", "compare", "refstats"}
+
+
 def cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600,
         faults: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m pipeline ARGS` and return the completed process (stdout+stderr text).
-    `faults` runs it through tests/faults.py, which injects them (e.g. "nan-d-steps=2,5")."""
+    `faults` runs it through tests/faults.py, which injects them (e.g. "nan-d-steps=2,5").
+    Commands in IN_PROCESS without env or faults run in this process, with the same result."""
+    if args and args[0] in IN_PROCESS and env is None and not faults:
+        return _cli_in_process(args, check)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **(env or {})}
     entry = [str(REPO / "tests" / "faults.py"), *faults, "--"] if faults else ["-m", "pipeline"]
     proc = subprocess.run([sys.executable, *entry, *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"ganpipe {' '.join(args)} exited {proc.returncode}\n"
+                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _cli_in_process(args: tuple[str, ...], check: bool) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+
+    from pipeline import cli as ganpipe
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(REPO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = ganpipe.main(list(args))
+            except SystemExit as exc:           # argparse's usage errors and --help, as the entry point exits
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    proc = subprocess.CompletedProcess(["ganpipe", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"ganpipe {' '.join(args)} exited {code}\n"
                              f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc
 

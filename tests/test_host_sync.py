@@ -119,3 +119,39 @@ def test_device_flags_are_set_on_a_gpu_only():
         assert not (torch.backends.cudnn.benchmark or torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_reuse_fakes_runs_G_once_per_step(tmp_path, mnist_dir, monkeypatch):
+    """train.reuse_fakes: G's step trains on the fakes the D step made (PyTorch's DCGAN example), so
+    G runs forward once per step (twice without); the run trains, and the lever refuses settings
+    where there is no single D step's batch to reuse."""
+    from pipeline.errors import ConfigError
+    from pipeline.training import loop
+
+    calls = {"n": 0}
+    build = loop.build_networks
+
+    def counting(*args, **kwargs):
+        G, D = build(*args, **kwargs)
+        # The EMA copy (deep-copied, hook included) is in eval mode: only the training G counts.
+        G.register_forward_pre_hook(lambda module, inputs: calls.__setitem__("n", calls["n"] + module.training))
+        return G, D
+
+    monkeypatch.setattr(loop, "build_networks", counting)
+
+    def forwards(name: str, *extra: str) -> int:
+        calls["n"] = 0
+        cfg = load_config("configs/mnist_dcgan.yaml", [
+            f"data.path={mnist_dir}", "data.batch_size=16", "data.num_workers=0", "model.g_width=0.125",
+            "model.d_width=0.125", "train.total_kimg=0.16", "train.tick_kimg=1000", "train.snapshot_kimg=0",
+            "train.checkpoint_kimg=0", "train.progress=false", "train.grid_size=4", "train.threads=1",
+            "loss.name=rpgan", "loss.penalty=r1", "loss.penalty_interval=2", *extra])
+        assert training_loop(cfg, tmp_path / name) == 0
+        return calls["n"]
+
+    # 10 G steps of 16 images.
+    assert forwards("plain") == 20
+    assert forwards("reuse", "train.reuse_fakes=true") == 10
+    for bad in (["train.n_critic=2"], ["train.batch_per_process=8"]):
+        with pytest.raises(ConfigError, match="train.reuse_fakes needs train.n_critic=1"):
+            forwards("bad", "train.reuse_fakes=true", *bad)

@@ -267,6 +267,9 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
     batch = cfg.data.batch_size
     per_proc, accum = split_batch(batch, t_cfg.batch_per_process, world)
+    if t_cfg.reuse_fakes and (t_cfg.n_critic != 1 or accum != 1):
+        raise ConfigError(f"train.reuse_fakes needs train.n_critic=1 and one micro-batch per step (here n_critic "
+                          f"{t_cfg.n_critic}, {accum} micro-batches of {per_proc}); set train.reuse_fakes=false")
     dtype = resolve_precision(t_cfg.mixed_precision, device)
     device_flags(device, t_cfg)
     autocast = autocast_for(device, dtype)
@@ -338,9 +341,11 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                     real, labels = loader.next()
                     labels = labels if conditional else None
                     z = torch.randn(per_proc, z_dim, device=device)
-                    with torch.no_grad(), autocast():
+                    # train.reuse_fakes: G's graph is kept for its own step; D sees the fakes detached.
+                    with torch.set_grad_enabled(t_cfg.reuse_fakes), autocast():
                         fake = G(z, labels)
-                    micro_batches.append(MicroBatch(z=z, labels=labels, real=real, fake=fake))
+                    micro_batches.append(MicroBatch(z=z, labels=labels, real=real, fake=fake.detach(),
+                                                    kept=fake if t_cfg.reuse_fakes else None))
                 for phase in phases.due("D", progress.d_steps):
                     accumulate(phase, micro_batches, autocast)
                     step(phase, guard, stats.report)
@@ -350,9 +355,13 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                     phases.ada.update(progress.d_steps, batch)
 
             # G side: fresh latents, with drawn labels, or with the last D step's reals and their labels
-            # for a relativistic loss; the EMA follows G after a real G step only.
+            # for a relativistic loss (or that step's own fakes, train.reuse_fakes); the EMA follows G
+            # after a real G step only.
             d_batches, micro_batches = micro_batches, []
             for d in d_batches:
+                if d.kept is not None:
+                    micro_batches.append(MicroBatch(z=d.z, labels=d.labels, real=d.real, kept=d.kept))
+                    continue
                 labels = torch.randint(num_classes, (per_proc,), device=device) if num_classes else None
                 z = torch.randn(per_proc, z_dim, device=device)
                 micro_batches.append(MicroBatch(z=z, labels=d.labels, real=d.real) if phases.pairs_reals

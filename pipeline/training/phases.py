@@ -48,6 +48,7 @@ class MicroBatch:
     labels: Tensor | None           # real labels (D) or drawn labels (G); None if unconditional
     real: Tensor | None = None
     fake: Tensor | None = None
+    kept: Tensor | None = None      # G(z) with its graph, for G's step (train.reuse_fakes)
 
 
 Term = Callable[[MicroBatch], Tensor]
@@ -298,7 +299,8 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
         return term
 
     def g_main(mb: MicroBatch) -> Tensor:
-        fake_logits = fwd_D(augment(fwd_G(mb.z, mb.labels)), mb.labels).float()
+        fake = mb.kept if mb.kept is not None else fwd_G(mb.z, mb.labels)
+        fake_logits = fwd_D(augment(fake), mb.labels).float()
         real_logits = None
         if loss.relativistic:           # paired with this micro-batch's reals; no gradient through them
             with torch.no_grad():
