@@ -5,7 +5,8 @@
 Cases: DCGAN at 32x32 RGB (batch 64, non-saturating + R1 every 4 D steps), the MLP GAN on the
 bundled MNIST (batch 64, non-saturating), and `dcgan64-example`: the CIFAR DCGAN config at 64x64 on
 4,096 RGB images against a loop written the way PyTorch's own DCGAN example is (examples/dcgan:
-BatchNorm in D, sigmoid + BCE, one fake batch per iteration reused for G's step, Adam 2e-4 (0.5,
+BatchNorm in D, sigmoid + BCE, one fake batch per iteration reused for G's step (the config's
+`train.reuse_fakes: true` does the same), Adam 2e-4 (0.5,
 0.999), N(0, 0.02) init; in-memory batches here, where the example reads files). The trainer runs as `ganpipe train` in a subprocess
 (shard loader at its default, which on a CPU-only run is no worker process: `--set
 data.num_workers=1` measures one; EMA, per-tick stats, sample grids, snapshots, checkpoint all on);
@@ -14,7 +15,9 @@ and everything else is included: from the middle tick to the last (steady state,
 decoded-sample cache warm after the first 5 kimg epoch) and from the first tick to the last. The bare loop runs in this process on in-memory
 tensors: D step (two forwards, loss, lazy R1 on its own step, Adam), G step (Adam), nothing else.
 Both use 2 torch threads in one process. Then the trainer again as 2 processes x 1 thread
-(`accelerate launch --multi_gpu --num_processes 2`, gloo) against 1 process x 2 threads.
+(`accelerate launch --multi_gpu --num_processes 2`, gloo) against 1 process x 2 threads, with what
+one gloo all-reduce of G's and of D's gradients costs between those processes
+(`gloo_all_reduce`: milliseconds per G step, and as a share of the 1 x 2 step time).
 """
 
 from __future__ import annotations
@@ -39,8 +42,11 @@ from pipeline.losses import build_loss, build_penalty
 from pipeline.networks import build_networks
 
 CASES = {
+    # The bare loop draws fresh latents for G's step, so the trainer does too here (the config
+    # reuses D's fakes, as the DCGAN example below does).
     "dcgan32": {"config": "configs/cifar10_dcgan.yaml", "data": "rgb32",
-                "overrides": ["loss.penalty=r1", "loss.penalty_weight=0.1", "loss.penalty_interval=4"]},
+                "overrides": ["loss.penalty=r1", "loss.penalty_weight=0.1", "loss.penalty_interval=4",
+                              "train.reuse_fakes=false"]},
     "mlp-mnist": {"config": "configs/mnist_mlp.yaml", "data": "mnist", "overrides": []},
     "dcgan64-example": {"config": "configs/cifar10_dcgan.yaml", "data": "rgb64", "overrides": ["data.hflip=false"],
                         "bare": "example"},
@@ -144,6 +150,24 @@ def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg:
             "startup_and_exit_s": round(wall - rows[-1]["Timing/total_s"], 1)}
 
 
+def allreduce_ms(sizes: dict[str, int], procs: int = 2) -> dict:
+    """Milliseconds per gloo all-reduce of each network's gradients (float32, `numel` each) between
+    `procs` processes of one thread, started as the trainer's are (pipeline/bench/allreduce.py)."""
+    with tempfile.TemporaryDirectory(prefix="ganpipe-allreduce-") as tmp:
+        out = Path(tmp) / "allreduce.json"
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29562", "-m", "pipeline.bench.allreduce", str(out),
+               *(str(n) for n in sizes.values())]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"all-reduce measurement failed:\n{proc.stderr[-2000:]}")
+        ms = json.loads(out.read_text())
+    per_net = {name: {"numel": n, "mib": round(n * 4 / 2**20, 2), "ms": ms[str(n)]} for name, n in sizes.items()}
+    return {**per_net, "ms_per_G_step": round(sum(v["ms"] for v in per_net.values()), 3)}
+
+
 def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, threads: int) -> dict:
     """The same networks, batch, loss and penalty as a plain loop over in-memory tensors."""
     torch.set_num_threads(threads)
@@ -183,7 +207,8 @@ def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, thread
     t0 = time.perf_counter()
     for i in range(steps):
         one_step(i)
-    return {"images_per_s": round(steps * b / (time.perf_counter() - t0), 1), "threads": threads, "steps": steps}
+    return {"images_per_s": round(steps * b / (time.perf_counter() - t0), 1), "threads": threads, "steps": steps,
+            "params": {"G": sum(p.numel() for p in G.parameters()), "D": sum(p.numel() for p in D.parameters())}}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -215,5 +240,10 @@ def run(args: argparse.Namespace) -> dict:
                                      args.kimg, procs=2, threads=1)
                 entry["trainer_2procs_1thread"] = multi
                 entry["2x1_over_1x2"] = round(multi["images_per_s"] / full["images_per_s"], 3)
+                if "params" in bare:
+                    # D's and G's gradients cross the wire once per G step (n_critic 1).
+                    gloo = allreduce_ms(bare["params"])
+                    entry["gloo_all_reduce"] = {**gloo, "share_of_1x2_step": round(
+                        gloo["ms_per_G_step"] / (1000 * 64 / full["images_per_s"]), 3)}
             results[name] = entry
     return {"batch": 64, "trainer_overrides": args.set, "cases": results}

@@ -1,0 +1,24 @@
+"""`ganpipe bench train` at toy size: the pairs run and report what they measured (the figures
+themselves come from the full command on a quiet machine, never from a test)."""
+
+import argparse
+
+from pipeline.bench import train as bench_train
+
+
+def test_bench_train_reports_the_trainer_against_the_bare_loop():
+    args = argparse.Namespace(cases=["mlp-mnist"], kimg=0.256, skip_multiprocess=True, set=[])
+    out = bench_train.run(args)
+    entry = out["cases"]["mlp-mnist"]
+    bare, full = entry["bare_pytorch_loop"], entry["trainer_1proc_2threads"]
+    assert bare["images_per_s"] > 0 and full["images_per_s"] > 0 and full["images_per_s_from_first_tick"] > 0
+    assert entry["trainer_over_bare"] == round(full["images_per_s"] / bare["images_per_s"], 3)
+    assert bare["params"] == {"G": 1_486_352, "D": 1_460_225}          # the MLP GAN's layers
+    assert full["startup_and_exit_s"] > 0 and "trainer_2procs_1thread" not in entry
+
+
+def test_gloo_all_reduce_is_timed_between_two_processes():
+    out = bench_train.allreduce_ms({"G": 1_000, "D": 200_000})
+    assert out["G"]["numel"] == 1_000 and out["D"]["mib"] == round(200_000 * 4 / 2**20, 2)
+    assert out["G"]["ms"] > 0 and out["D"]["ms"] > 0
+    assert out["ms_per_G_step"] == round(out["G"]["ms"] + out["D"]["ms"], 3)
