@@ -15,6 +15,7 @@ def test_bench_train_reports_the_trainer_against_the_bare_loop():
     assert entry["trainer_over_bare"] == round(full["images_per_s"] / bare["images_per_s"], 3)
     assert bare["params"] == {"G": 1_486_352, "D": 1_460_225}          # the MLP GAN's layers
     assert full["startup_and_exit_s"] > 0 and "trainer_2procs_1thread" not in entry
+    assert 0 < full["startup_s"] < full["wall_s_including_startup"]
 
 
 def test_gloo_all_reduce_is_timed_between_two_processes():

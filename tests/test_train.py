@@ -61,6 +61,8 @@ def test_tiny_run_writes_every_artifact(tmp_path, mnist_dir):
         for key in ("Loss/D/main", "Loss/G/main", "D/real", "D/fake", "Grad/D/norm", "Grad/G/norm", "LR/G",
                     "Timing/sec_per_kimg", "Timing/images_per_s", "Data/skipped_undecodable", "Mem/cpu_maxrss_gb"):
             assert key in r and r[key] == r[key], key          # present and not NaN
+        # from the process start to the first step: a fresh interpreter importing torch takes seconds
+        assert 0.5 < r["Timing/startup_s"] < 120
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["fakes-000000128.png", "fakes-000000256.png"]
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
     # TensorBoard holds each tick's grid as the very PNG bytes written to samples/ (not encoded twice).

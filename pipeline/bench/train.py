@@ -146,6 +146,8 @@ def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg:
             "images_per_s": round(rate(rows[len(rows) // 2], rows[-1]), 1),
             "images_per_s_from_first_tick": round(rate(rows[0], rows[-1]), 1),
             "wall_s_including_startup": round(wall, 1), "kimg": kimg,
+            # process start to the first step (the trainer's own measurement, rank 0)
+            "startup_s": round(rows[0].get("Timing/startup_s", float("nan")), 2),
             # process start to the first step, plus the exit after the last: the wall time the loop did not see
             "startup_and_exit_s": round(wall - rows[-1]["Timing/total_s"], 1)}
 

@@ -72,6 +72,18 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: /proc), or None where that is not known."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def crossed(prev_nimg: int, cur_nimg: int, every_kimg: float) -> bool:
     """Whether an absolute multiple of `every_kimg` lies in (prev_nimg, cur_nimg]."""
     if every_kimg <= 0:
@@ -329,6 +341,9 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
         progress_bar = tqdm(total=t_cfg.total_kimg, initial=progress.cur_nimg / 1000, unit="kimg", dynamic_ncols=True,
                             disable=None, bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]")
     since, start_time = (progress.cur_nimg, time.time()), time.time()
+    startup_s = process_age_s()         # `ganpipe train` to the first step: imports, set-up, resume
+    if startup_s is not None:
+        log(f"first step {startup_s:.1f} s after the process started")
 
     with dist.Preemption() as preemption, dist.peer_failures("training", t_cfg.peer_timeout_s):
         while progress.cur_nimg < total_nimg:
@@ -388,7 +403,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                 guard.check()       # the one read of the skip counters: too many in a row stop the run
             if tick:
                 row = {**tick_row(stats, loader, phases, progress, guard, world, device, since, start_time),
-                       **scheduled, **(phases.ada.stats() if phases.ada is not None else {})}
+                       **scheduled, **(phases.ada.stats() if phases.ada is not None else {}),
+                       **({"Timing/startup_s": startup_s} if startup_s is not None else {})}
                 writer.write(row, progress.cur_nimg)
                 if main:
                     progress_bar.write(status_line(row)) if progress_bar is not None else log(status_line(row))
