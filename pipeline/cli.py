@@ -135,7 +135,8 @@ def _extractor_arguments(p: argparse.ArgumentParser, several: bool = False) -> N
                    help="weights file of the extractor, or a directory holding each extractor's file "
                         "(inception-2015-12-05.pt, dinov2_vitb14_pretrain.pth, dinov2_vitl14_pretrain.pth); "
                         f"default ${INCEPTION_ENV} / ${DINOV2_ENV}, else clean-fid's /tmp path / torch hub's "
-                        "checkpoints folder; nothing is downloaded")
+                        "checkpoints folder; nothing is downloaded. `--weights raw` / `--weights ema` is "
+                        "--generator raw / ema")
     p.add_argument("--batch-size", type=int, default=250,
                    help="images per generation/feature batch (generation rounds it up to a multiple of 16)")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
@@ -395,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     args._argv = argv
+    # `--weights raw|ema` (the name users also reach for) chooses the generator when no such file exists.
+    if hasattr(args, "generator") and getattr(args, "inception_weights", None) in ("raw", "ema") \
+            and not Path(args.inception_weights).exists():
+        args.generator, args.inception_weights = args.inception_weights, None
     try:
         status = getattr(importlib.import_module(args._module), f"{args.command.replace('-', '_')}_command")(args)
     except (UserError, DataError, FileNotFoundError, FileExistsError) as exc:

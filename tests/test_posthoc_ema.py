@@ -228,7 +228,8 @@ def test_eval_scores_raw_and_posthoc_generators_as_their_own_series(phema_run, t
 
 def test_raw_weights_asked_of_a_snapshot_without_them_name_the_option(tmp_path, mnist_dir, mnist_ref, capsys):
     run = make_run(tmp_path, mnist_dir, {1000: mlp_generator()})
-    _, err = ganpipe(capsys, "eval", "--run-dir", str(run), *EVAL, "--generator", "raw", status=2)
-    assert len(err.strip().splitlines()) == 1, err
-    assert "snapshot-000001000.json has no raw generator weights" in err and "train.snapshot_raw=true" in err
+    for flag in ("--generator", "--weights"):          # `--weights raw` means the same
+        _, err = ganpipe(capsys, "eval", "--run-dir", str(run), *EVAL, flag, "raw", status=2)
+        assert len(err.strip().splitlines()) == 1, err
+        assert "snapshot-000001000.json has no raw generator weights" in err and "train.snapshot_raw=true" in err
     assert records(run) == []
