@@ -123,13 +123,15 @@ def test_sigterm_checkpoints_and_resumes_exactly(tmp_path, mnist_dir):
     assert_same_state(final_state(run), final_state(tmp_path / "straight"))
 
 
-def test_two_processes_stay_in_sync_with_r1_and_batchnorm(tmp_path, mnist_dir):
+@pytest.mark.parametrize("reuse", [False, True])      # train.reuse_fakes: G's graph kept across D's step under DDP
+def test_two_processes_stay_in_sync_with_r1_and_batchnorm(tmp_path, mnist_dir, reuse):
     run = tmp_path / "ddp"
-    env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_PORT": "29531"}
+    port = str(29531 + reuse)
+    env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_PORT": port}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/cpu.yaml",
-           "--main_process_port", "29531", "-m", "pipeline", "train", "--config", "configs/mnist_dcgan.yaml", "--run-dir", str(run),
+           "--main_process_port", port, "-m", "pipeline", "train", "--config", "configs/mnist_dcgan.yaml", "--run-dir", str(run),
            f"data.path={mnist_dir}", *TINY, "data.num_workers=1", "train.total_kimg=0.256", "train.tick_kimg=0.128",
-           "loss.penalty=r1", "loss.penalty_weight=1", "loss.penalty_interval=1"]
+           "loss.penalty=r1", "loss.penalty_weight=1", "loss.penalty_interval=1", f"train.reuse_fakes={str(reuse).lower()}"]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stats = rows(run)
