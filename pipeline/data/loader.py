@@ -133,7 +133,6 @@ def auto_workers(configured: int, device: torch.device | str | None) -> int:
     return AUTO_WORKERS_GPU if device is not None and torch.device(device).type == "cuda" else 0
 
 
-
 def _init_worker(trainer_pid: int, direct_child: bool, worker_id: int) -> None:
     """DataLoader `worker_init_fn`: survive the trainer's signals, die with the trainer."""
     # The main process turns these into a checkpoint and a clean exit; a worker must not die of

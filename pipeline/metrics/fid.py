@@ -1,8 +1,8 @@
-"""FID and KID from feature arrays, computed by clean-fid's own functions.
+"""FID and KID from feature arrays: FID by clean-fid's own function, KID as clean-fid defines it.
 
     mu, sigma = feature_stats(feats)                     # np.mean, np.cov as clean-fid does
     fid = frechet_distance(mu_g, sigma_g, mu_r, sigma_r)  # cleanfid.fid.frechet_distance
-    kid = kernel_distance(feats_g, feats_r, seed=0)      # clean-fid's KID (its subsets), batched in torch
+    kid = kernel_distance(feats_g, feats_r, seed=0)      # clean-fid's KID (its subsets), computed in torch
 
 The evaluator's FID takes its generated mean and covariance from running float64 sums
 (`stats.py`) instead of `feature_stats`; `scores.py` serves every metric by its `--metrics` name.
@@ -41,8 +41,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 def kernel_distance(feats1: np.ndarray, feats2: np.ndarray, *, seed: int, num_subsets: int = KID_SUBSETS,
                     max_subset_size: int = KID_SUBSET_SIZE, device=None) -> float:
-    """KID (Binkowski et al. 2018) as clean-fid's `kernel_distance` defines it, made deterministic
-    and batched: the unbiased MMD^2 with the cubic kernel k(x, y) = (x.y / d + 1)^3, averaged over
+    """KID (Binkowski et al. 2018) as clean-fid's `kernel_distance` defines it, made deterministic:
+    the unbiased MMD^2 with the cubic kernel k(x, y) = (x.y / d + 1)^3, averaged over
     `num_subsets` pairs of random subsets of m = min(N1, N2, max_subset_size) vectors each.
 
     The subsets are clean-fid's own draws (np.random.choice without replacement, generated first,
