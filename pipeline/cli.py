@@ -257,6 +257,8 @@ def bench_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kimg", type=float, default=12.0, help="kimg per trainer measurement")
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     p.add_argument("--skip-multiprocess", action="store_true", help="skip the 2 processes x 1 thread runs")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="rounds of (bare loop, trainer) back to back; medians over them, each round reported (default 3)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="trainer config overrides for every case (e.g. train.channels_last=true train.adam_impl=foreach)")
 

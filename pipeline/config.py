@@ -138,6 +138,7 @@ class TrainConfig:
     adam_impl: str = opt("fused", choices=("fused", "foreach", "for-loop"))  # torch's Adam implementation (fused: one kernel, skips without a host read)
     channels_last: bool = opt(True)              # NHWC memory format for conv nets' weights and activations (measured: +8-15% for DCGAN-32 on CPU)
     reuse_fakes: bool = opt(False)               # G's step trains on the fakes of the D step before it (PyTorch's DCGAN example): one G forward per step instead of two; needs n_critic 1 and one micro-batch
+    joint_d_forward: bool = opt(True)            # D's step runs D once on cat(reals, fakes) where D treats samples independently (no BatchNorm, no minibatch stddev); two forwards otherwise
     compile: str = opt("off", choices=("off", "inductor", "aot_eager"))  # torch.compile backend for G's and D's forwards in the main phases (penalties stay eager: double backward)
     cudnn_benchmark: bool = opt(True)            # CUDA only: cuDNN times conv algorithms per shape and keeps the fastest (StyleGAN2-ADA's default)
     tf32: bool = opt(False)                      # CUDA only: TF32 matmuls and convolutions on Ampere and later (off, as StyleGAN2-ADA: full fp32 precision)

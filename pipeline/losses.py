@@ -266,21 +266,42 @@ class Penalty:
         stats holds detached values named for reporting: `Loss/D/<name>` (the unweighted mean
         penalty) and `Grad/D/<name>_norm` (mean ||grad_x D||).
         """
-        x = self.points(real, fake).detach().requires_grad_(True)
-        # With `augment`, D sees augment(x) and the gradient is still taken w.r.t. x (StyleGAN2-ADA).
-        logits = D(x if augment is None else augment(x), labels)
-        norm_sq = _norm_sq(input_gradients(logits, x, scaler))
-        value = self.per_sample(norm_sq).mean()
-        # 0 * logits puts every D parameter into this loss's graph (the last layer's bias, for one,
-        # does not reach the input gradient), so under DDP every parameter gets a gradient in the
-        # backward and the reducer never waits for a missing one (StyleGAN2-ADA does the same).
-        loss = value * (self.weight * self.interval) + 0 * logits.float().sum()
-        stats = {f"Loss/D/{self.name}": value.detach(),
-                 f"Grad/D/{self.name}_norm": norm_sq.detach().sqrt().mean()}
-        return loss, stats
+        return joint_penalty([self], D, real, fake, labels, scaler=scaler, augment=augment)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(weight={self.weight}, interval={self.interval})"
+
+
+def joint_penalty(penalties: list[Penalty], D: nn.Module, real: Tensor | None, fake: Tensor | None,
+                  labels: Tensor | None = None, *, scaler=None, augment=None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The sum of several D penalties (R1 and R2, say) from one forward of D and one input gradient,
+    on the concatenation of their points: each sample's gradient is its own when D treats samples
+    independently (`not D.mixes_batch`), so this equals calling each penalty and adding the losses
+    (up to float summation order), in fewer, larger products. One penalty: `penalty(D, ...)` itself.
+
+    With `augment`, D sees augment(x) of each penalty's points (augmented one penalty at a time, in
+    order, as separate calls would) and the gradient is still taken w.r.t. x (StyleGAN2-ADA).
+    """
+    parts = [p.points(real, fake).detach() for p in penalties]
+    x = (parts[0] if len(parts) == 1 else torch.cat(parts)).requires_grad_(True)
+    sizes = [len(part) for part in parts]
+    if augment is None:
+        seen = x
+    else:
+        seen = augment(x) if len(parts) == 1 else torch.cat([augment(part) for part in x.split(sizes)])
+    if labels is not None and len(parts) > 1:
+        labels = labels.repeat(len(parts))      # the same labels for the real, fake and mixed points
+    logits = D(seen, labels)
+    norm_sq = _norm_sq(input_gradients(logits, x, scaler))
+    # 0 * logits puts every D parameter into this loss's graph (the last layer's bias, for one,
+    # does not reach the input gradient), so under DDP every parameter gets a gradient in the
+    # backward and the reducer never waits for a missing one (StyleGAN2-ADA does the same).
+    loss, stats = 0 * logits.float().sum(), {}
+    for p, part in zip(penalties, norm_sq.split(sizes)):
+        value = p.per_sample(part).mean()
+        loss = loss + value * (p.weight * p.interval)
+        stats.update({f"Loss/D/{p.name}": value.detach(), f"Grad/D/{p.name}_norm": part.detach().sqrt().mean()})
+    return loss, stats
 
 
 @PENALTIES.register("wgan-gp")

@@ -246,3 +246,30 @@ def test_bench_counts_flops_and_reports_skips():
     assert mlp28["g_forward_gflop_per_image"] == round(2 * macs / 1e9, 4)
     assert mlp28["images_per_s"] > 0 and 0 < mlp28["fraction_of_matmul"]
     assert result["matmul"]["gflop_per_s"] > 0
+
+
+@pytest.mark.parametrize("name", NETWORKS.keys())
+def test_mixes_batch_says_whether_a_joint_forward_is_two_forwards(name):
+    """`train.joint_d_forward` runs D once on cat(reals, fakes) where `D.mixes_batch` is False; that
+    is only right if such a D gives each sample the logit it gets alone. Checked in training mode
+    (spectral norm's weight computed once, as within one forward), conditional, for every family;
+    and a D that says it mixes (stylegan2's minibatch stddev, any BatchNorm) really does."""
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    res = 0 if name == "mlp" else min(RESOLUTIONS[name])
+    _, D = build(name, res, 4, channels=3)
+    shape = (3,) if res == 0 else (3, res, res)
+    a, b = torch.randn(4, *shape), torch.randn(4, *shape) * 2
+    la, lb = torch.tensor([0, 1, 2, 3]), torch.tensor([3, 2, 1, 0])
+    with torch.no_grad(), parametrize.cached():
+        joint = D(torch.cat([a, b]), torch.cat([la, lb]))
+        apart = torch.cat([D(a, la), D(b, lb)])
+    same = torch.allclose(joint, apart, rtol=1e-4, atol=1e-5)
+    assert D.mixes_batch == (name == "stylegan2") and same == (not D.mixes_batch), (name, (joint - apart).abs().max())
+    _, D0 = build(name, res, 4, channels=3, mbstd_group=0) if name == "stylegan2" else (None, None)
+    if D0 is not None:
+        assert not D0.mixes_batch       # without the stddev layer stylegan2's D is per-sample
+    bn = mlp.Discriminator(resolution=0, channels=3)
+    bn.add_module("extra", torch.nn.BatchNorm1d(3))
+    assert bn.mixes_batch

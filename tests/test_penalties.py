@@ -282,3 +282,39 @@ def test_penalty_backward_under_ddp_reduces_every_parameter(tmp_path):
         assert torch.equal(r0["reduced"], r1["reduced"]), name        # every rank steps the same way
         assert torch.allclose(r0["reduced"], r0["manual"], rtol=1e-4, atol=1e-6), name
         assert r0["reduced"].abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("name, kinds", [("mlp", ("r1", "r2")), ("dcgan", ("r1", "r2", "wgan-gp")),
+                                         ("r3gan", ("r1", "r2"))])
+def test_joint_penalty_equals_the_sum_of_separate_ones(name, kinds):
+    """R1 + R2 (+ WGAN-GP) from one forward on their points' concatenation (`joint_penalty`, what the
+    trainer runs for a per-sample D) give the loss, the reported stats and D's gradients of calling
+    each penalty and adding; conditional, through an augmentation, with lazy weights."""
+    from pipeline.losses import joint_penalty
+
+    torch.manual_seed(0)
+    res = 0 if name == "mlp" else 32
+    _, D = build_networks(ModelConfig(name=name, d_width=1 / 16, g_width=1 / 16, conditional=True),
+                          resolution=res, channels=3, num_classes=3)
+    assert not D.mixes_batch
+    shape = (3,) if res == 0 else (3, res, res)
+    real, fake, labels = torch.randn(4, *shape), torch.randn(4, *shape), torch.tensor([0, 2, 1, 2])
+    penalties = [PENALTIES.get(k)(weight=0.5 + i, interval=1 + i) for i, k in enumerate(kinds)]
+    flip = lambda x: x.flip(-1) * 0.9      # a differentiable augmentation
+
+    def run(fn):
+        torch.manual_seed(1)                # WGAN-GP's mixing weights: the same draws either way
+        D.zero_grad()
+        loss, stats = fn()
+        loss.backward()
+        return loss.detach(), stats, [p.grad.clone() for p in D.parameters()]
+
+    def apart():
+        out = [p(D, real, fake, labels, augment=flip) for p in penalties]
+        return sum(o[0] for o in out), {k: v for o in out for k, v in o[1].items()}
+
+    (l1, s1, g1), (l2, s2, g2) = run(apart), run(lambda: joint_penalty(penalties, D, real, fake, labels, augment=flip))
+    assert torch.allclose(l1, l2, rtol=1e-5) and l1 > 0
+    assert s1.keys() == s2.keys() == {f"{pre}{k}{post}" for k in kinds for pre, post in (("Loss/D/", ""), ("Grad/D/", "_norm"))}
+    assert all(torch.allclose(s1[k], s2[k], rtol=1e-5) for k in s1)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g1, g2))

@@ -5,7 +5,7 @@ own step, G main) is accumulated once over the whole batch and once over micro-b
 same weights and the same images. Tolerances: gradients within atol 1e-6 (float32 summation
 order); parameters after the Adam step within atol 1e-6, i.e. 0.5% of one step of lr 2e-4 (Adam
 divides by sqrt(v), so a near-zero gradient moves its weight by up to lr whatever its size, and
-its summation error shows there). The MLP GAN is used because it has no batch statistics: with
+its summation error shows there; a gradient that is zero in truth is compared as a gradient only). The MLP GAN is used because it has no batch statistics: with
 BatchNorm in G each micro-batch sees its own statistics, as under any gradient accumulation.
 """
 
@@ -41,6 +41,18 @@ def split(t: torch.Tensor | None, parts: int) -> list:
     return [None] * parts if t is None else list(t.chunk(parts))
 
 
+def assert_same_update(whole_grads, split_grads, whole_params, split_params) -> None:
+    """Gradients within atol 1e-6; weights after the step within 1e-6 wherever the gradient is not
+    zero in truth. Adam's first step moves a weight by lr x g / (|g| + eps): a gradient that is 0
+    (rpgan's loss cancels D's output bias between real and fake) but comes out 1e-8 from float
+    summation moves its weight by up to lr / 2, so there only the gradient is compared."""
+    for a, b in zip(whole_grads, split_grads):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    for g, a, b in zip(whole_grads, whole_params, split_params):
+        real = g.abs() > 1e-6
+        torch.testing.assert_close(b[real], a[real], rtol=0, atol=1e-6)
+
+
 def run_phase(cfg, G, D, name: str, z, real, fake, parts: int):
     G, D = copy.deepcopy(G), copy.deepcopy(D)
     phases = build_phases(cfg, G=G, D=D, device=CPU, dtype=None, report=lambda name, value: None)
@@ -64,10 +76,7 @@ def test_micro_batches_give_the_update_of_one_batch(penalty, interval, name, par
     whole_grads, whole_params = run_phase(cfg, G, D, name, z, real, fake, 1)
     split_grads, split_params = run_phase(cfg, G, D, name, z, real, fake, parts)
     assert any(g.abs().max() > 0 for g in whole_grads)
-    for a, b in zip(whole_grads, split_grads):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
-    for a, b in zip(whole_params, split_params):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert_same_update(whole_grads, split_grads, whole_params, split_params)
 
 
 def test_phase_list_is_data_and_a_lazy_penalty_is_its_own_entry():
@@ -105,10 +114,7 @@ def test_several_penalties_and_the_relativistic_loss_accumulate_like_one_batch(l
     cfg, G, D, z, real, fake = setup("none", 1, name=loss, penalties=penalties)
     whole_grads, whole_params = run_phase(cfg, G, D, name, z, real, fake, 1)
     split_grads, split_params = run_phase(cfg, G, D, name, z, real, fake, 4)
-    for a, b in zip(whole_grads, split_grads):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
-    for a, b in zip(whole_params, split_params):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    assert_same_update(whole_grads, split_grads, whole_params, split_params)
 
 
 def test_penalties_group_by_interval_and_the_lazy_adjustment_counts_every_extra_step():

@@ -1,6 +1,6 @@
 """Full trainer throughput vs a bare PyTorch loop of the same networks, batch, loss and penalty.
 
-    ganpipe bench train [--kimg 12] [--skip-multiprocess]
+    ganpipe bench train [--kimg 12] [--repeats 3] [--skip-multiprocess]
 
 Cases: DCGAN at 32x32 RGB (batch 64, non-saturating + R1 every 4 D steps), the MLP GAN on the
 bundled MNIST (batch 64, non-saturating), and `dcgan64-example`: the CIFAR DCGAN config at 64x64 on
@@ -13,8 +13,11 @@ data.num_workers=1` measures one; EMA, per-tick stats, sample grids, snapshots, 
 its rate is images shown to D per second of wall time between two ticks, so start-up is excluded
 and everything else is included: from the middle tick to the last (steady state, the loader's
 decoded-sample cache warm after the first 5 kimg epoch) and from the first tick to the last. The bare loop runs in this process on in-memory
-tensors: D step (two forwards, loss, lazy R1 on its own step, Adam), G step (Adam), nothing else.
-Both use 2 torch threads in one process. Then the trainer again as 2 processes x 1 thread
+tensors, over as many images as the trainer's steady-state window (half its run): D step (two
+forwards, loss, lazy R1 on its own step, Adam), G step (Adam), nothing else. Both use 2 torch
+threads in one process. Each case runs `--repeats` rounds of (bare loop, trainer) back to back, so
+that a ratio compares runs seconds apart on a machine whose speed drifts by a third between runs;
+the headline figures are medians over the rounds, and every round is in `runs`. Then the trainer again as 2 processes x 1 thread
 (`accelerate launch --multi_gpu --num_processes 2`, gloo) against 1 process x 2 threads, with what
 one gloo all-reduce of G's and of D's gradients costs between those processes
 (`gloo_all_reduce`: milliseconds per G step, and as a share of the 1 x 2 step time).
@@ -107,7 +110,7 @@ def example_rate(data: Path, kimg: float, threads: int, batch: int = 64) -> dict
 
     for _ in range(3):
         one_step()
-    steps = max(1, int(min(kimg, 4.0) * 1000 / batch))
+    steps = max(1, int(kimg / 2 * 1000 / batch))     # the trainer's steady-state window: half its run
     t0 = time.perf_counter()
     for _ in range(steps):
         one_step()
@@ -205,7 +208,7 @@ def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, thread
 
     for i in range(3):
         one_step(i)
-    steps = max(1, int(min(kimg, 4.0) * 1000 / b))
+    steps = max(1, int(kimg / 2 * 1000 / b))         # the trainer's steady-state window: half its run
     t0 = time.perf_counter()
     for i in range(steps):
         one_step(i)
@@ -226,26 +229,51 @@ def run(args: argparse.Namespace) -> dict:
         if "mnist" in needed:
             prepare("mnist", data["mnist"], shard_size=500, workers=2, progress=False)
         for name in args.cases:
-            case = CASES[name]
-            overrides = [*case["overrides"], *args.set]
-            if case.get("bare") == "example":
-                bare = example_rate(data[case["data"]], args.kimg, threads=2)
-            else:
-                bare = bare_rate(case["config"], data[case["data"]], case["overrides"], args.kimg, threads=2)
-            full = trainer_rate(case["config"], data[case["data"]], tmp / f"run-{name}-1x2", overrides,
-                                args.kimg, procs=1, threads=2)
-            entry = {"bare_pytorch_loop": bare, "trainer_1proc_2threads": full,
-                     "trainer_over_bare": round(full["images_per_s"] / bare["images_per_s"], 3),
-                     "overhead_percent": round(100 * (1 - full["images_per_s"] / bare["images_per_s"]), 1)}
-            if not args.skip_multiprocess:
-                multi = trainer_rate(case["config"], data[case["data"]], tmp / f"run-{name}-2x1", overrides,
-                                     args.kimg, procs=2, threads=1)
-                entry["trainer_2procs_1thread"] = multi
-                entry["2x1_over_1x2"] = round(multi["images_per_s"] / full["images_per_s"], 3)
-                if "params" in bare:
-                    # D's and G's gradients cross the wire once per G step (n_critic 1).
-                    gloo = allreduce_ms(bare["params"])
-                    entry["gloo_all_reduce"] = {**gloo, "share_of_1x2_step": round(
-                        gloo["ms_per_G_step"] / (1000 * 64 / full["images_per_s"]), 3)}
-            results[name] = entry
-    return {"batch": 64, "trainer_overrides": args.set, "cases": results}
+            results[name] = measure_case(name, CASES[name], data[CASES[name]["data"]], tmp, args)
+    return {"batch": 64, "repeats": args.repeats, "trainer_overrides": args.set, "cases": results}
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def measure_case(name: str, case: dict, data: Path, tmp: Path, args: argparse.Namespace) -> dict:
+    """`args.repeats` rounds of (bare loop, trainer 1 x 2[, trainer 2 x 1]) back to back, so that
+    each ratio compares runs a few seconds apart on this noisy machine; medians over the rounds,
+    every round kept in `runs`."""
+    overrides = [*case["overrides"], *args.set]
+    bares, fulls, multis = [], [], []
+    for r in range(args.repeats):
+        if case.get("bare") == "example":
+            bares.append(example_rate(data, args.kimg, threads=2))
+        else:
+            bares.append(bare_rate(case["config"], data, case["overrides"], args.kimg, threads=2))
+        fulls.append(trainer_rate(case["config"], data, tmp / f"run-{name}-1x2-{r}", overrides, args.kimg,
+                                  procs=1, threads=2))
+        if not args.skip_multiprocess:
+            multis.append(trainer_rate(case["config"], data, tmp / f"run-{name}-2x1-{r}", overrides, args.kimg,
+                                       procs=2, threads=1))
+
+    def summary(runs: list[dict]) -> dict:
+        out = {**runs[-1], "images_per_s": round(median([x["images_per_s"] for x in runs]), 1),
+               "runs": [x["images_per_s"] for x in runs]}
+        if "images_per_s_from_first_tick" in runs[-1]:
+            out["images_per_s_from_first_tick"] = round(median([x["images_per_s_from_first_tick"] for x in runs]), 1)
+            out["from_first_tick_runs"] = [x["images_per_s_from_first_tick"] for x in runs]
+        return out
+
+    ratios = [round(f["images_per_s"] / b["images_per_s"], 3) for f, b in zip(fulls, bares)]
+    bare, full = summary(bares), summary(fulls)
+    entry = {"bare_pytorch_loop": bare, "trainer_1proc_2threads": full,
+             "trainer_over_bare": round(median(ratios), 3), "trainer_over_bare_runs": ratios,
+             "overhead_percent": round(100 * (1 - median(ratios)), 1)}
+    if multis:
+        multi_ratios = [round(m["images_per_s"] / f["images_per_s"], 3) for m, f in zip(multis, fulls)]
+        entry["trainer_2procs_1thread"] = summary(multis)
+        entry["2x1_over_1x2"], entry["2x1_over_1x2_runs"] = round(median(multi_ratios), 3), multi_ratios
+        if "params" in bare:
+            # D's and G's gradients cross the wire once per G step (n_critic 1).
+            gloo = allreduce_ms(bare["params"])
+            entry["gloo_all_reduce"] = {**gloo, "share_of_1x2_step": round(
+                gloo["ms_per_G_step"] / (1000 * 64 / full["images_per_s"]), 3)}
+    return entry

@@ -328,6 +328,10 @@ class Discriminator(Network):
         self.out = EqualLinear(c, c if num_classes else 1)
         self.embed = nn.Embedding(num_classes, c) if num_classes else None
 
+    @property
+    def mixes_batch(self) -> bool:
+        return bool(self.mbstd_group) or super().mixes_batch     # the stddev is taken across samples
+
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         labels = self._check_labels(x, labels)
         h = self.blocks(self.from_rgb(x))

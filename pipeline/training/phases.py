@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError, TrainingError
-from pipeline.losses import PENALTIES, build_loss, clip_weights
+from pipeline.losses import PENALTIES, build_loss, clip_weights, joint_penalty
 from pipeline.training.ada import AdaptiveAugment
 from pipeline.training.augment import diff_augment, parse_policy
 
@@ -274,9 +274,18 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
     clean = cfg.loss.penalty_inputs == "clean"
     fwd_G, fwd_D = compiled(G, t.compile), compiled(D, t.compile)     # the main phases' forwards
 
+    # One forward on cat(reals, fakes) gives the same logits as two (up to float summation order)
+    # when D treats samples independently, in larger, faster matrix products; and a spectrally
+    # normalised D then runs one power iteration per D step, as Miyato et al. do.
+    joint = t.joint_d_forward and not getattr(unwrap(D), "mixes_batch", True)
+
     def d_main(mb: MicroBatch) -> Tensor:
-        real_logits = fwd_D(augment(mb.real), mb.labels).float()
-        fake_logits = fwd_D(augment(mb.fake), mb.labels).float()
+        real, fake = augment(mb.real), augment(mb.fake)
+        if joint:
+            labels = None if mb.labels is None else torch.cat([mb.labels, mb.labels])
+            real_logits, fake_logits = fwd_D(torch.cat([real, fake]), labels).float().chunk(2)
+        else:
+            real_logits, fake_logits = fwd_D(real, mb.labels).float(), fwd_D(fake, mb.labels).float()
         value = loss.d_loss(real_logits, fake_logits)
         if ada is not None:
             ada.observe(real_logits.detach())       # the overfitting heuristic's r_t
@@ -285,16 +294,19 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
         report("D/fake", fake_logits.mean())
         return value
 
-    def penalty_term(penalty) -> Term:
+    def penalty_term(group: list) -> Term:
+        """One term for D penalties that run together: one forward on their points' concatenation
+        (`joint_penalty`) when D is per-sample and `train.joint_d_forward`, else one each."""
         def term(mb: MicroBatch) -> Tensor:
             # clean: the gradient w.r.t. the un-augmented image, taken through the augmentation
             # (StyleGAN2-ADA); augmented: w.r.t. the augmented image itself.
-            if clean:
-                value, stats = penalty(D, mb.real, mb.fake, mb.labels, scaler=scaler_D, augment=augment)
-            else:
-                value, stats = penalty(D, augment(mb.real), augment(mb.fake), mb.labels, scaler=scaler_D)
-            for name, v in stats.items():
-                report(name, v)
+            real, fake, aug = (mb.real, mb.fake, augment) if clean else (augment(mb.real), augment(mb.fake), None)
+            value = 0
+            for part in ([group] if joint else [[p] for p in group]):
+                loss_part, stats = joint_penalty(part, D, real, fake, mb.labels, scaler=scaler_D, augment=aug)
+                value = value + loss_part
+                for name, v in stats.items():
+                    report(name, v)
             return value
         return term
 
@@ -317,7 +329,7 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
             return value
         return term
 
-    every_step = [penalty_term(p) for p in on_D if p.interval == 1]
+    every_step = [penalty_term(group)] if (group := [p for p in on_D if p.interval == 1]) else []
     frozen = first_layers(D, t.freeze_d_layers)
     phases = Phases([Phase("D", "D", D, [G], opt_D, scaler_D, 1, [d_main, *every_step], ratio=ratio,
                            after_step=lambda: clip_weights(unwrap(D), cfg.loss.clip), frozen=frozen)])
@@ -325,7 +337,7 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
     for k in intervals:
         # Its own D step every k D steps, on the D step's batch; each loss is x k.
         phases.append(Phase("Dreg" if len(intervals) == 1 else f"Dreg{k}", "D", D, [G], opt_D, scaler_D, k,
-                            [penalty_term(p) for p in on_D if p.interval == k], ratio=ratio,
+                            [penalty_term([p for p in on_D if p.interval == k])], ratio=ratio,
                             frozen=frozen))
     phases.append(Phase("G", "G", G, [D], opt_G, scaler_G, 1,
                         [g_main, *(g_penalty_term(p) for p in on_G if p.interval == 1)], ratio=ratio_G))
