@@ -7,7 +7,7 @@ DATA ?= data/mnist
 CONFIG ?= configs/mnist_rpgan.yaml
 RUN ?= runs/mnist_rpgan
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench bench-gpu clean-venv
 
 # torch first, pinned: it is the only pair that imports together on these machines.
 $(STAMP): pyproject.toml
@@ -33,6 +33,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/ganpipe bench loader
+
+# On a machine with a CUDA GPU: trainer vs plain loop for DCGAN-32, the SNGAN ResNet and StyleGAN2 at
+# 256 px under fp32, bf16 and fp16, each trainer run once more under torch's sync debug mode "error",
+# with nvidia-smi's utilisation sampled.
+bench-gpu: $(STAMP)
+	$(BIN)/ganpipe bench train --cases dcgan32 resnet32 stylegan2-256 --precision fp32 bf16 fp16 \
+		--repeats 1 --kimg 4 --skip-multiprocess --sync-debug
 
 clean-venv:
 	rm -rf $(VENV)

@@ -252,10 +252,15 @@ def bench_networks_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def bench_train_arguments(p: argparse.ArgumentParser) -> None:
-    from pipeline.bench.train import CASES
+    from pipeline.bench.train import CASES, CPU_CASES
 
     p.add_argument("--kimg", type=float, default=12.0, help="kimg per trainer measurement")
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument("--cases", nargs="+", default=list(CPU_CASES), choices=list(CASES),
+                   help=f"default: {' '.join(CPU_CASES)}; resnet32 and stylegan2-256 are for a GPU")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
+                   help="autocast dtypes to measure each case under, trainer and bare loop alike (default fp32)")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="also run each trainer with train.sync_debug=true (on a GPU: a host sync in a step fails it)")
     p.add_argument("--skip-multiprocess", action="store_true", help="skip the 2 processes x 1 thread runs")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds of (bare loop, trainer) back to back; medians over them, each round reported (default 3)")

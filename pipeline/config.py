@@ -142,6 +142,7 @@ class TrainConfig:
     compile: str = opt("off", choices=("off", "inductor", "aot_eager"))  # torch.compile backend for G's and D's forwards in the main phases (penalties stay eager: double backward)
     cudnn_benchmark: bool = opt(True)            # CUDA only: cuDNN times conv algorithms per shape and keeps the fastest (StyleGAN2-ADA's default)
     tf32: bool = opt(False)                      # CUDA only: TF32 matmuls and convolutions on Ampere and later (off, as StyleGAN2-ADA: full fp32 precision)
+    sync_debug: bool = opt(False)                # CUDA only: steps between ticks (after the first tick) run under torch.cuda.set_sync_debug_mode("error"): any host synchronisation raises where it happens
     grid_size: int = opt(64, min=1, max=4096)              # images in the fixed-z sample grid
     trackers: list[str] = opt(["tensorboard"], choices=("tensorboard", "wandb", "mlflow"))  # where scalars, grids, params and eval metrics go (RUN/tb; wandb offline in RUN/wandb; mlflow in RUN/mlruns)
     tracker_project: str = opt("ganpipe")        # W&B project and MLflow experiment the run is filed under

@@ -28,3 +28,18 @@ def test_gloo_all_reduce_is_timed_between_two_processes():
     assert out["G"]["numel"] == 1_000 and out["D"]["mib"] == round(200_000 * 4 / 2**20, 2)
     assert out["G"]["ms"] > 0 and out["D"]["ms"] > 0
     assert out["ms_per_G_step"] == round(out["G"]["ms"] + out["D"]["ms"], 3)
+
+
+def test_bench_train_runs_a_precision_and_the_sync_debug_run():
+    """`--precision bf16 --sync-debug` (what `make bench-gpu` asks of a GPU) on the CPU at toy
+    size: the case is keyed by its precision, both loops ran under it, and the sync-debug trainer
+    run finished (on a CPU the mode does not exist, so it says it checked nothing)."""
+    args = argparse.Namespace(cases=["mlp-mnist"], kimg=0.256, skip_multiprocess=True, set=[], repeats=1,
+                              precision=["bf16"], sync_debug=True)
+    out = bench_train.run(args)
+    entry = out["cases"]["mlp-mnist-bf16"]
+    assert list(out["cases"]) == ["mlp-mnist-bf16"] and out["device"] == "cpu"
+    assert entry["precision"] == entry["bare_pytorch_loop"]["precision"] == "bf16" and entry["batch"] == 64
+    assert entry["sync_debug"] == {"checked": False, "passed": True}
+    full = entry["trainer_1proc_2threads"]
+    assert full["s_per_kimg"] > 0 and "gpu_utilisation_percent" not in full

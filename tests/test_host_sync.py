@@ -157,3 +157,35 @@ def test_reuse_fakes_runs_G_once_per_step(tmp_path, mnist_dir, monkeypatch):
     for bad in (["train.n_critic=2"], ["train.batch_per_process=8"]):
         with pytest.raises(ConfigError, match="train.reuse_fakes needs train.n_critic=1"):
             forwards("bad", "train.reuse_fakes=true", *bad)
+
+
+def test_sync_debug_guards_the_steps_after_the_first_tick(tmp_path, mnist_dir, monkeypatch):
+    """train.sync_debug: on a GPU the steps between ticks run under torch's sync debug mode "error"
+    (restored after each block of steps, even when one raises); the loop asks for it from the first
+    tick of the process on, so warm-up steps are not checked. The CUDA calls are stood in for here:
+    no GPU is lent to this machine."""
+    from pipeline.training import loop
+
+    modes = ["default"]
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: modes.append(mode))
+    with loop.no_host_sync(torch.device("cuda"), True):
+        assert modes[-1] == "error"
+    assert modes == ["default", "error", "default"]
+    with pytest.raises(RuntimeError), loop.no_host_sync(torch.device("cuda"), True):
+        raise RuntimeError("a synchronising call")
+    assert modes[-1] == "default"
+    with loop.no_host_sync(torch.device("cpu"), True), loop.no_host_sync(torch.device("cuda"), False):
+        assert modes[-1] == "default" and len(modes) == 5      # nothing set on a CPU or when off
+
+    asked = []
+    real = loop.no_host_sync
+    monkeypatch.setattr(loop, "no_host_sync", lambda device, enabled: (asked.append(enabled), real(device, enabled))[1])
+    cfg = load_config("configs/mnist_mlp.yaml", [
+        f"data.path={mnist_dir}", "data.batch_size=16", "data.num_workers=0", "model.g_width=0.125",
+        "model.d_width=0.125", "train.total_kimg=0.16", "train.tick_kimg=0.064", "train.snapshot_kimg=0",
+        "train.checkpoint_kimg=0", "train.progress=false", "train.grid_size=4", "train.threads=1",
+        "train.sync_debug=true"])
+    assert training_loop(cfg, tmp_path / "run") == 0
+    # 10 G steps of 16 images; the first tick ends step 4 (at 64 images)
+    assert asked == [False] * 4 + [True] * 6

@@ -53,7 +53,29 @@ CASES = {
     "mlp-mnist": {"config": "configs/mnist_mlp.yaml", "data": "mnist", "overrides": []},
     "dcgan64-example": {"config": "configs/cifar10_dcgan.yaml", "data": "rgb64", "overrides": ["data.hflip=false"],
                         "bare": "example"},
+    # For a GPU (`--cases resnet32 stylegan2-256`): the SNGAN ResNet (hinge, 5 D steps per G step,
+    # no learning-rate schedule in either loop) and StyleGAN2 at 256 px with its lazy R1 but without
+    # path length (the bare loop has no G regulariser), beside the published 12.53 s/kimg.
+    "resnet32": {"config": "configs/cifar10_sngan_hinge.yaml", "data": "rgb32",
+                 "overrides": ["train.lr_schedule={kind: constant}"]},
+    "stylegan2-256": {"config": "configs/ffhq256_stylegan2.yaml", "data": "rgb256",
+                      "overrides": ["loss.penalties=[]", "data.num_workers=-1"],
+                      "published": {"s_per_kimg": 12.53, "what": "StyleGAN2 at 256 px on one A100, with path length "
+                                    "(the figure issue 15 cites); stylegan2-ada-pytorch's README: 21.6-24.2 s/kimg "
+                                    "on one V100"}},
 }
+CPU_CASES = ["dcgan32", "mlp-mnist", "dcgan64-example"]    # the default: what a CPU measures in minutes
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DATASETS = {"rgb32": (5000, 32), "rgb64": (4096, 64), "rgb256": (1024, 256)}   # images, side
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def example_networks(nz: int = 100, nc: int = 3, ngf: int = 64, ndf: int = 64) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -81,24 +103,25 @@ def example_networks(nz: int = 100, nc: int = 3, ngf: int = 64, ndf: int = 64) -
 
 
 def example_rate(data: Path, kimg: float, threads: int, batch: int = 64) -> dict:
-    """PyTorch's DCGAN example loop on in-memory batches of the same images."""
+    """PyTorch's DCGAN example loop on in-memory batches of the same images (fp32, as the example)."""
     torch.set_num_threads(threads)
     shards = ShardSet.resolve(str(data))
     raw = StreamLoader(shards, batch_size=4096, seed=0, rank=0, world_size=1, shuffle_buffer=0).next_raw()
-    reals = torch.from_numpy(raw["images"]).float().div_(127.5).sub_(1)
+    dev = bench_device()
+    reals = torch.from_numpy(raw["images"]).to(dev).float().div_(127.5).sub_(1)
     torch.manual_seed(0)
-    G, D = example_networks()
+    G, D = (net.to(dev) for net in example_networks())
     bce = torch.nn.BCELoss()
     opt_D = torch.optim.Adam(D.parameters(), lr=2e-4, betas=(0.5, 0.999))
     opt_G = torch.optim.Adam(G.parameters(), lr=2e-4, betas=(0.5, 0.999))
 
     def one_step() -> None:
-        real = reals[torch.randint(len(reals), (batch,))]
+        real = reals[torch.randint(len(reals), (batch,), device=dev)]
         D.zero_grad()
         out = D(real).view(-1)
         err_real = bce(out, torch.ones_like(out))
         err_real.backward()
-        fake = G(torch.randn(batch, 100, 1, 1))
+        fake = G(torch.randn(batch, 100, 1, 1, device=dev))
         out = D(fake.detach()).view(-1)
         err_fake = bce(out, torch.zeros_like(out))
         err_fake.backward()
@@ -111,9 +134,11 @@ def example_rate(data: Path, kimg: float, threads: int, batch: int = 64) -> dict
     for _ in range(3):
         one_step()
     steps = max(1, int(kimg / 2 * 1000 / batch))     # the trainer's steady-state window: half its run
+    synchronize(dev)
     t0 = time.perf_counter()
     for _ in range(steps):
         one_step()
+    synchronize(dev)
     return {"images_per_s": round(steps * batch / (time.perf_counter() - t0), 1), "threads": threads, "steps": steps,
             "loop": "PyTorch DCGAN example (BatchNorm D, BCE, fake reused for G)"}
 
@@ -121,12 +146,12 @@ def example_rate(data: Path, kimg: float, threads: int, batch: int = 64) -> dict
 
 
 def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg: float, procs: int,
-                 threads: int) -> dict:
+                 threads: int, precision: str = "fp32") -> dict:
     tick = kimg / 8
     args = ["train", "--config", config, "--run-dir", str(run), f"data.path={data}",
             f"train.total_kimg={kimg}", f"train.tick_kimg={tick}", f"train.snapshot_kimg={kimg / 2}",
             f"train.checkpoint_kimg={kimg}", "train.progress=false", f"train.threads={threads}",
-            "train.mixed_precision=fp32", *overrides]
+            f"train.mixed_precision={precision}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GLOO_SOCKET_IFNAME": "lo"}
     if procs == 1:
         cmd = [sys.executable, "-m", "pipeline", *args]
@@ -135,7 +160,8 @@ def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg:
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", "29561", "-m", "pipeline", *args]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    with GpuUtilisation() as util:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -152,7 +178,44 @@ def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg:
             # process start to the first step (the trainer's own measurement, rank 0)
             "startup_s": round(rows[0].get("Timing/startup_s", float("nan")), 2),
             # process start to the first step, plus the exit after the last: the wall time the loop did not see
-            "startup_and_exit_s": round(wall - rows[-1]["Timing/total_s"], 1)}
+            "startup_and_exit_s": round(wall - rows[-1]["Timing/total_s"], 1),
+            "s_per_kimg": round(1000 / rate(rows[len(rows) // 2], rows[-1]), 2),
+            **({"gpu_utilisation_percent": util.summary()} if util.samples else {})}
+
+
+class GpuUtilisation:
+    """`nvidia-smi`'s utilisation.gpu of device 0, sampled every 0.5 s in a thread while the block
+    runs; nothing where there is no nvidia-smi. `summary()`: median and mean of the samples (the
+    median is the steady state: start-up and exit are a minority of a run)."""
+
+    def __init__(self, period_s: float = 0.5):
+        import shutil
+        import threading
+
+        self.tool, self.period_s, self.samples = shutil.which("nvidia-smi"), period_s, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sample, daemon=True) if self.tool else None
+
+    def sample(self) -> None:
+        while not self.stop.wait(self.period_s):
+            out = subprocess.run([self.tool, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                  "--id=0"], capture_output=True, text=True)
+            if out.returncode == 0 and out.stdout.strip().isdigit():
+                self.samples.append(int(out.stdout.strip()))
+
+    def __enter__(self):
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def summary(self) -> dict:
+        return {"median": float(np.median(self.samples)), "mean": round(float(np.mean(self.samples)), 1),
+                "samples": len(self.samples)}
 
 
 def allreduce_ms(sizes: dict[str, int], procs: int = 2) -> dict:
@@ -173,71 +236,108 @@ def allreduce_ms(sizes: dict[str, int], procs: int = 2) -> dict:
     return {**per_net, "ms_per_G_step": round(sum(v["ms"] for v in per_net.values()), 3)}
 
 
-def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, threads: int) -> dict:
-    """The same networks, batch, loss and penalty as a plain loop over in-memory tensors."""
+def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, threads: int,
+              precision: str = "fp32") -> dict:
+    """The same networks, batch, loss, penalty and D steps per G step as a plain loop over
+    in-memory tensors on the device, under autocast for bf16 and fp16 (with a GradScaler per
+    optimizer for fp16, the PyTorch AMP recipe)."""
     torch.set_num_threads(threads)
     cfg = load_config(config, overrides)
+    dev, dtype = bench_device(), DTYPES[precision]
     shards = ShardSet.resolve(str(data))
-    raw = StreamLoader(shards, batch_size=2048, seed=0, rank=0, world_size=1, shuffle_buffer=0).next_raw()
-    reals = torch.from_numpy(raw["images"]).float().div_(127.5).sub_(1)
+    raw = StreamLoader(shards, batch_size=min(2048, sum(n or 0 for n in shards.num_samples) or 2048), seed=0, rank=0, world_size=1,
+                       shuffle_buffer=0).next_raw()
+    reals = torch.from_numpy(raw["images"]).to(dev).float().div_(127.5).sub_(1)
     torch.manual_seed(0)
     G, D = build_networks(cfg.model, resolution=shards.resolution, channels=shards.channels, num_classes=0)
+    G, D = G.to(dev), D.to(dev)
     loss_fn, penalty = build_loss(cfg.loss), build_penalty(cfg.loss)
     t = cfg.train
     opt_G = torch.optim.Adam(G.parameters(), lr=t.g_lr, betas=tuple(t.g_betas))
     opt_D = torch.optim.Adam(D.parameters(), lr=t.d_lr, betas=tuple(t.d_betas))
+    scale_G, scale_D = (torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16) for _ in range(2))
     b = cfg.data.batch_size
+    d_steps = [0]
 
-    def one_step(i: int) -> None:
-        real = reals[torch.randint(len(reals), (b,))]
-        with torch.no_grad():
-            fake = G(torch.randn(b, G.z_dim))
-        loss = loss_fn.d_loss(D(real), D(fake))
-        opt_D.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_D.step()
-        if penalty is not None and i % penalty.interval == 0:
-            pen, _ = penalty(D, real, fake)
-            opt_D.zero_grad(set_to_none=True)
-            pen.backward()
-            opt_D.step()
-        g_loss = loss_fn.g_loss(D(G(torch.randn(b, G.z_dim))))
-        opt_G.zero_grad(set_to_none=True)
-        g_loss.backward()
-        opt_G.step()
+    def autocast():
+        return torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
-    for i in range(3):
-        one_step(i)
-    steps = max(1, int(kimg / 2 * 1000 / b))         # the trainer's steady-state window: half its run
+    def update(opt, scaler, loss) -> None:
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    def one_step() -> None:
+        for _ in range(t.n_critic):
+            real = reals[torch.randint(len(reals), (b,), device=dev)]
+            with torch.no_grad(), autocast():
+                fake = G(torch.randn(b, G.z_dim, device=dev))
+            with autocast():
+                loss = loss_fn.d_loss(D(real).float(), D(fake).float())
+            update(opt_D, scale_D, loss)
+            if penalty is not None and d_steps[0] % penalty.interval == 0:
+                with autocast():
+                    pen, _ = penalty(D, real, fake, scaler=scale_D)
+                update(opt_D, scale_D, pen)
+            d_steps[0] += 1
+        with autocast():
+            g_loss = loss_fn.g_loss(D(G(torch.randn(b, G.z_dim, device=dev))).float())
+        update(opt_G, scale_G, g_loss)
+
+    for _ in range(3):
+        one_step()
+    steps = max(1, int(kimg / 2 * 1000 / (b * t.n_critic)))   # the trainer's steady-state window: half its run
+    synchronize(dev)
     t0 = time.perf_counter()
-    for i in range(steps):
-        one_step(i)
-    return {"images_per_s": round(steps * b / (time.perf_counter() - t0), 1), "threads": threads, "steps": steps,
+    for _ in range(steps):
+        one_step()
+    synchronize(dev)
+    rate = steps * b * t.n_critic / (time.perf_counter() - t0)
+    return {"images_per_s": round(rate, 1), "s_per_kimg": round(1000 / rate, 2), "threads": threads,
+            "steps": steps, "precision": precision, "device": dev.type,
             "params": {"G": sum(p.numel() for p in G.parameters()), "D": sum(p.numel() for p in D.parameters())}}
 
 
 def run(args: argparse.Namespace) -> dict:
     results = {}
+    precisions = getattr(args, "precision", None) or ["fp32"]
     with tempfile.TemporaryDirectory(prefix="ganpipe-bench-train-") as tmp:
         tmp = Path(tmp)
-        data = {"rgb32": tmp / "rgb32", "mnist": tmp / "mnist", "rgb64": tmp / "rgb64"}
+        data = {key: tmp / key for key in (*DATASETS, "mnist")}
         needed = {CASES[name]["data"] for name in args.cases}
-        for key, n, res in (("rgb32", 5000, 32), ("rgb64", 4096, 64)):
+        for key, (n, res) in DATASETS.items():
             if key in needed:
                 np.savez(tmp / f"{key}.npz", images=smooth_rgb(n, res), labels=np.zeros(n, dtype=np.int64))
-                prepare(f"npz:{tmp / f'{key}.npz'}", data[key], shard_size=512, workers=2, progress=False)
+                prepare(f"npz:{tmp / f'{key}.npz'}", data[key], shard_size=512 if res < 256 else 128,
+                        workers=2, progress=False)
         if "mnist" in needed:
             prepare("mnist", data["mnist"], shard_size=500, workers=2, progress=False)
         for name in args.cases:
-            results[name] = measure_case(name, CASES[name], data[CASES[name]["data"]], tmp, args)
-    return {"batch": 64, "repeats": args.repeats, "trainer_overrides": args.set, "cases": results}
+            for precision in precisions:
+                key = name if precision == "fp32" else f"{name}-{precision}"
+                results[key] = measure_case(name, CASES[name], data[CASES[name]["data"]], tmp, args, precision)
+    return {"device": bench_device().type, "repeats": args.repeats, "trainer_overrides": args.set, "cases": results}
+
+
+def sync_debug_run(config: str, data: Path, run: Path, overrides: list[str], kimg: float, precision: str) -> dict:
+    """The trainer once more with `train.sync_debug=true`: on a GPU every step after the first tick
+    runs under torch's sync debug mode "error", so the run finishes only if no step waits for the
+    device; the error names the line that did. On a CPU the option does nothing (`checked` false)."""
+    try:
+        trainer_rate(config, data, run, [*overrides, "train.sync_debug=true"], kimg, procs=1, threads=2,
+                     precision=precision)
+        return {"checked": bench_device().type == "cuda", "passed": True}
+    except RuntimeError as exc:
+        return {"checked": True, "passed": False, "error": str(exc)[-1500:]}
 
 
 def median(values: list[float]) -> float:
     return float(np.median(values))
 
 
-def measure_case(name: str, case: dict, data: Path, tmp: Path, args: argparse.Namespace) -> dict:
+def measure_case(name: str, case: dict, data: Path, tmp: Path, args: argparse.Namespace,
+                 precision: str = "fp32") -> dict:
     """`args.repeats` rounds of (bare loop, trainer 1 x 2[, trainer 2 x 1]) back to back, so that
     each ratio compares runs a few seconds apart on this noisy machine; medians over the rounds,
     every round kept in `runs`."""
@@ -247,12 +347,12 @@ def measure_case(name: str, case: dict, data: Path, tmp: Path, args: argparse.Na
         if case.get("bare") == "example":
             bares.append(example_rate(data, args.kimg, threads=2))
         else:
-            bares.append(bare_rate(case["config"], data, case["overrides"], args.kimg, threads=2))
-        fulls.append(trainer_rate(case["config"], data, tmp / f"run-{name}-1x2-{r}", overrides, args.kimg,
-                                  procs=1, threads=2))
+            bares.append(bare_rate(case["config"], data, case["overrides"], args.kimg, threads=2, precision=precision))
+        fulls.append(trainer_rate(case["config"], data, tmp / f"run-{name}-{precision}-1x2-{r}", overrides,
+                                  args.kimg, procs=1, threads=2, precision=precision))
         if not args.skip_multiprocess:
-            multis.append(trainer_rate(case["config"], data, tmp / f"run-{name}-2x1-{r}", overrides, args.kimg,
-                                       procs=2, threads=1))
+            multis.append(trainer_rate(case["config"], data, tmp / f"run-{name}-{precision}-2x1-{r}", overrides,
+                                       args.kimg, procs=2, threads=1, precision=precision))
 
     def summary(runs: list[dict]) -> dict:
         out = {**runs[-1], "images_per_s": round(median([x["images_per_s"] for x in runs]), 1),
@@ -264,9 +364,15 @@ def measure_case(name: str, case: dict, data: Path, tmp: Path, args: argparse.Na
 
     ratios = [round(f["images_per_s"] / b["images_per_s"], 3) for f, b in zip(fulls, bares)]
     bare, full = summary(bares), summary(fulls)
-    entry = {"bare_pytorch_loop": bare, "trainer_1proc_2threads": full,
+    entry = {"batch": load_config(case["config"], overrides).data.batch_size, "precision": precision,
+             "bare_pytorch_loop": bare, "trainer_1proc_2threads": full,
              "trainer_over_bare": round(median(ratios), 3), "trainer_over_bare_runs": ratios,
              "overhead_percent": round(100 * (1 - median(ratios)), 1)}
+    if "published" in case:
+        entry["published"] = case["published"]
+    if getattr(args, "sync_debug", False):
+        entry["sync_debug"] = sync_debug_run(case["config"], data, tmp / f"run-{name}-{precision}-sync", overrides,
+                                             args.kimg, precision)
     if multis:
         multi_ratios = [round(m["images_per_s"] / f["images_per_s"], 3) for m, f in zip(multis, fulls)]
         entry["trainer_2procs_1thread"] = summary(multis)

@@ -17,6 +17,7 @@ between G and D (accelerate #174) and the penalty recipe needs D's scaler explic
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -115,6 +116,23 @@ def device_flags(device: torch.device, t_cfg) -> dict:
     torch.backends.cudnn.benchmark = bool(t_cfg.cudnn_benchmark)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(t_cfg.tf32)
     return {"cudnn_benchmark": bool(t_cfg.cudnn_benchmark), "tf32": bool(t_cfg.tf32)}
+
+
+@contextlib.contextmanager
+def no_host_sync(device: torch.device, enabled: bool):
+    """`train.sync_debug` on a GPU: inside, any operation that waits for the device (`.item()`,
+    `bool(tensor)`, a blocking copy to the host) raises, naming its line (torch's sync debug mode);
+    on a CPU, or when off, nothing. The loop enters it for the steps between ticks. On a CPU the same
+    property is tested by counting host reads (tests/test_host_sync.py)."""
+    if not enabled or device.type != "cuda":
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)
 
 
 def split_batch(batch: int, per_process: int, world: int) -> tuple[int, int]:
@@ -341,6 +359,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
         progress_bar = tqdm(total=t_cfg.total_kimg, initial=progress.cur_nimg / 1000, unit="kimg", dynamic_ncols=True,
                             disable=None, bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]")
     since, start_time = (progress.cur_nimg, time.time()), time.time()
+    ticks_here = 0                      # ticks in this process: sync_debug checks the steps after the first
     startup_s = process_age_s()         # `ganpipe train` to the first step: imports, set-up, resume
     if startup_s is not None:
         log(f"first step {startup_s:.1f} s after the process started")
@@ -348,49 +367,51 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     with dist.Preemption() as preemption, dist.peer_failures("training", t_cfg.peer_timeout_s):
         while progress.cur_nimg < total_nimg:
             prev_nimg = progress.cur_nimg
-            # D side: n_critic steps, each one global batch of real images and the fakes G makes for it.
-            for _ in range(t_cfg.n_critic):
-                scheduled = schedules.apply(cfg, phases, ema, progress.cur_nimg)
-                micro_batches = []
-                for _ in range(accum):
-                    real, labels = loader.next()
-                    labels = labels if conditional else None
-                    z = torch.randn(per_proc, z_dim, device=device)
-                    # train.reuse_fakes: G's graph is kept for its own step; D sees the fakes detached.
-                    with torch.set_grad_enabled(t_cfg.reuse_fakes), autocast():
-                        fake = G(z, labels)
-                    micro_batches.append(MicroBatch(z=z, labels=labels, real=real, fake=fake.detach(),
-                                                    kept=fake if t_cfg.reuse_fakes else None))
-                for phase in phases.due("D", progress.d_steps):
-                    accumulate(phase, micro_batches, autocast)
-                    step(phase, guard, stats.report)
-                progress.d_steps += 1
-                progress.cur_nimg += batch
-                if phases.ada is not None:
-                    phases.ada.update(progress.d_steps, batch)
+            # Train: D steps, then G steps, with no host synchronisation (train.sync_debug checks it).
+            with no_host_sync(device, t_cfg.sync_debug and ticks_here > 0):
+                # D side: n_critic steps, each one global batch of real images and the fakes G makes for it.
+                for _ in range(t_cfg.n_critic):
+                    scheduled = schedules.apply(cfg, phases, ema, progress.cur_nimg)
+                    micro_batches = []
+                    for _ in range(accum):
+                        real, labels = loader.next()
+                        labels = labels if conditional else None
+                        z = torch.randn(per_proc, z_dim, device=device)
+                        # train.reuse_fakes: G's graph is kept for its own step; D sees the fakes detached.
+                        with torch.set_grad_enabled(t_cfg.reuse_fakes), autocast():
+                            fake = G(z, labels)
+                        micro_batches.append(MicroBatch(z=z, labels=labels, real=real, fake=fake.detach(),
+                                                        kept=fake if t_cfg.reuse_fakes else None))
+                    for phase in phases.due("D", progress.d_steps):
+                        accumulate(phase, micro_batches, autocast)
+                        step(phase, guard, stats.report)
+                    progress.d_steps += 1
+                    progress.cur_nimg += batch
+                    if phases.ada is not None:
+                        phases.ada.update(progress.d_steps, batch)
 
-            # G side: fresh latents, with drawn labels, or with the last D step's reals and their labels
-            # for a relativistic loss (or that step's own fakes, train.reuse_fakes); the EMA follows G
-            # after a real G step only.
-            d_batches, micro_batches = micro_batches, []
-            for d in d_batches:
-                if d.kept is not None:
-                    micro_batches.append(MicroBatch(z=d.z, labels=d.labels, real=d.real, kept=d.kept))
-                    continue
-                labels = torch.randint(num_classes, (per_proc,), device=device) if num_classes else None
-                z = torch.randn(per_proc, z_dim, device=device)
-                micro_batches.append(MicroBatch(z=z, labels=d.labels, real=d.real) if phases.pairs_reals
-                                     else MicroBatch(z=z, labels=labels))
-            for phase in phases.due("G", progress.g_steps):
-                accumulate(phase, micro_batches, autocast)
-                taken = step(phase, guard, stats.report)
-                if phase.name == "G":   # images since the last G step: n_critic x batch; no move if skipped
-                    ema.update(unwrap(G), progress.cur_nimg, progress.cur_nimg - prev_nimg, taken=taken)
-                    if posthoc is not None:     # t counts G steps; a skipped step averages in the unchanged G
-                        posthoc.update(unwrap(G), progress.g_steps + 1)
-            progress.g_steps += 1
-            if progress_bar is not None:
-                progress_bar.update((progress.cur_nimg - prev_nimg) / 1000)
+                # G side: fresh latents, with drawn labels, or with the last D step's reals and their labels
+                # for a relativistic loss (or that step's own fakes, train.reuse_fakes); the EMA follows G
+                # after a real G step only.
+                d_batches, micro_batches = micro_batches, []
+                for d in d_batches:
+                    if d.kept is not None:
+                        micro_batches.append(MicroBatch(z=d.z, labels=d.labels, real=d.real, kept=d.kept))
+                        continue
+                    labels = torch.randint(num_classes, (per_proc,), device=device) if num_classes else None
+                    z = torch.randn(per_proc, z_dim, device=device)
+                    micro_batches.append(MicroBatch(z=z, labels=d.labels, real=d.real) if phases.pairs_reals
+                                         else MicroBatch(z=z, labels=labels))
+                for phase in phases.due("G", progress.g_steps):
+                    accumulate(phase, micro_batches, autocast)
+                    taken = step(phase, guard, stats.report)
+                    if phase.name == "G":   # images since the last G step: n_critic x batch; no move if skipped
+                        ema.update(unwrap(G), progress.cur_nimg, progress.cur_nimg - prev_nimg, taken=taken)
+                        if posthoc is not None:     # t counts G steps; a skipped step averages in the unchanged G
+                            posthoc.update(unwrap(G), progress.g_steps + 1)
+                progress.g_steps += 1
+                if progress_bar is not None:
+                    progress_bar.update((progress.cur_nimg - prev_nimg) / 1000)
 
             # Maintenance at tick, snapshot and checkpoint boundaries, and on preemption.
             done = progress.cur_nimg >= total_nimg
@@ -414,7 +435,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                                               compress_level=1)
                     if grid is not None:
                         writer.image("Samples/fakes", png, progress.cur_nimg)
-                since = (progress.cur_nimg, time.time())
+                since, ticks_here = (progress.cur_nimg, time.time()), ticks_here + 1
             if main and (crossed(prev_nimg, progress.cur_nimg, t_cfg.snapshot_kimg) or done):
                 save_snapshot(ema.model, run_dir / "snapshots", cur_nimg=progress.cur_nimg, model_cfg=cfg.model,
                               resolution=shards.resolution, channels=shards.channels, num_classes=num_classes,
