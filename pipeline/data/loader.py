@@ -15,9 +15,12 @@ With fewer shards than streams, each shard is split into k = ceil(S / num_shards
 index (part r keeps samples i with i % k == r), so the dealing still covers every sample once per
 epoch without overlap.
 
-Each stream reads its shards sequentially (webdataset's `gopen`, so `pipe:` URLs work; plain or
-gzip tar; a shard that cannot be read at all, such as a `pipe:` command that fails, is an error
-naming its URL unless data.max_bad_fraction=1), decodes and checks each sample
+Each stream reads its shards sequentially (plain or gzip tar; a shard that cannot be read at all,
+such as a `pipe:` command that fails, is an error naming its URL unless data.max_bad_fraction=1).
+A shard named by a manifest or a local pattern is opened as a local file, always; only a
+`data.path` the user wrote with a URL scheme (`pipe:`, `https://`, ...) goes through webdataset's
+`gopen`, so no file name and no manifest entry can make the loader run a command (docs/data.md).
+Each stream decodes and checks each sample
 (`shards.read_samples`, the reader `ganpipe verify` uses too), feeds a shuffle buffer, and emits
 whole batches. Every batch carries the stream's state after it: epoch, shard position, sample
 index, RNG state, the (shard, index) references of what is in the shuffle buffer, and bad-sample
@@ -39,6 +42,7 @@ import ctypes
 import functools
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -57,6 +61,9 @@ from pipeline.data.shards import read_samples
 from pipeline.errors import DataError
 
 
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+
+
 @dataclass
 class ShardSet:
     """Resolved input: shard URLs plus the shape every sample must have."""
@@ -65,6 +72,15 @@ class ShardSet:
     resolution: int
     channels: int
     num_classes: int                # 0 = unlabelled or unknown
+    remote: bool = False            # urls are the user's own URL pattern (gopen); else local file paths
+
+    def open(self, shard: int):
+        """A binary stream of shard `shard`: a local file, or (remote only) webdataset's gopen."""
+        if not self.remote:
+            return open(self.urls[shard], "rb")
+        from webdataset.gopen import gopen
+
+        return gopen(self.urls[shard], "rb")
 
     @staticmethod
     def resolve(path: str, split: str = "train", resolution: int = 0, channels: int = 0,
@@ -89,21 +105,23 @@ class ShardSet:
                                 "classes; set data.num_classes=0 (the manifest's count) or point data.path "
                                 "at the intended data")
             shards = m["splits"][split]["shards"]
-            return ShardSet([str(shard_path(p, s)) for s in shards], [s["num_samples"] for s in shards],
+            # Absolute local paths: a manifest entry is a file name, never a URL or a command.
+            return ShardSet([str(shard_path(p, s).absolute()) for s in shards], [s["num_samples"] for s in shards],
                             m["resolution"], m["channels"], m["num_classes"])
         from webdataset.shardlists import expand_urls
 
+        remote = bool(URL_SCHEME.match(path)) and not path.startswith("file:")
         urls = expand_urls(path)
-        if not path.startswith("pipe:"):
-            missing = [u for u in urls if not u.startswith(("http:", "https:", "gs:", "s3:")) and
-                       not Path(u.removeprefix("file:")).exists()]
+        if not remote:
+            urls = [str(Path(u.removeprefix("file:")).expanduser().absolute()) for u in urls]
+            missing = [u for u in urls if not Path(u).is_file()]
             if missing:
                 raise DataError(f"data.path '{path}': {len(missing)} of {len(urls)} shards do not exist "
                                 f"(first: {missing[0]}); point it at a prepared directory or existing shards")
         if not resolution or not channels:
             raise DataError(f"data.path '{path}' is a URL pattern without a manifest: set data.resolution "
                             "and data.channels to the shape of its images")
-        return ShardSet(list(urls), [None] * len(urls), resolution, channels, num_classes)
+        return ShardSet(list(urls), [None] * len(urls), resolution, channels, num_classes, remote)
 
 
 def epoch_assignment(num_shards: int, num_streams: int, seed: int, epoch: int, stream: int
@@ -231,14 +249,12 @@ class ShardStreamDataset(IterableDataset):
                 counts["read_error"] += 1
                 self.last_error = error
             return
-        from webdataset.gopen import gopen
-
         url = self.shards.urls[shard]
         index, error, record = -1, "", start == 0 and self.cache_used < self.cache_bytes
         entries: list = []
         stream = None
         try:
-            stream = gopen(url, "rb")
+            stream = self.shards.open(shard)
             for index, _, image, label, bad in read_samples(
                     stream, url, channels=self.shards.channels, resolution=self.shards.resolution,
                     num_classes=self.shards.num_classes, require_label=self.require_labels,
@@ -253,7 +269,7 @@ class ShardStreamDataset(IterableDataset):
             counts["read_error"] += 1
             where = f"after sample {index}" if index >= 0 else "before its first sample"
             status = getattr(stream, "status", None)         # a `pipe:` command's exit status
-            if url.startswith("pipe:") and status not in (None, 0, 141):
+            if self.shards.remote and url.startswith("pipe:") and status not in (None, 0, 141):
                 # gopen's own message is a repr of Popen's arguments: say it plainly
                 cause = f"the command exited with status {status} (its own message, if any, is on stderr)"
                 if not isinstance(exc, OSError):
@@ -261,6 +277,9 @@ class ShardStreamDataset(IterableDataset):
             else:
                 cause = f"{type(exc).__name__}: {exc}"
             error = self.last_error = f"{cause} ({where})"
+        finally:
+            if stream is not None and not self.shards.remote:
+                stream.close()
         if record:
             self.cache[key] = (entries, error)
             self.cache_used += sum(e[1].nbytes for e in entries if e[1] is not None)
