@@ -179,7 +179,7 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="with --all: score already scored snapshots again")
     which.add_argument("--posthoc-std", default=None, metavar="STDS",
                        help="comma-separated relative EMA lengths (e.g. 0.05,0.1,0.15): rebuild each from the "
-                            "snapshots' EMA profiles (train.posthoc_ema_std), score it; RUN/posthoc/ gets the "
+                            "snapshots' EMA profiles (ema.posthoc_std), score it; RUN/posthoc/ gets the "
                             "snapshots, metrics.jsonl and metrics.png (metric against EMA length)")
     p.add_argument("--at-kimg", type=float, default=None,
                    help="with --posthoc-std: rebuild at the newest snapshot at or before this kimg (default: newest)")
@@ -206,7 +206,7 @@ def watch_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def posthoc_ema_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run-dir", required=True, type=Path, help="run trained with train.posthoc_ema_std")
+    p.add_argument("--run-dir", required=True, type=Path, help="run trained with ema.posthoc_std")
     p.add_argument("--std", required=True, type=float,
                    help="relative EMA length sigma_rel to rebuild (EDM2: 0.05-0.2; below 0.2887)")
     p.add_argument("--at-kimg", type=float, default=None,
@@ -260,12 +260,12 @@ def bench_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
                    help="autocast dtypes to measure each case under, trainer and bare loop alike (default fp32)")
     p.add_argument("--sync-debug", action="store_true",
-                   help="also run each trainer with train.sync_debug=true (on a GPU: a host sync in a step fails it)")
+                   help="also run each trainer with speed.sync_debug=true (on a GPU: a host sync in a step fails it)")
     p.add_argument("--skip-multiprocess", action="store_true", help="skip the 2 processes x 1 thread runs")
     p.add_argument("--repeats", type=int, default=3,
                    help="rounds of (bare loop, trainer) back to back; medians over them, each round reported (default 3)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="trainer config overrides for every case (e.g. train.channels_last=true train.adam_impl=foreach)")
+                   help="trainer config overrides for every case (e.g. speed.channels_last=true optim.adam_impl=foreach)")
 
 
 def bench_eval_arguments(p: argparse.ArgumentParser) -> None:

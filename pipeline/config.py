@@ -14,6 +14,7 @@ the dotted key and what is allowed. Later stages add their sections to `Config`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -115,45 +116,70 @@ class TrainConfig:
     keep_checkpoints: int = opt(3, min=1, max=10_000)        # newest full checkpoints kept on disk
     keep_snapshots: int = opt(0, min=0, max=1_000_000)      # newest snapshots kept, plus every unscored and best one (0 = all)
     batch_per_process: int = opt(0, min=0, max=1 << 20)       # images per process per forward (0 = data.batch_size / processes)
+    n_critic: int = opt(1, min=1, max=1000)                # D steps per G step (5 for WGAN)
+    max_nonfinite_steps: int = opt(10, min=1, max=1_000_000)    # consecutive skipped (inf/NaN) steps that stop the run
+    reuse_fakes: bool = opt(False)               # G's step trains on the fakes of the D step before it (PyTorch's DCGAN example): one G forward per step instead of two; needs n_critic 1 and one micro-batch
+    threads: int = opt(0, min=0, max=4096)                 # torch CPU threads per process (0 = cores / local processes)
+    peer_timeout_s: float = opt(300.0, min=1.0, max=86400.0)  # a collective waiting longer for another rank ends the run
+    init_from: str = opt("")                      # start a new run from weights: a checkpoint dir, a run dir (its newest), or a snapshot .json (G only)
+    freeze_d_layers: int = opt(0, min=0, max=1000)  # FreezeD (Mo et al. 2020): D's first N layers from the input keep their weights
+    snapshot_raw: bool = opt(False)              # each snapshot also keeps the raw (non-EMA) G's weights, for `--generator raw`
+
+
+@dataclass
+class OptimConfig:
+    """Adam for G and D, and the course of its settings over training."""
     g_lr: float = opt(2e-4, min=0.0)             # Adam learning rate of G
     d_lr: float = opt(2e-4, min=0.0)             # Adam learning rate of D
     g_betas: list[float] = opt([0.5, 0.999], min=0.0, below=1.0, length=2)     # Adam (beta1, beta2) of G
     d_betas: list[float] = opt([0.5, 0.999], min=0.0, below=1.0, length=2)     # Adam (beta1, beta2) of D
     lazy_adjust: bool = opt(True)                # scale D's (G's) lr and betas by k/(k+1) for a D (G) penalty every k D (G) steps (StyleGAN2)
-    n_critic: int = opt(1, min=1, max=1000)                # D steps per G step (5 for WGAN)
-    ema_halflife_kimg: float = opt(10.0, min=0.0)  # half-life of G's EMA in kimg (0 = EMA is a plain copy)
-    ema_rampup: float = opt(0.05, min=0.0)       # EMA half-life at most this x kimg seen (0 = no ramp-up)
     lr_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)     # course of g_lr and d_lr over kimg
     beta2_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # course of both Adam beta2 (kept below 1)
-    ema_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)    # course of ema_halflife_kimg
-    mixed_precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))  # autocast dtype (auto: bf16 on capable GPUs, fp32 on CPU)
-    augment: str = opt("")                       # DiffAugment policy, comma-separated: color, translation, cutout ("" = off)
+    adam_impl: str = opt("fused", choices=("fused", "foreach", "for-loop"))  # torch's Adam implementation (fused: one kernel, skips without a host read)
+
+
+@dataclass
+class EMAConfig:
+    """The exponential moving average of G that snapshots keep, and EDM2's post-hoc EMA profiles."""
+    halflife_kimg: float = opt(10.0, min=0.0)  # half-life of G's EMA in kimg (0 = EMA is a plain copy)
+    rampup: float = opt(0.05, min=0.0)       # EMA half-life at most this x kimg seen (0 = no ramp-up)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)    # course of halflife_kimg
+    posthoc_std: list[float] = opt([], min=1e-3, below=0.2886)  # relative EMA lengths (sigma_rel) of EDM2 power-function EMA profiles kept in snapshots for `ganpipe posthoc-ema` ([] = off; EDM2: [0.05, 0.1])
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation of what D sees: DiffAugment's fixed policy and ADA's adaptive pipeline."""
+    diffaugment: str = opt("")                       # DiffAugment policy, comma-separated: color, translation, cutout ("" = off)
     ada_groups: str = opt("")                    # ADA augmentation before D, comma-separated: blit, geom, color ("" = off)
     ada_p: float = opt(0.0, min=0.0, max=1.0)    # ADA's starting probability (the fixed p when ada_target=0)
     ada_target: float = opt(0.6, min=0.0, max=1.0)  # target of r_t = E[sign(D(real))] (0 = fixed or scheduled p)
     ada_speed_kimg: float = opt(500.0, min=1e-3)  # kimg in which the adaptive p can go from 0 to 1
     ada_interval: int = opt(4, min=1, max=10_000)  # D steps between adjustments of p
     ada_p_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # course of a fixed p (ada_target=0)
-    max_nonfinite_steps: int = opt(10, min=1, max=1_000_000)    # consecutive skipped (inf/NaN) steps that stop the run
-    adam_impl: str = opt("fused", choices=("fused", "foreach", "for-loop"))  # torch's Adam implementation (fused: one kernel, skips without a host read)
+
+
+@dataclass
+class SpeedConfig:
+    """How the same arithmetic is run fast: precision, memory format, kernels; none changes what is computed beyond rounding."""
+    mixed_precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))  # autocast dtype (auto: bf16 on capable GPUs, fp32 on CPU)
     channels_last: bool = opt(True)              # NHWC memory format for conv nets' weights and activations (measured: +8-15% for DCGAN-32 on CPU)
-    reuse_fakes: bool = opt(False)               # G's step trains on the fakes of the D step before it (PyTorch's DCGAN example): one G forward per step instead of two; needs n_critic 1 and one micro-batch
     joint_d_forward: bool = opt(True)            # D's step runs D once on cat(reals, fakes) where D treats samples independently (no BatchNorm, no minibatch stddev); two forwards otherwise
     compile: str = opt("off", choices=("off", "inductor", "aot_eager"))  # torch.compile backend for G's and D's forwards in the main phases (penalties stay eager: double backward)
     cudnn_benchmark: bool = opt(True)            # CUDA only: cuDNN times conv algorithms per shape and keeps the fastest (StyleGAN2-ADA's default)
     tf32: bool = opt(False)                      # CUDA only: TF32 matmuls and convolutions on Ampere and later (off, as StyleGAN2-ADA: full fp32 precision)
     sync_debug: bool = opt(False)                # CUDA only: steps between ticks (after the first tick) run under torch.cuda.set_sync_debug_mode("error"): any host synchronisation raises where it happens
+
+
+@dataclass
+class LogConfig:
+    """Where progress, scalars and sample grids go."""
     grid_size: int = opt(64, min=1, max=4096)              # images in the fixed-z sample grid
     trackers: list[str] = opt(["tensorboard"], choices=("tensorboard", "wandb", "mlflow"))  # where scalars, grids, params and eval metrics go (RUN/tb; wandb offline in RUN/wandb; mlflow in RUN/mlruns)
     tracker_project: str = opt("ganpipe")        # W&B project and MLflow experiment the run is filed under
     mlflow_uri: str = opt("")                     # MLflow tracking URI, e.g. http://host:5000 or sqlite:///mlflow.db ("" = file store RUN/mlruns)
-    threads: int = opt(0, min=0, max=4096)                 # torch CPU threads per process (0 = cores / local processes)
-    peer_timeout_s: float = opt(300.0, min=1.0, max=86400.0)  # a collective waiting longer for another rank ends the run
-    init_from: str = opt("")                      # start a new run from weights: a checkpoint dir, a run dir (its newest), or a snapshot .json (G only)
-    freeze_d_layers: int = opt(0, min=0, max=1000)  # FreezeD (Mo et al. 2020): D's first N layers from the input keep their weights
     progress: bool = opt(True)                   # progress bar on rank 0 (status lines are printed either way)
-    snapshot_raw: bool = opt(False)              # each snapshot also keeps the raw (non-EMA) G's weights, for `--generator raw`
-    posthoc_ema_std: list[float] = opt([], min=1e-3, below=0.2886)  # relative EMA lengths (sigma_rel) of EDM2 power-function EMA profiles kept in snapshots for `ganpipe posthoc-ema` ([] = off; EDM2: [0.05, 0.1])
 
 
 @dataclass
@@ -163,6 +189,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,6 +255,42 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__}){hint}")
 
 
+# Keys that moved to their own section: an old spelling is refused with the new one.
+RENAMED = {
+    "train.g_lr": "optim.g_lr",
+    "train.d_lr": "optim.d_lr",
+    "train.g_betas": "optim.g_betas",
+    "train.d_betas": "optim.d_betas",
+    "train.lazy_adjust": "optim.lazy_adjust",
+    "train.lr_schedule": "optim.lr_schedule",
+    "train.beta2_schedule": "optim.beta2_schedule",
+    "train.adam_impl": "optim.adam_impl",
+    "train.ema_halflife_kimg": "ema.halflife_kimg",
+    "train.ema_rampup": "ema.rampup",
+    "train.ema_schedule": "ema.schedule",
+    "train.posthoc_ema_std": "ema.posthoc_std",
+    "train.augment": "augment.diffaugment",
+    "train.ada_groups": "augment.ada_groups",
+    "train.ada_p": "augment.ada_p",
+    "train.ada_target": "augment.ada_target",
+    "train.ada_speed_kimg": "augment.ada_speed_kimg",
+    "train.ada_interval": "augment.ada_interval",
+    "train.ada_p_schedule": "augment.ada_p_schedule",
+    "train.mixed_precision": "speed.mixed_precision",
+    "train.channels_last": "speed.channels_last",
+    "train.joint_d_forward": "speed.joint_d_forward",
+    "train.compile": "speed.compile",
+    "train.cudnn_benchmark": "speed.cudnn_benchmark",
+    "train.tf32": "speed.tf32",
+    "train.sync_debug": "speed.sync_debug",
+    "train.trackers": "log.trackers",
+    "train.tracker_project": "log.tracker_project",
+    "train.mlflow_uri": "log.mlflow_uri",
+    "train.progress": "log.progress",
+    "train.grid_size": "log.grid_size",
+}
+
+
 def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
@@ -233,9 +300,13 @@ def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key '{where}{unknown[0]}'; allowed keys here: "
-                          f"{', '.join(sorted(fields))}")
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        if key in RENAMED:
+            raise ConfigError(f"config key '{key}' is now '{RENAMED[key]}': write {RENAMED[key]}="
+                              f"{data[unknown[0]]!r} (in YAML, under the section '{RENAMED[key].split('.')[0]}:')")
+        close = difflib.get_close_matches(unknown[0], fields, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(f"unknown config key '{key}'; {hint}allowed keys here: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name

@@ -262,12 +262,12 @@ def test_state_dict_round_trip_through_torch_save(tmp_path):
 def test_parse_groups():
     assert parse_groups("blit, geom,color") == ["blit", "geom", "color"]
     assert parse_groups("xflip,rot90,xflip") == ["xflip", "rot90"]
-    with pytest.raises(ConfigError, match="train.ada_groups") as err:
+    with pytest.raises(ConfigError, match="augment.ada_groups") as err:
         parse_groups("blit,cutout")
     assert "cutout" in str(err.value) and all(g in str(err.value) for g in GROUPS)
-    with pytest.raises(ConfigError, match="train.ada_groups"):
+    with pytest.raises(ConfigError, match="augment.ada_groups"):
         parse_groups("")
-    with pytest.raises(ConfigError, match="train.ada_groups"):
+    with pytest.raises(ConfigError, match="augment.ada_groups"):
         AdaptiveAugment(groups="noise")
     assert set(TRANSFORMS) >= {"xflip", "rot90", "xint", "scale", "rotate", "aniso", "xfrac",
                                "brightness", "contrast", "lumaflip", "hue", "saturation"}

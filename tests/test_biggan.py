@@ -292,10 +292,10 @@ def test_cifar10_config_is_the_papers_setup():
     t = cfg.train
     m = cfg.model
     assert (m.name, m.conditional, m.attention_res, cfg.loss.name) == ("biggan", True, 0, "hinge")
-    assert (cfg.data.batch_size, t.n_critic, t.g_lr, t.d_lr, t.g_betas, t.d_betas) == (
+    assert (cfg.data.batch_size, t.n_critic, cfg.optim.g_lr, cfg.optim.d_lr, cfg.optim.g_betas, cfg.optim.d_betas) == (
         50, 4, 2e-4, 2e-4, [0.0, 0.999], [0.0, 0.999])
     assert t.total_kimg == 125_000 * 4 * 50 / 1000
-    per_g_step = 0.5 ** (t.n_critic * cfg.data.batch_size / (t.ema_halflife_kimg * 1000))
+    per_g_step = 0.5 ** (t.n_critic * cfg.data.batch_size / (cfg.ema.halflife_kimg * 1000))
     assert per_g_step == pytest.approx(0.9999, abs=1e-7)
     assert [(p.name, p.weight) for p in cfg.loss.penalties] == [("ortho", 1e-4)]
     G, D = build_networks(cfg.model, resolution=32, channels=3, num_classes=10)

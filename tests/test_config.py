@@ -22,8 +22,8 @@ def test_defaults_yaml_and_overrides_compose(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.batch_sise=3", "unknown config key 'data.batch_sise'; allowed keys here: batch_size"),
-    ("dta.path=x", "unknown config key 'dta'; allowed keys here: data"),
+    ("data.batch_sise=3", "unknown config key 'data.batch_sise'; did you mean 'batch_size'? allowed keys here: batch_size"),
+    ("dta.path=x", "unknown config key 'dta'; did you mean 'data'? allowed keys here: augment, data"),
     ("data.batch_size=ten", "data.batch_size: expected int, got 'ten'"),
     ("data.hflip=1", "data.hflip: expected bool"),
     ("data.batch_size=0", "data.batch_size: 0 is below the minimum 1"),
@@ -52,10 +52,10 @@ def test_cli_prints_resolved_config_and_rejects_bad_keys():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.g_betas=[0.5]", "train.g_betas: [0.5] has 1 values, expected 2"),
-    ("train.d_betas=[0.5, 1.0]", "train.d_betas[1]: 1.0 must be below 1.0"),
-    ("train.d_betas=[-0.1, 0.9]", "train.d_betas[0]: -0.1 is below the minimum 0.0"),
-    ("train.g_lr=.nan", "train.g_lr: nan is not a finite number"),
+    ("optim.g_betas=[0.5]", "optim.g_betas: [0.5] has 1 values, expected 2"),
+    ("optim.d_betas=[0.5, 1.0]", "optim.d_betas[1]: 1.0 must be below 1.0"),
+    ("optim.d_betas=[-0.1, 0.9]", "optim.d_betas[0]: -0.1 is below the minimum 0.0"),
+    ("optim.g_lr=.nan", "optim.g_lr: nan is not a finite number"),
     ("loss.penalty_weight=.nan", "loss.penalty_weight: nan is not a finite number"),
     ("train.total_kimg=.inf", "train.total_kimg: inf is not a finite number"),
     ("data.batch_size=100000000000", "data.batch_size: 100000000000 is above the maximum"),
@@ -71,9 +71,22 @@ def test_exponent_without_a_dot_is_a_float():
     """YAML 1.1 reads `4e-4` as a string; in a float field it is the number the user typed."""
     from pipeline.catalog import load_config as load
 
-    cfg = load(None, ["train.g_lr=4e-4", "loss.penalty_weight=1E2"])
-    assert cfg.train.g_lr == 4e-4 and cfg.loss.penalty_weight == 100.0
-    with pytest.raises(ConfigError, match=r"train\.g_lr: expected float, got 'fast'"):
-        load(None, ["train.g_lr=fast"])
+    cfg = load(None, ["optim.g_lr=4e-4", "loss.penalty_weight=1E2"])
+    assert cfg.optim.g_lr == 4e-4 and cfg.loss.penalty_weight == 100.0
+    with pytest.raises(ConfigError, match=r"optim\.g_lr: expected float, got 'fast'"):
+        load(None, ["optim.g_lr=fast"])
     with pytest.raises(ConfigError, match=r"model\.name"):
         load(None, ["model.name=4e-4"])      # a string field keeps the string (and the name check)
+
+
+@pytest.mark.parametrize("old, new", [("train.g_lr=1e-3", "optim.g_lr"), ("train.ema_halflife_kimg=2", "ema.halflife_kimg"),
+                                      ("train.augment=color", "augment.diffaugment"),
+                                      ("train.mixed_precision=bf16", "speed.mixed_precision"),
+                                      ("train.trackers=[wandb]", "log.trackers")])
+def test_a_key_that_moved_to_its_section_is_refused_with_the_new_spelling(old, new):
+    with pytest.raises(ConfigError, match=f"is now '{new}': write {new}="):
+        load_config(None, [old])
+    from pipeline.config import RENAMED
+    section, key = RENAMED[old.split("=")[0]].split(".")
+    assert load_config(None, [f"{new}={old.split('=')[1]}"]) is not None and key in {
+        f.name for f in __import__("dataclasses").fields(getattr(load_config(None), section))}

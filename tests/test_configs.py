@@ -44,8 +44,8 @@ def test_config_trains_one_step_at_tiny_scale(path, tmp_path, mnist_dir, rgb32):
                          "data.batch_size=8", "data.num_workers=0", "data.shuffle_buffer=16",
                          f"model.g_width={width}", f"model.d_width={width}", "model.w_dim=32",
                          "model.mapping_layers=2", "train.total_kimg=0.008", "train.tick_kimg=0.008",
-                         "train.progress=false", "train.threads=1", "train.grid_size=4",
-                         "train.mixed_precision=fp32"])
+                         "log.progress=false", "train.threads=1", "log.grid_size=4",
+                         "speed.mixed_precision=fp32"])
     assert code == 0
     row = json.loads((run / "stats.jsonl").read_text().splitlines()[-1])
     assert row["g_steps"] == 1 and row["d_steps"] == cfg.train.n_critic

@@ -41,7 +41,7 @@ def count_reads(fn):
 
 
 RECIPE = ["loss.name=rpgan", "loss.penalties=[{name: r1, weight: 0.1, interval: 2}, {name: r2, weight: 0.1}]",
-          "train.lr_schedule={kind: cosine, end: 0.25}"]
+          "optim.lr_schedule={kind: cosine, end: 0.25}"]
 
 
 @pytest.mark.parametrize("impl", [
@@ -54,8 +54,8 @@ def test_steps_between_ticks_read_nothing_from_the_device(tmp_path, mnist_dir, i
         cfg = load_config("configs/mnist_dcgan.yaml", [
             f"data.path={mnist_dir}", "data.batch_size=16", "data.num_workers=0", "model.g_width=0.125",
             "model.d_width=0.125", f"train.total_kimg={steps * 16 / 1000}", "train.tick_kimg=1000",
-            "train.snapshot_kimg=0", "train.checkpoint_kimg=0", "train.progress=false", "train.grid_size=4",
-            "train.threads=1", f"train.adam_impl={impl}", *RECIPE])
+            "train.snapshot_kimg=0", "train.checkpoint_kimg=0", "log.progress=false", "log.grid_size=4",
+            "train.threads=1", f"optim.adam_impl={impl}", *RECIPE])
         return count_reads(lambda: training_loop(cfg, tmp_path / name))
 
     short, long = run(4, "short"), run(12, "long")
@@ -79,18 +79,18 @@ def test_speed_levers_give_the_plain_path_results(tmp_path, mnist_dir):
         cfg = load_config("configs/mnist_dcgan.yaml", [
             f"data.path={mnist_dir}", "data.batch_size=16", "data.num_workers=0", "data.shuffle_buffer=0",
             "model.g_width=0.125", "model.d_width=0.125", "train.total_kimg=0.096", "train.tick_kimg=1000",
-            "train.snapshot_kimg=0", "train.checkpoint_kimg=0", "train.progress=false", "train.grid_size=4",
+            "train.snapshot_kimg=0", "train.checkpoint_kimg=0", "log.progress=false", "log.grid_size=4",
             "train.threads=1", "loss.penalty=r1", "loss.penalty_weight=1", "loss.penalty_interval=2", *extra])
         training_loop(cfg, tmp_path / name)
         return load_file(next((tmp_path / name / "snapshots").glob("*.safetensors")))
 
-    off = ["train.adam_impl=for-loop", "train.channels_last=false", "train.joint_d_forward=false"]
+    off = ["optim.adam_impl=for-loop", "speed.channels_last=false", "speed.joint_d_forward=false"]
     plain = weights("plain", *off)
-    for name, extra in (("fused", [*off, "train.adam_impl=fused"]),
-                        ("foreach", [*off, "train.adam_impl=foreach"]),
-                        ("nhwc", [*off, "train.channels_last=true"]),
-                        ("joint", [*off, "train.joint_d_forward=true"]),
-                        ("compiled", [*off, "train.compile=aot_eager"])):
+    for name, extra in (("fused", [*off, "optim.adam_impl=fused"]),
+                        ("foreach", [*off, "optim.adam_impl=foreach"]),
+                        ("nhwc", [*off, "speed.channels_last=true"]),
+                        ("joint", [*off, "speed.joint_d_forward=true"]),
+                        ("compiled", [*off, "speed.compile=aot_eager"])):
         from torch._dynamo.utils import counters
 
         counters.clear()
@@ -103,7 +103,7 @@ def test_speed_levers_give_the_plain_path_results(tmp_path, mnist_dir):
 
 
 def test_device_flags_are_set_on_a_gpu_only():
-    """train.cudnn_benchmark and train.tf32 reach torch's backend flags on a CUDA device; a CPU run
+    """speed.cudnn_benchmark and speed.tf32 reach torch's backend flags on a CUDA device; a CPU run
     leaves them as they were."""
     from types import SimpleNamespace
 
@@ -146,7 +146,7 @@ def test_reuse_fakes_runs_G_once_per_step(tmp_path, mnist_dir, monkeypatch):
         cfg = load_config("configs/mnist_dcgan.yaml", [
             f"data.path={mnist_dir}", "data.batch_size=16", "data.num_workers=0", "model.g_width=0.125",
             "model.d_width=0.125", "train.total_kimg=0.16", "train.tick_kimg=1000", "train.snapshot_kimg=0",
-            "train.checkpoint_kimg=0", "train.progress=false", "train.grid_size=4", "train.threads=1",
+            "train.checkpoint_kimg=0", "log.progress=false", "log.grid_size=4", "train.threads=1",
             "loss.name=rpgan", "loss.penalty=r1", "loss.penalty_interval=2", *extra])
         assert training_loop(cfg, tmp_path / name) == 0
         return calls["n"]
@@ -160,7 +160,7 @@ def test_reuse_fakes_runs_G_once_per_step(tmp_path, mnist_dir, monkeypatch):
 
 
 def test_sync_debug_guards_the_steps_after_the_first_tick(tmp_path, mnist_dir, monkeypatch):
-    """train.sync_debug: on a GPU the steps between ticks run under torch's sync debug mode "error"
+    """speed.sync_debug: on a GPU the steps between ticks run under torch's sync debug mode "error"
     (restored after each block of steps, even when one raises); the loop asks for it from the first
     tick of the process on, so warm-up steps are not checked. The CUDA calls are stood in for here:
     no GPU is lent to this machine."""
@@ -184,8 +184,8 @@ def test_sync_debug_guards_the_steps_after_the_first_tick(tmp_path, mnist_dir, m
     cfg = load_config("configs/mnist_mlp.yaml", [
         f"data.path={mnist_dir}", "data.batch_size=16", "data.num_workers=0", "model.g_width=0.125",
         "model.d_width=0.125", "train.total_kimg=0.16", "train.tick_kimg=0.064", "train.snapshot_kimg=0",
-        "train.checkpoint_kimg=0", "train.progress=false", "train.grid_size=4", "train.threads=1",
-        "train.sync_debug=true"])
+        "train.checkpoint_kimg=0", "log.progress=false", "log.grid_size=4", "train.threads=1",
+        "speed.sync_debug=true"])
     assert training_loop(cfg, tmp_path / "run") == 0
     # 10 G steps of 16 images; the first tick ends step 4 (at 64 images)
     assert asked == [False] * 4 + [True] * 6

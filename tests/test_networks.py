@@ -250,7 +250,7 @@ def test_bench_counts_flops_and_reports_skips():
 
 @pytest.mark.parametrize("name", NETWORKS.keys())
 def test_mixes_batch_says_whether_a_joint_forward_is_two_forwards(name):
-    """`train.joint_d_forward` runs D once on cat(reals, fakes) where `D.mixes_batch` is False; that
+    """`speed.joint_d_forward` runs D once on cat(reals, fakes) where `D.mixes_batch` is False; that
     is only right if such a D gives each sample the logit it gets alone. Checked in training mode
     (spectral norm's weight computed once, as within one forward), conditional, for every family;
     and a D that says it mixes (stylegan2's minibatch stddev, any BatchNorm) really does."""

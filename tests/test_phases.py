@@ -87,7 +87,7 @@ def test_phase_list_is_data_and_a_lazy_penalty_is_its_own_entry():
     assert [p.name for p in phases.due("D", 0)] == ["D", "Dreg"]
     assert [p.name for p in phases.due("D", 1)] == ["D"]
     # StyleGAN2's lazy adjustment: lr x 4/5, betas ** (4/5)
-    assert phases.named("D").optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.d_lr * 0.8)
+    assert phases.named("D").optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optim.d_lr * 0.8)
     every = build_phases(setup("r1", 1)[0], G=G, D=D, device=CPU, dtype=None, report=lambda name, value: None)
     assert [(p.name, len(p.terms)) for p in every] == [("D", 2), ("G", 1)]
 

@@ -20,7 +20,7 @@ from pipeline.errors import DataError
 from pipeline.training.checkpoint import list_checkpoints
 
 TINY = ["model.g_width=0.125", "model.d_width=0.125", "data.batch_size=16", "data.shuffle_buffer=50",
-        "train.progress=false", "train.threads=1", "train.grid_size=16", "train.snapshot_kimg=10"]
+        "log.progress=false", "train.threads=1", "log.grid_size=16", "train.snapshot_kimg=10"]
 # No manifest behind a URL: the shape and classes come from the config.
 SHAPE = ["data.resolution=28", "data.channels=1", "data.num_classes=10"]
 

@@ -30,7 +30,7 @@ def ganpipe(capsys, *args: str, status: int = 0) -> tuple[str, str]:
 
 
 # 4 ticks of 32 images (2 G steps each), a snapshot at each, checkpoints at 64 and 128.
-PHEMA = ["train.snapshot_raw=true", "train.posthoc_ema_std=[0.05,0.1]", "train.total_kimg=0.128",
+PHEMA = ["train.snapshot_raw=true", "ema.posthoc_std=[0.05,0.1]", "train.total_kimg=0.128",
          "train.tick_kimg=0.032", "train.snapshot_kimg=0.032", "train.checkpoint_kimg=0.064"]
 
 

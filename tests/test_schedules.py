@@ -35,9 +35,10 @@ def test_apply_sets_learning_rates_betas_penalty_weights_and_the_ema():
                      "loss": {"name": "rpgan", "penalties": [
                          {"name": "r1", "weight": 0.1, "interval": 4, "schedule": {"kind": "linear", "end": 0.5}},
                          {"name": "r2", "weight": 0.1}]},
-                     "train": {"total_kimg": 10, "lr_schedule": {"kind": "linear", "end": 0.0},
-                               "beta2_schedule": {"kind": "linear", "end": 1.1}, "d_betas": [0.0, 0.9],
-                               "ema_schedule": {"kind": "linear", "end": 3.0}, "ema_halflife_kimg": 1.0}})
+                     "train": {"total_kimg": 10},
+                     "optim": {"lr_schedule": {"kind": "linear", "end": 0.0},
+                               "beta2_schedule": {"kind": "linear", "end": 1.1}, "d_betas": [0.0, 0.9]},
+                     "ema": {"schedule": {"kind": "linear", "end": 3.0}, "halflife_kimg": 1.0}})
     G, D = build_networks(cfg.model, resolution=8, channels=1, num_classes=0)
     phases = build_phases(cfg, G=G, D=D, device=torch.device("cpu"), dtype=None, report=lambda n, v: None)
     ema = EMA(G, 1.0)
@@ -45,9 +46,9 @@ def test_apply_sets_learning_rates_betas_penalty_weights_and_the_ema():
     ratio = phases.named("D").ratio
     assert ratio == pytest.approx(0.8)
     group = phases.named("D").optimizer.param_groups[0]
-    assert group["lr"] == pytest.approx(cfg.train.d_lr * 0.5 * ratio)
+    assert group["lr"] == pytest.approx(cfg.optim.d_lr * 0.5 * ratio)
     assert group["betas"][1] == pytest.approx((0.9 * 1.05) ** ratio)
-    assert phases.named("G").optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.g_lr * 0.5)
+    assert phases.named("G").optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optim.g_lr * 0.5)
     weights = {p.name: p.weight for p, _, _ in phases.penalties}
     assert weights == pytest.approx({"r1": 0.075, "r2": 0.1})
     assert ema.halflife_kimg == pytest.approx(2.0)
@@ -57,9 +58,9 @@ def test_apply_sets_learning_rates_betas_penalty_weights_and_the_ema():
 def test_the_r3gan_recipe_with_schedules_resumes_exactly(tmp_path, mnist_dir):
     # length_kimg fixed: with 0 a schedule spans train.total_kimg, which the first leg shortens.
     recipe = ["loss.name=rpgan", "loss.penalties=[{name: r1, weight: 0.1}, {name: r2, weight: 0.1}]",
-              "train.lr_schedule={kind: cosine, end: 0.25, length_kimg: 0.256}",
-              "train.beta2_schedule={kind: linear, end: 1.01, length_kimg: 0.256}",
-              "train.ema_schedule={kind: linear, end: 2.0, length_kimg: 0.256}", "train.checkpoint_kimg=0.128",
+              "optim.lr_schedule={kind: cosine, end: 0.25, length_kimg: 0.256}",
+              "optim.beta2_schedule={kind: linear, end: 1.01, length_kimg: 0.256}",
+              "ema.schedule={kind: linear, end: 2.0, length_kimg: 0.256}", "train.checkpoint_kimg=0.128",
               "train.tick_kimg=0.064", "train.total_kimg=0.256"]
     train(tmp_path / "straight", mnist_dir, *recipe)
     train(tmp_path / "split", mnist_dir, *recipe, "train.total_kimg=0.128")
@@ -74,8 +75,8 @@ def test_the_r3gan_recipe_with_schedules_resumes_exactly(tmp_path, mnist_dir):
 
 def test_ada_in_training_logs_p_and_resumes_exactly(tmp_path, mnist_dir):
     # speed 0.05 kimg: p moves visibly within the run; interval 2 D steps.
-    ada = ["train.ada_groups=blit,geom,color", "train.ada_target=0.6", "train.ada_speed_kimg=0.05",
-           "train.ada_interval=2", "loss.penalty=r1", "loss.penalty_weight=1", "loss.penalty_interval=4",
+    ada = ["augment.ada_groups=blit,geom,color", "augment.ada_target=0.6", "augment.ada_speed_kimg=0.05",
+           "augment.ada_interval=2", "loss.penalty=r1", "loss.penalty_weight=1", "loss.penalty_interval=4",
            "train.checkpoint_kimg=0.128", "train.tick_kimg=0.064", "train.total_kimg=0.256"]
     train(tmp_path / "straight", mnist_dir, *ada)
     train(tmp_path / "split", mnist_dir, *ada, "train.total_kimg=0.128")
@@ -93,17 +94,18 @@ def test_a_fixed_ada_p_follows_its_schedule_and_diffaugment_excludes_ada():
     from pipeline.training.phases import build_augment
 
     cfg = from_dict({"model": {"name": "mlp", "g_width": 0.125, "d_width": 0.125},
-                     "train": {"total_kimg": 10, "ada_groups": "blit", "ada_target": 0.0, "ada_p": 0.4,
-                               "ada_p_schedule": {"kind": "linear", "end": 0.5}}})
+                     "train": {"total_kimg": 10},
+                     "augment": {"ada_groups": "blit", "ada_target": 0.0, "ada_p": 0.4,
+                                 "ada_p_schedule": {"kind": "linear", "end": 0.5}}})
     G, D = build_networks(cfg.model, resolution=8, channels=1, num_classes=0)
     phases = build_phases(cfg, G=G, D=D, device=torch.device("cpu"), dtype=None, report=lambda n, v: None)
     schedules.apply(cfg, phases, EMA(G, 1.0), 10_000)
     assert phases.ada.p == pytest.approx(0.2)
     phases.ada.update(4, 64)                                   # fixed: never adapts
     assert phases.ada.p == pytest.approx(0.2)
-    both = from_dict({"train": {"augment": "color", "ada_groups": "blit"}})
+    both = from_dict({"augment": {"diffaugment": "color", "ada_groups": "blit"}})
     with pytest.raises(ConfigError, match="choose one augmentation"):
-        build_augment(both.train)
+        build_augment(both.augment)
 
 
 def test_fine_tuning_starts_from_another_run_and_freezed_keeps_d_first_layers(tmp_path, mnist_dir):

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(bool(missing_binaries()),
 
 # Loader workers on (the default users run): Slurm signals them too.
 TINY = ["model.g_width=0.125", "model.d_width=0.125", "data.batch_size=16", "data.num_workers=1",
-        "data.shuffle_buffer=100", "train.progress=false", "train.grid_size=16", "train.ema_halflife_kimg=0.1"]
+        "data.shuffle_buffer=100", "log.progress=false", "log.grid_size=16", "ema.halflife_kimg=0.1"]
 
 
 def _port() -> int:

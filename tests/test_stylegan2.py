@@ -173,8 +173,8 @@ def test_a_lazy_g_penalty_is_a_g_phase_every_k_g_steps_with_adams_adjustment():
     assert [p.name for p in phases.due("G", 1)] == ["G"] and [p.name for p in phases.due("D", 4)] == ["D"]
     g, d = phases.named("G").optimizer.param_groups[0], phases.named("D").optimizer.param_groups[0]
     t = cfg.train
-    assert g["lr"] == pytest.approx(t.g_lr * 4 / 5) and d["lr"] == pytest.approx(t.d_lr * 16 / 17)
-    assert g["betas"] == pytest.approx(tuple(b ** 0.8 for b in t.g_betas))
+    assert g["lr"] == pytest.approx(cfg.optim.g_lr * 4 / 5) and d["lr"] == pytest.approx(cfg.optim.d_lr * 16 / 17)
+    assert g["betas"] == pytest.approx(tuple(b ** 0.8 for b in cfg.optim.g_betas))
     assert phases.named("Greg").optimizer is phases.named("G").optimizer
     # The schedules keep the adjustment and schedule a G penalty's weight like any other.
     cfg.loss.penalties[0].schedule.kind, cfg.loss.penalties[0].schedule.end = "linear", 0.0
@@ -182,13 +182,13 @@ def test_a_lazy_g_penalty_is_a_g_phase_every_k_g_steps_with_adams_adjustment():
     from pipeline.training.ema import EMA
     ema = EMA(G, 10)
     out = schedules.apply(cfg, phases, ema, int(t.total_kimg * 1000 / 2))
-    assert phases.named("G").optimizer.param_groups[0]["lr"] == pytest.approx(t.g_lr * 0.8)
+    assert phases.named("G").optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optim.g_lr * 0.8)
     assert out["Schedule/weight_pl"] == pytest.approx(1.0) and phases.penalties[1][0].weight == pytest.approx(1.0)
     # Every-step G penalties join G's main phase; without lazy G penalties G's Adam is untouched.
     every = build_phases(tiny_cfg([{"name": "ortho", "weight": 1e-4}]), G=G, D=D, device=CPU, dtype=None,
                          report=NO_REPORT)
     assert [(p.name, len(p.terms)) for p in every] == [("D", 1), ("G", 2)]
-    assert every.named("G").optimizer.param_groups[0]["lr"] == pytest.approx(t.g_lr)
+    assert every.named("G").optimizer.param_groups[0]["lr"] == pytest.approx(cfg.optim.g_lr)
 
 
 def test_the_greg_step_trains_every_g_parameter_and_no_d_parameter():
@@ -442,18 +442,17 @@ def test_ffhq256_config_is_paper256():
     cfg = load_config(REPO / "configs" / "ffhq256_stylegan2.yaml")
     m, loss, t = cfg.model, cfg.loss, cfg.train
     assert (m.g_width, m.d_width, m.mapping_layers, m.mbstd_group, m.style_mixing) == (1.0, 1.0, 8, 8, 0.9)
-    assert (cfg.data.batch_size, t.g_lr, t.d_lr, t.g_betas, t.d_betas) == (64, 0.0025, 0.0025, [0.0, 0.99], [0.0, 0.99])
+    assert (cfg.data.batch_size, cfg.optim.g_lr, cfg.optim.d_lr, cfg.optim.g_betas, cfg.optim.d_betas) == (64, 0.0025, 0.0025, [0.0, 0.99], [0.0, 0.99])
     assert (loss.penalty, loss.penalty_weight, loss.penalty_interval) == ("r1", 1.0, 16)
     assert [(p.name, p.weight, p.interval) for p in loss.penalties] == [("pl", 2.0, 4)]
-    assert (t.ema_halflife_kimg, t.ema_rampup, t.total_kimg, t.ada_groups) == (20, 0.0, 25000, "")
+    assert (cfg.ema.halflife_kimg, cfg.ema.rampup, t.total_kimg, cfg.augment.ada_groups) == (20, 0.0, 25000, "")
     # paper256's fmaps 0.5 = channel base 16384 = this family at width 1: 64 maps at 256 px.
     assert stylegan2.CHANNEL_BASE == 16384 and stylegan2.CHANNEL_BASE // 256 == 64
 
 
 def test_ada_small_config():
     cfg = load_config(REPO / "configs" / "stylegan2_ada_small.yaml")
-    t = cfg.train
-    assert (t.ada_groups, t.ada_target, t.ada_interval, t.ada_speed_kimg) == ("blit,geom,color", 0.6, 4, 500)
+    assert (cfg.augment.ada_groups, cfg.augment.ada_target, cfg.augment.ada_interval, cfg.augment.ada_speed_kimg) == ("blit,geom,color", 0.6, 4, 500)
     assert cfg.loss.penalty_weight == pytest.approx(0.0002 * 128 ** 2 / cfg.data.batch_size)
     assert [(p.name, p.weight, p.interval) for p in cfg.loss.penalties] == [("pl", 2.0, 4)]
     assert cfg.model.style_mixing == 0.9 and cfg.loss.penalty_inputs == "clean"

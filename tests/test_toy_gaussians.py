@@ -148,6 +148,6 @@ def test_rpgan_with_r1_and_r2_covers_the_modes():
     """R3GAN's loss and penalties (gamma 0.1 each), through the trainer's phases."""
     G = train_toy_phases({"loss": {"name": "rpgan", "penalties": [{"name": "r1", "weight": 0.1},
                                                                    {"name": "r2", "weight": 0.1}]},
-                          "train": {"g_lr": 1e-3, "d_lr": 1e-3, "g_betas": [0.5, 0.9], "d_betas": [0.5, 0.9]}},
+                          "optim": {"g_lr": 1e-3, "d_lr": 1e-3, "g_betas": [0.5, 0.9], "d_betas": [0.5, 0.9]}},
                          g_steps=2000)
     assert_covers(G, "rpgan+r1+r2")

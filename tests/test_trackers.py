@@ -20,7 +20,7 @@ pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
 
 TINY = ["model.g_width=0.125", "model.d_width=0.125", "data.batch_size=16", "data.num_workers=0",
-        "data.shuffle_buffer=100", "train.progress=false", "train.threads=1", "train.grid_size=16",
+        "data.shuffle_buffer=100", "log.progress=false", "train.threads=1", "log.grid_size=16",
         "train.tick_kimg=0.128", "train.snapshot_kimg=0.128", "train.checkpoint_kimg=0.128"]
 
 
@@ -99,7 +99,7 @@ def test_training_resume_and_eval_reach_wandb_and_mlflow(tmp_path, mnist_dir, mo
         monkeypatch.delenv(var, raising=False)
     run = tmp_path / "run"
     args = ["train", "--config", "configs/mnist_dcgan.yaml", "--run-dir", str(run), f"data.path={mnist_dir}", *TINY,
-            "train.trackers=[wandb,mlflow]", "train.tracker_project=trk-test"]
+            "log.trackers=[wandb,mlflow]", "log.tracker_project=trk-test"]
     cli(*args, "train.total_kimg=0.256")
     ids = json.loads((run / "trackers.json").read_text())
     wb_id, ml_id = ids["wandb"]["id"], ids["mlflow"]["id"]
@@ -114,13 +114,13 @@ def test_training_resume_and_eval_reach_wandb_and_mlflow(tmp_path, mnist_dir, mo
     for k in keys:
         assert ml["history"][k] == [(r["cur_nimg"], pytest.approx(float(r[k]), nan_ok=True)) for r in rows], k
     assert ml["params"]["model.g_width"] == "0.125" and ml["params"]["data.batch_size"] == "16"
-    assert ml["params"]["train.total_kimg"] == "0.256" and ml["params"]["train.tracker_project"] == "trk-test"
+    assert ml["params"]["train.total_kimg"] == "0.256" and ml["params"]["log.tracker_project"] == "trk-test"
     assert ml["samples"] == ["samples/fakes-000000128.png", "samples/fakes-000000256.png"]
 
     # W&B: one offline segment, the same rows at step cur_nimg, the config, a sample image per tick.
     (seg,) = wandb_segments(run, wb_id)
     assert seg["run"].run_id == wb_id and seg["run"].project == "trk-test"
-    assert seg["config"]["model.g_width"] == 0.125 and seg["config"]["train.trackers"] == ["wandb", "mlflow"]
+    assert seg["config"]["model.g_width"] == 0.125 and seg["config"]["log.trackers"] == ["wandb", "mlflow"]
     scalars = [h for h in seg["history"] if "Loss/D/main" in h]
     assert [h["_step"] for h in scalars] == [128, 256]
     for h, r in zip(scalars, rows):
@@ -160,10 +160,10 @@ def test_training_resume_and_eval_reach_wandb_and_mlflow(tmp_path, mnist_dir, mo
 def test_a_tracker_name_outside_the_list_is_refused_by_key():
     from pipeline.config import from_dict
 
-    with pytest.raises(ConfigError, match=r"train.trackers\[1\]: 'neptune' is not allowed; choose one of "
+    with pytest.raises(ConfigError, match=r"log.trackers\[1\]: 'neptune' is not allowed; choose one of "
                                           "tensorboard, wandb, mlflow"):
-        from_dict({}, ["train.trackers=[tensorboard,neptune]"])
-    assert from_dict({}, ["train.trackers=[mlflow]"]).train.trackers == ["mlflow"]
+        from_dict({}, ["log.trackers=[tensorboard,neptune]"])
+    assert from_dict({}, ["log.trackers=[mlflow]"]).log.trackers == ["mlflow"]
 
 
 def test_a_chosen_tracker_that_is_not_installed_names_the_install(monkeypatch):
@@ -174,10 +174,10 @@ def test_a_chosen_tracker_that_is_not_installed_names_the_install(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
-    assert trackers.chosen(from_dict({"train": {"trackers": ["tensorboard", "wandb", "wandb"]}})) == ["wandb"]
-    with pytest.raises(ConfigError, match=r"train.trackers: mlflow is chosen but not installed; "
+    assert trackers.chosen(from_dict({"log": {"trackers": ["tensorboard", "wandb", "wandb"]}})) == ["wandb"]
+    with pytest.raises(ConfigError, match=r"log.trackers: mlflow is chosen but not installed; "
                                           r"pip install 'ganpipe\[trackers\]'"):
-        trackers.chosen(from_dict({"train": {"trackers": ["mlflow"]}}))
+        trackers.chosen(from_dict({"log": {"trackers": ["mlflow"]}}))
 
 
 def test_neither_library_is_imported_unless_chosen():

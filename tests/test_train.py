@@ -19,8 +19,8 @@ from pipeline.training.snapshot import list_snapshots, load_snapshot
 
 # Tiny DCGAN (8 feature maps), 16-image batches, fp32, no loader workers unless a test asks.
 TINY = ["model.g_width=0.125", "model.d_width=0.125", "data.batch_size=16", "data.num_workers=0",
-        "data.shuffle_buffer=100", "train.progress=false", "train.threads=1", "train.grid_size=16",
-        "train.ema_halflife_kimg=0.1"]
+        "data.shuffle_buffer=100", "log.progress=false", "train.threads=1", "log.grid_size=16",
+        "ema.halflife_kimg=0.1"]
 
 
 def train(run_dir: Path, data: Path, *extra: str, check: bool = True, env: dict | None = None,
@@ -151,7 +151,7 @@ def test_two_processes_stay_in_sync_with_r1_and_batchnorm(tmp_path, mnist_dir, r
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_runs_finish_with_finite_losses(tmp_path, mnist_dir, precision):
     run = tmp_path / precision
-    train(run, mnist_dir, f"train.mixed_precision={precision}", "train.total_kimg=0.128", "train.tick_kimg=0.064",
+    train(run, mnist_dir, f"speed.mixed_precision={precision}", "train.total_kimg=0.128", "train.tick_kimg=0.064",
           "loss.penalty=r1", "loss.penalty_weight=1")
     for r in rows(run):
         assert all(r[k] == r[k] and abs(r[k]) < 1e4 for k in ("Loss/D/main", "Loss/G/main", "Loss/D/r1"))
@@ -174,5 +174,5 @@ def test_injected_nan_is_skipped_and_counted_then_stops_when_persistent(tmp_path
 def test_resume_with_a_conflicting_config_names_the_keys(tmp_path, mnist_dir):
     run = tmp_path / "run"
     train(run, mnist_dir, "train.total_kimg=0.032", "train.tick_kimg=0.032")
-    out = train(run, mnist_dir, "train.total_kimg=0.064", "loss.name=hinge", "train.g_lr=0.001", check=False)
-    assert out.returncode == 2 and "loss.name, train.g_lr differ" in out.stderr
+    out = train(run, mnist_dir, "train.total_kimg=0.064", "loss.name=hinge", "optim.g_lr=0.001", check=False)
+    assert out.returncode == 2 and "loss.name, optim.g_lr differ" in out.stderr

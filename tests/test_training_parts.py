@@ -53,7 +53,7 @@ def test_diff_augment_keeps_shape_and_passes_gradients():
     dot = torch.zeros(32, 1, 16, 16)
     dot[:, :, 8, 8] = 1
     assert set(diff_augment(dot, ["translation"]).flatten(1).sum(1).tolist()) <= {0.0, 1.0}
-    with pytest.raises(ConfigError, match="train.augment: unknown op 'flip'"):
+    with pytest.raises(ConfigError, match="augment.diffaugment: unknown op 'flip'"):
         parse_policy("color,flip")
 
 

@@ -18,7 +18,7 @@ from pipeline.data.loader import ShardSet, StreamLoader
 from pipeline.errors import DataError
 
 TINY = ["model.g_width=0.125", "model.d_width=0.125", "data.batch_size=16", "data.shuffle_buffer=50",
-        "train.progress=false", "train.threads=1", "train.grid_size=16", "train.snapshot_kimg=10",
+        "log.progress=false", "train.threads=1", "log.grid_size=16", "train.snapshot_kimg=10",
         "train.tick_kimg=0.032", "train.total_kimg=0.032", "data.num_workers=1"]
 
 

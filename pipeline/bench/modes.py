@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> dict:
             _run(["train", "--config", config, "--run-dir", str(run_dir), f"data.path={data}",
                   f"train.total_kimg={args.kimg}", f"train.snapshot_kimg={args.kimg}",
                   f"train.checkpoint_kimg={args.kimg}", f"train.tick_kimg={args.kimg / 4}",
-                  "train.progress=false", f"train.threads={args.threads}", *args.set, *overrides], args.threads)
+                  "log.progress=false", f"train.threads={args.threads}", *args.set, *overrides], args.threads)
             train_s = time.perf_counter() - t0
             G, _ = load_snapshot(list_snapshots(run_dir / "snapshots")[-1])
             results[Path(config).stem + (f"@{extra}" if extra else "")] = {**summary(mode_counts(G, num=args.num_gen, seed=0, net=net)),

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             _run(["train", "--config", config, "--run-dir", str(run_dir), f"data.path={data}",
                   f"train.total_kimg={args.kimg}", f"train.snapshot_kimg={every}", f"train.checkpoint_kimg={args.kimg}",
-                  f"train.tick_kimg={every}", "train.progress=false", f"train.threads={args.threads}"], args.threads)
+                  f"train.tick_kimg={every}", "log.progress=false", f"train.threads={args.threads}"], args.threads)
             train_s = time.perf_counter() - t0
             _run(["eval", "--run-dir", str(run_dir), "--all", "--extractor", "mnist", "--metrics", "fid",
                   "--num-gen", str(args.num_gen)], args.threads)

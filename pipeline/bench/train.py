@@ -57,7 +57,7 @@ CASES = {
     # no learning-rate schedule in either loop) and StyleGAN2 at 256 px with its lazy R1 but without
     # path length (the bare loop has no G regulariser), beside the published 12.53 s/kimg.
     "resnet32": {"config": "configs/cifar10_sngan_hinge.yaml", "data": "rgb32",
-                 "overrides": ["train.lr_schedule={kind: constant}"]},
+                 "overrides": ["optim.lr_schedule={kind: constant}"]},
     "stylegan2-256": {"config": "configs/ffhq256_stylegan2.yaml", "data": "rgb256",
                       "overrides": ["loss.penalties=[]", "data.num_workers=-1"],
                       "published": {"s_per_kimg": 12.53, "what": "StyleGAN2 at 256 px on one A100, with path length "
@@ -150,8 +150,8 @@ def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg:
     tick = kimg / 8
     args = ["train", "--config", config, "--run-dir", str(run), f"data.path={data}",
             f"train.total_kimg={kimg}", f"train.tick_kimg={tick}", f"train.snapshot_kimg={kimg / 2}",
-            f"train.checkpoint_kimg={kimg}", "train.progress=false", f"train.threads={threads}",
-            f"train.mixed_precision={precision}", *overrides]
+            f"train.checkpoint_kimg={kimg}", "log.progress=false", f"train.threads={threads}",
+            f"speed.mixed_precision={precision}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "GLOO_SOCKET_IFNAME": "lo"}
     if procs == 1:
         cmd = [sys.executable, "-m", "pipeline", *args]
@@ -252,9 +252,8 @@ def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, thread
     G, D = build_networks(cfg.model, resolution=shards.resolution, channels=shards.channels, num_classes=0)
     G, D = G.to(dev), D.to(dev)
     loss_fn, penalty = build_loss(cfg.loss), build_penalty(cfg.loss)
-    t = cfg.train
-    opt_G = torch.optim.Adam(G.parameters(), lr=t.g_lr, betas=tuple(t.g_betas))
-    opt_D = torch.optim.Adam(D.parameters(), lr=t.d_lr, betas=tuple(t.d_betas))
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.optim.g_lr, betas=tuple(cfg.optim.g_betas))
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.optim.d_lr, betas=tuple(cfg.optim.d_betas))
     scale_G, scale_D = (torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16) for _ in range(2))
     b = cfg.data.batch_size
     d_steps = [0]
@@ -269,7 +268,7 @@ def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, thread
         scaler.update()
 
     def one_step() -> None:
-        for _ in range(t.n_critic):
+        for _ in range(cfg.train.n_critic):
             real = reals[torch.randint(len(reals), (b,), device=dev)]
             with torch.no_grad(), autocast():
                 fake = G(torch.randn(b, G.z_dim, device=dev))
@@ -287,13 +286,13 @@ def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, thread
 
     for _ in range(3):
         one_step()
-    steps = max(1, int(kimg / 2 * 1000 / (b * t.n_critic)))   # the trainer's steady-state window: half its run
+    steps = max(1, int(kimg / 2 * 1000 / (b * cfg.train.n_critic)))   # the trainer's steady-state window: half its run
     synchronize(dev)
     t0 = time.perf_counter()
     for _ in range(steps):
         one_step()
     synchronize(dev)
-    rate = steps * b * t.n_critic / (time.perf_counter() - t0)
+    rate = steps * b * cfg.train.n_critic / (time.perf_counter() - t0)
     return {"images_per_s": round(rate, 1), "s_per_kimg": round(1000 / rate, 2), "threads": threads,
             "steps": steps, "precision": precision, "device": dev.type,
             "params": {"G": sum(p.numel() for p in G.parameters()), "D": sum(p.numel() for p in D.parameters())}}
@@ -321,11 +320,11 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def sync_debug_run(config: str, data: Path, run: Path, overrides: list[str], kimg: float, precision: str) -> dict:
-    """The trainer once more with `train.sync_debug=true`: on a GPU every step after the first tick
+    """The trainer once more with `speed.sync_debug=true`: on a GPU every step after the first tick
     runs under torch's sync debug mode "error", so the run finishes only if no step waits for the
     device; the error names the line that did. On a CPU the option does nothing (`checked` false)."""
     try:
-        trainer_rate(config, data, run, [*overrides, "train.sync_debug=true"], kimg, procs=1, threads=2,
+        trainer_rate(config, data, run, [*overrides, "speed.sync_debug=true"], kimg, procs=1, threads=2,
                      precision=precision)
         return {"checked": bench_device().type == "cuda", "passed": True}
     except RuntimeError as exc:

@@ -18,7 +18,7 @@ sha256, kimg, seconds; k and sample sizes for the k-NN metrics, subsets for KID,
 `best.json` (the best value per metric under the newest protocol, for FID and KID or the
 `--best-metric` list; lower is better except for precision, recall, density, coverage and IS),
 TensorBoard scalars `Metrics/{metric}_{extractor}` in RUN/tb at step cur_nimg (and the same in the
-run's W&B and MLflow runs when train.trackers chose them: training/trackers.py), and `metrics.png`
+run's W&B and MLflow runs when log.trackers chose them: training/trackers.py), and `metrics.png`
 (each metric against kimg). Same seed, snapshot and extractor give the same score.
 
 The watcher, a periodic job beside training, scores each new snapshot exactly once: every

@@ -141,7 +141,7 @@ class Evaluator:
                 self.log(f"warning: {min(ref.num, self.num_gen)} samples for {ext.dim}-d {ext.name} features: "
                          "the covariance is singular and FID is unreliable (use more images)")
         self._writer = None
-        self.tensorboard = "tensorboard" in cfg.train.trackers
+        self.tensorboard = "tensorboard" in cfg.log.trackers
         # The run's W&B/MLflow runs (RUN/trackers.json) get the records too (rank 0 alone records; every
         # rank checks that the chosen trackers are installed, so that all fail together).
         self._trackers = EvalTrackers(self.run_dir, cfg, self.log)

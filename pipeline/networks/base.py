@@ -39,7 +39,7 @@ class Network(nn.Module):
     def mixes_batch(self) -> bool:
         """Whether one sample's output depends on the others in its batch (BatchNorm in training
         mode, minibatch stddev): then D(cat([a, b])) is not cat([D(a), D(b)]), and the trainer
-        keeps reals and fakes in separate forwards (`train.joint_d_forward`)."""
+        keeps reals and fakes in separate forwards (`speed.joint_d_forward`)."""
         return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
 
     def noise_shapes(self) -> list[tuple[int, ...]]:

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from pipeline import dist
 from pipeline.errors import ConfigError
 
-# The allowed values of train.ada_groups: a group expands to its transforms, in pipeline order.
+# The allowed values of augment.ada_groups: a group expands to its transforms, in pipeline order.
 GROUPS: dict[str, tuple[str, ...]] = {
     "blit": ("xflip", "rot90", "xint"),
     "geom": ("scale", "rotate", "aniso", "xfrac"),
@@ -92,7 +92,7 @@ def parse_groups(text: str) -> list[str]:
     unknown = [n for n in names if n not in GROUPS and n not in TRANSFORMS]
     if unknown or not names:
         what = f"unknown name(s) {', '.join(repr(n) for n in unknown)}" if unknown else "no group given"
-        raise ConfigError(f"train.ada_groups: {what}; choose comma-separated groups from "
+        raise ConfigError(f"augment.ada_groups: {what}; choose comma-separated groups from "
                           f"{', '.join(GROUPS)} or single transforms from {', '.join(TRANSFORMS)}")
     return names
 

@@ -58,7 +58,7 @@ def parse_policy(policy: str) -> list[str]:
     names = [p.strip() for p in policy.split(",") if p.strip()]
     for name in names:
         if name not in OPS:
-            raise ConfigError(f"train.augment: unknown op '{name}'; choose from {', '.join(OPS)} (comma-separated)")
+            raise ConfigError(f"augment.diffaugment: unknown op '{name}'; choose from {', '.join(OPS)} (comma-separated)")
     return names
 
 

@@ -11,7 +11,7 @@ statistics) are copied, not averaged. The EMA model stays in eval mode with grad
 Power-function EMA profiles for post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the
 Training Dynamics of Diffusion Models" (EDM2), sec. 3):
 
-    profiles = PowerEMA(G, stds=[0.05, 0.10])            # train.posthoc_ema_std
+    profiles = PowerEMA(G, stds=[0.05, 0.10])            # ema.posthoc_std
     profiles.update(G, t=g_steps)                          # after each G step, t = G steps so far (1, 2, ...)
 
 Profile k averages G with weights proportional to tau^gamma_k over the steps tau = 1..t so far:
@@ -103,7 +103,7 @@ class PowerEMA:
     def __init__(self, G: nn.Module, stds: list[float]):
         self.stds = [float(s) for s in stds]
         if len({profile_name(s) for s in self.stds}) != len(self.stds):
-            raise ValueError(f"train.posthoc_ema_std {self.stds}: each value once")
+            raise ValueError(f"ema.posthoc_std {self.stds}: each value once")
         self.gammas = [gamma_for(s) for s in self.stds]
         self.models = [copy.deepcopy(G).eval().requires_grad_(False) for _ in self.stds]
         self.t = 0              # G steps averaged in so far

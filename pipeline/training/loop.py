@@ -108,19 +108,19 @@ def start_processes(threads: int, peer_timeout_s: float, log_with: list[str] | N
     return acc
 
 
-def device_flags(device: torch.device, t_cfg) -> dict:
-    """cuDNN autotuning and TF32 as `train.cudnn_benchmark` / `train.tf32` say, on a GPU only (a
+def device_flags(device: torch.device, speed) -> dict:
+    """cuDNN autotuning and TF32 as `speed.cudnn_benchmark` / `speed.tf32` say, on a GPU only (a
     CPU run leaves torch's flags alone); returns what was set."""
     if device.type != "cuda":
         return {}
-    torch.backends.cudnn.benchmark = bool(t_cfg.cudnn_benchmark)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(t_cfg.tf32)
-    return {"cudnn_benchmark": bool(t_cfg.cudnn_benchmark), "tf32": bool(t_cfg.tf32)}
+    torch.backends.cudnn.benchmark = bool(speed.cudnn_benchmark)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(speed.tf32)
+    return {"cudnn_benchmark": bool(speed.cudnn_benchmark), "tf32": bool(speed.tf32)}
 
 
 @contextlib.contextmanager
 def no_host_sync(device: torch.device, enabled: bool):
-    """`train.sync_debug` on a GPU: inside, any operation that waits for the device (`.item()`,
+    """`speed.sync_debug` on a GPU: inside, any operation that waits for the device (`.item()`,
     `bool(tensor)`, a blocking copy to the host) raises, naming its line (torch's sync debug mode);
     on a CPU, or when off, nothing. The loop enters it for the steps between ticks. On a CPU the same
     property is tested by counting host reads (tests/test_host_sync.py)."""
@@ -300,8 +300,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     if t_cfg.reuse_fakes and (t_cfg.n_critic != 1 or accum != 1):
         raise ConfigError(f"train.reuse_fakes needs train.n_critic=1 and one micro-batch per step (here n_critic "
                           f"{t_cfg.n_critic}, {accum} micro-batches of {per_proc}); set train.reuse_fakes=false")
-    dtype = resolve_precision(t_cfg.mixed_precision, device)
-    device_flags(device, t_cfg)
+    dtype = resolve_precision(cfg.speed.mixed_precision, device)
+    device_flags(device, cfg.speed)
     autocast = autocast_for(device, dtype)
 
     # Build networks (same init on every rank), EMA, phases; resume; then the data stream.
@@ -311,14 +311,14 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     torch.manual_seed(cfg.seed)
     G, D = build_networks(cfg.model, resolution=shards.resolution, channels=shards.channels,
                           num_classes=shards.num_classes)
-    if t_cfg.channels_last and shards.resolution:
+    if cfg.speed.channels_last and shards.resolution:
         # NHWC weights: every convolution then runs (and hands on) channels-last activations.
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     for p in first_layers(D, t_cfg.freeze_d_layers):
         p.requires_grad_(False)             # FreezeD: before DDP, which reduces only trainable ones
-    ema = EMA(G, t_cfg.ema_halflife_kimg, t_cfg.ema_rampup)
+    ema = EMA(G, cfg.ema.halflife_kimg, cfg.ema.rampup)
     ema.model.to(device)
-    posthoc = PowerEMA(G, t_cfg.posthoc_ema_std).to(device) if t_cfg.posthoc_ema_std else None
+    posthoc = PowerEMA(G, cfg.ema.posthoc_std).to(device) if cfg.ema.posthoc_std else None
     G, D = acc.prepare(G, D)
     z_dim, num_classes = unwrap(G).z_dim, unwrap(G).num_classes
     stats = Stats(device)
@@ -347,14 +347,14 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
         if (run_dir / STOP).is_file():
             log(f"{run_dir / STOP} exists: training stops at the first tick (remove the file to train on)")
     writer = StatsWriter(run_dir, enabled=main, resume_nimg=progress.cur_nimg,
-                         tensorboard="tensorboard" in t_cfg.trackers,
+                         tensorboard="tensorboard" in cfg.log.trackers,
                          trackers=trackers.open_training(acc, cfg, run_dir, external, log))
     total_nimg = int(t_cfg.total_kimg * 1000)
     log(f"training {cfg.model.name} G {unwrap(G).num_params():,} / D {unwrap(D).num_params():,} params on {world} x "
         f"{device.type} (batch {batch} = {world} x {accum} x {per_proc}, precision {dtype or 'fp32'}, "
         f"{loader.num_workers} loader workers per process) to {t_cfg.total_kimg} kimg")
     progress_bar = None
-    if main and t_cfg.progress:
+    if main and cfg.log.progress:
         from tqdm import tqdm
         progress_bar = tqdm(total=t_cfg.total_kimg, initial=progress.cur_nimg / 1000, unit="kimg", dynamic_ncols=True,
                             disable=None, bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]")
@@ -367,8 +367,8 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
     with dist.Preemption() as preemption, dist.peer_failures("training", t_cfg.peer_timeout_s):
         while progress.cur_nimg < total_nimg:
             prev_nimg = progress.cur_nimg
-            # Train: D steps, then G steps, with no host synchronisation (train.sync_debug checks it).
-            with no_host_sync(device, t_cfg.sync_debug and ticks_here > 0):
+            # Train: D steps, then G steps, with no host synchronisation (speed.sync_debug checks it).
+            with no_host_sync(device, cfg.speed.sync_debug and ticks_here > 0):
                 # D side: n_critic steps, each one global batch of real images and the fakes G makes for it.
                 for _ in range(t_cfg.n_critic):
                     scheduled = schedules.apply(cfg, phases, ema, progress.cur_nimg)
@@ -431,7 +431,7 @@ def training_loop(cfg: Config, run_dir: Path) -> int:
                     progress_bar.write(status_line(row)) if progress_bar is not None else log(status_line(row))
                     png = run_dir / "samples" / f"fakes-{progress.cur_nimg:09d}.png"
                     grid = generate.save_grid(generate.images(ema.model, seed=cfg.seed, start=0,
-                                                              count=t_cfg.grid_size, device=device), png,
+                                                              count=cfg.log.grid_size, device=device), png,
                                               compress_level=1)
                     if grid is not None:
                         writer.image("Samples/fakes", png, progress.cur_nimg)

@@ -149,7 +149,7 @@ class NonFiniteGuard:
             if n >= self.limit:
                 raise TrainingError(f"{n} consecutive {name} steps with non-finite gradients by kimg "
                                     f"{self.kimg():.3f}; last good checkpoint: {self.last_checkpoint()}. "
-                                    "Lower the learning rates, use train.mixed_precision=fp32 or bf16, or check the data")
+                                    "Lower the learning rates, use speed.mixed_precision=fp32 or bf16, or check the data")
 
 
 def grad_norm(params: list[nn.Parameter]) -> Tensor:
@@ -195,7 +195,7 @@ def first_layers(module: nn.Module, n: int) -> list[nn.Parameter]:
 def step(phase: Phase, guard: NonFiniteGuard, report: Callable[[str, Tensor], None]) -> Tensor:
     """Unscale, measure, and step unless the gradients are not finite (then skip and count).
     Returns whether the step was taken, as a device tensor: with the fused Adam
-    (`train.adam_impl=fused`, the default) nothing here waits for the device, because the skip
+    (`optim.adam_impl=fused`, the default) nothing here waits for the device, because the skip
     happens inside the optimizer's kernel (its `found_inf` input, which GradScaler also uses)."""
     scaler, opt = phase.scaler, phase.optimizer
     scaler.unscale_(opt)
@@ -254,8 +254,7 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
     """G's and D's phases for `cfg`: D main (with the every-step D penalties), one lazy D step per
     distinct D-penalty interval, G main (with the every-step G penalties), one lazy G step per
     distinct G-penalty interval. Every image D sees goes through the augmentation: ADA
-    (`train.ada_groups`), DiffAugment (`train.augment`) or none."""
-    t = cfg.train
+    (`augment.ada_groups`), DiffAugment (`augment.diffaugment`) or none."""
     loss = build_loss(cfg.loss)
     penalties = [(PENALTIES.get(name)(weight, interval), weight, schedule)
                  for name, weight, interval, schedule in penalty_specs(cfg.loss)]
@@ -263,21 +262,21 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
     on_G = [p for p, _, _ in penalties if p.side == "G"]
     for p in on_G:
         p.check(unwrap(G))
-    ada, augment = build_augment(t)
+    ada, augment = build_augment(cfg.augment)
     fp16 = dtype == torch.float16
     scaler_D = torch.amp.GradScaler(device.type, enabled=fp16)    # one per optimizer: the penalty
     scaler_G = torch.amp.GradScaler(device.type, enabled=fp16)    # recipe needs D's own scale
-    ratio = lazy_ratio([p.interval for p in on_D], t.lazy_adjust)
-    ratio_G = lazy_ratio([p.interval for p in on_G], t.lazy_adjust)
-    opt_D = adam(D, t.d_lr, t.d_betas, ratio, t.adam_impl)
-    opt_G = adam(G, t.g_lr, t.g_betas, ratio_G, t.adam_impl)
+    ratio = lazy_ratio([p.interval for p in on_D], cfg.optim.lazy_adjust)
+    ratio_G = lazy_ratio([p.interval for p in on_G], cfg.optim.lazy_adjust)
+    opt_D = adam(D, cfg.optim.d_lr, cfg.optim.d_betas, ratio, cfg.optim.adam_impl)
+    opt_G = adam(G, cfg.optim.g_lr, cfg.optim.g_betas, ratio_G, cfg.optim.adam_impl)
     clean = cfg.loss.penalty_inputs == "clean"
-    fwd_G, fwd_D = compiled(G, t.compile), compiled(D, t.compile)     # the main phases' forwards
+    fwd_G, fwd_D = compiled(G, cfg.speed.compile), compiled(D, cfg.speed.compile)     # the main phases' forwards
 
     # One forward on cat(reals, fakes) gives the same logits as two (up to float summation order)
     # when D treats samples independently, in larger, faster matrix products; and a spectrally
     # normalised D then runs one power iteration per D step, as Miyato et al. do.
-    joint = t.joint_d_forward and not getattr(unwrap(D), "mixes_batch", True)
+    joint = cfg.speed.joint_d_forward and not getattr(unwrap(D), "mixes_batch", True)
 
     def d_main(mb: MicroBatch) -> Tensor:
         real, fake = augment(mb.real), augment(mb.fake)
@@ -296,7 +295,7 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
 
     def penalty_term(group: list) -> Term:
         """One term for D penalties that run together: one forward on their points' concatenation
-        (`joint_penalty`) when D is per-sample and `train.joint_d_forward`, else one each."""
+        (`joint_penalty`) when D is per-sample and `speed.joint_d_forward`, else one each."""
         def term(mb: MicroBatch) -> Tensor:
             # clean: the gradient w.r.t. the un-augmented image, taken through the augmentation
             # (StyleGAN2-ADA); augmented: w.r.t. the augmented image itself.
@@ -330,7 +329,7 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
         return term
 
     every_step = [penalty_term(group)] if (group := [p for p in on_D if p.interval == 1]) else []
-    frozen = first_layers(D, t.freeze_d_layers)
+    frozen = first_layers(D, cfg.train.freeze_d_layers)
     phases = Phases([Phase("D", "D", D, [G], opt_D, scaler_D, 1, [d_main, *every_step], ratio=ratio,
                            after_step=lambda: clip_weights(unwrap(D), cfg.loss.clip), frozen=frozen)])
     intervals = sorted({p.interval for p in on_D if p.interval > 1})
@@ -351,7 +350,7 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
 
 
 def compiled(module: nn.Module, backend: str) -> nn.Module:
-    """`module` itself (`train.compile=off`), or torch.compile of it with `backend`, sharing its
+    """`module` itself (`speed.compile=off`), or torch.compile of it with `backend`, sharing its
     parameters: only the main phases' forwards use it. The penalties call the eager module: they
     differentiate through the gradient (create_graph), which compiled graphs do not support."""
     if backend == "off":
@@ -359,14 +358,14 @@ def compiled(module: nn.Module, backend: str) -> nn.Module:
     return torch.compile(module, backend=backend, dynamic=False)
 
 
-def build_augment(t) -> tuple:
-    """(AdaptiveAugment or None, the callable applied to D's inputs) from the train config."""
-    policy = parse_policy(t.augment)
-    if t.ada_groups:
+def build_augment(a) -> tuple:
+    """(AdaptiveAugment or None, the callable applied to D's inputs) from the `augment` section."""
+    policy = parse_policy(a.diffaugment)
+    if a.ada_groups:
         if policy:
-            raise ConfigError(f"train.augment={t.augment!r} and train.ada_groups={t.ada_groups!r}: choose one "
+            raise ConfigError(f"augment.diffaugment={a.diffaugment!r} and augment.ada_groups={a.ada_groups!r}: choose one "
                               "augmentation (set the other to \"\")")
-        ada = AdaptiveAugment(groups=t.ada_groups, p=t.ada_p, target=t.ada_target or 0.6,
-                              speed_kimg=t.ada_speed_kimg, interval=t.ada_interval, adaptive=t.ada_target > 0)
+        ada = AdaptiveAugment(groups=a.ada_groups, p=a.ada_p, target=a.ada_target or 0.6,
+                              speed_kimg=a.ada_speed_kimg, interval=a.ada_interval, adaptive=a.ada_target > 0)
         return ada, ada
     return None, ((lambda x: diff_augment(x, policy)) if policy else (lambda x: x))

@@ -1,5 +1,5 @@
 """Post-hoc EMA: the EMA generator of any relative length, rebuilt after training from the
-power-function EMA profiles the snapshots keep (`train.posthoc_ema_std`; Karras et al. 2024,
+power-function EMA profiles the snapshots keep (`ema.posthoc_std`; Karras et al. 2024,
 "Analyzing and Improving the Training Dynamics of Diffusion Models" (EDM2), sec. 3 and App. C).
 
     ganpipe posthoc-ema --run-dir RUN --std 0.08 --out runs/mnist-phema/std0.08.json
@@ -81,7 +81,7 @@ def profile_sources(run_dir: Path, at_kimg: float | None = None) -> tuple[dict, 
     if not metas:
         where = f" at or before kimg {at_kimg:g}" if at_kimg is not None else ""
         raise UserError(f"{run_dir / 'snapshots'} has no snapshot with power-function EMA profiles{where}: "
-                        "train with train.posthoc_ema_std (e.g. [0.05,0.1]) to keep them")
+                        "train with ema.posthoc_std (e.g. [0.05,0.1]) to keep them")
     sources = [{"snapshot": Path(m["json_path"]).stem, "meta": m, "variant": name, "t": int(v["t"]),
                 "gamma": float(v["gamma"]), "std": float(v["std"])}
                for m in metas for name, v in sorted(m["variants"].items()) if "gamma" in v]

@@ -27,9 +27,9 @@ from pipeline.io import write_text_atomic
 # Keys that may differ between a run's recorded config and the resuming command.
 RESUMABLE = {"train.total_kimg", "train.tick_kimg", "train.snapshot_kimg", "train.checkpoint_kimg",
              "train.keep_checkpoints", "train.keep_snapshots", "train.peer_timeout_s",
-             "train.progress", "train.threads", "train.max_nonfinite_steps",
-             "train.grid_size", "train.snapshot_raw", "data.num_workers", "data.path",
-             "train.trackers", "train.tracker_project", "train.mlflow_uri"}
+             "log.progress", "train.threads", "train.max_nonfinite_steps",
+             "log.grid_size", "train.snapshot_raw", "data.num_workers", "data.path",
+             "log.trackers", "log.tracker_project", "log.mlflow_uri"}
 
 
 def resolve_run_config(config: str | None, run_dir: Path, overrides: list[str]) -> Config:

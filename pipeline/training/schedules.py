@@ -34,11 +34,11 @@ def factor(s: ScheduleConfig, nimg: int, total_nimg: int) -> float:
 
 def apply(cfg: Config, phases, ema, nimg: int) -> dict[str, float]:
     """Set every scheduled value for the step at `nimg`; returns them for the stats (Schedule/*)."""
-    t, total = cfg.train, int(cfg.train.total_kimg * 1000)
-    lr, beta2 = factor(t.lr_schedule, nimg, total), factor(t.beta2_schedule, nimg, total)
+    total = int(cfg.train.total_kimg * 1000)
+    lr, beta2 = factor(cfg.optim.lr_schedule, nimg, total), factor(cfg.optim.beta2_schedule, nimg, total)
     out = {}
     for phase in phases:
-        base_lr, (beta1, base_beta2) = (t.g_lr, t.g_betas) if phase.side == "G" else (t.d_lr, t.d_betas)
+        base_lr, (beta1, base_beta2) = (cfg.optim.g_lr, cfg.optim.g_betas) if phase.side == "G" else (cfg.optim.d_lr, cfg.optim.d_betas)
         b2 = min(base_beta2 * beta2, 0.9999)
         for group in phase.optimizer.param_groups:
             # A lazy regulariser's adjustment (phases.lazy_ratio) applies on top of the schedule.
@@ -48,8 +48,8 @@ def apply(cfg: Config, phases, ema, nimg: int) -> dict[str, float]:
     for penalty, base, schedule in phases.penalties:
         penalty.weight = base * factor(schedule, nimg, total)
         out[f"Schedule/weight_{penalty.name}"] = penalty.weight
-    ema.halflife_kimg = t.ema_halflife_kimg * factor(t.ema_schedule, nimg, total)
+    ema.halflife_kimg = cfg.ema.halflife_kimg * factor(cfg.ema.schedule, nimg, total)
     out["Schedule/ema_halflife_kimg"] = ema.halflife_kimg
-    if phases.ada is not None and t.ada_target == 0:        # a fixed p may follow a schedule (R3GAN)
-        phases.ada.set_p(t.ada_p * factor(t.ada_p_schedule, nimg, total))
+    if phases.ada is not None and cfg.augment.ada_target == 0:        # a fixed p may follow a schedule (R3GAN)
+        phases.ada.set_p(cfg.augment.ada_p * factor(cfg.augment.ada_p_schedule, nimg, total))
     return out

@@ -7,7 +7,7 @@ Variants beside them, each with its own file and sha256 in the record's `variant
 
     RUN/snapshots/snapshot-000012345-raw.safetensors         the raw G (train.snapshot_raw)
     RUN/snapshots/snapshot-000012345-phema-0.05.safetensors  power-function EMA profiles
-                                                             (train.posthoc_ema_std, ema.PowerEMA)
+                                                             (ema.posthoc_std, ema.PowerEMA)
 
 The number is `cur_nimg` (images seen). Both files are written atomically and the JSON last, so a
 snapshot is complete exactly when its JSON exists and the weights match its sha256; readers (the
@@ -42,7 +42,7 @@ def snapshot_name(cur_nimg: int) -> str:
 # What writes each variant, said in the error when a snapshot lacks it.
 VARIANT_HINTS = {"raw": "train with train.snapshot_raw=true (it may be switched on when resuming; the snapshots "
                         "after that keep it), or use --generator ema",
-                 "phema": "train with train.posthoc_ema_std (e.g. [0.05,0.1]) from the start of the run"}
+                 "phema": "train with ema.posthoc_std (e.g. [0.05,0.1]) from the start of the run"}
 
 
 def _write_weights(G: torch.nn.Module, path: Path) -> str:

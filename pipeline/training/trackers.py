@@ -1,6 +1,6 @@
 """Experiment trackers beside TensorBoard: Weights & Biases and MLflow, through Accelerate's tracker API.
 
-    ganpipe train --config configs/mnist_dcgan.yaml --run-dir RUN train.trackers=[tensorboard,wandb,mlflow]
+    ganpipe train --config configs/mnist_dcgan.yaml --run-dir RUN log.trackers=[tensorboard,wandb,mlflow]
     wandb sync RUN/wandb/offline-run-*                   # later, from a machine with a network
     MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri RUN/mlruns   # the full `mlflow` package
 
@@ -14,7 +14,7 @@ to logging_dir/project_name, which would move the event files that users, tests 
 already use. W&B and MLflow are Accelerate's `WandBTracker` and `MLflowTracker`: the trainer passes
 `log_with` to its Accelerator and calls `init_trackers` (rank 0 only: Accelerate starts no tracker on
 the other ranks). W&B runs offline unless WANDB_MODE says otherwise (RUN/wandb/offline-run-*, no
-network needed); MLflow logs to the file store RUN/mlruns unless `train.mlflow_uri` names another
+network needed); MLflow logs to the file store RUN/mlruns unless `log.mlflow_uri` names another
 store or a server. MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE is set: we set it
 (if unset) for our default store only.
 
@@ -53,14 +53,14 @@ PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}   # tracker -> module it needs
 
 
 def chosen(cfg: Config) -> list[str]:
-    """The trackers besides TensorBoard that `train.trackers` asks for, in order, each installed."""
+    """The trackers besides TensorBoard that `log.trackers` asks for, in order, each installed."""
     out = []
-    for name in cfg.train.trackers:
+    for name in cfg.log.trackers:
         if name == "tensorboard" or name in out:
             continue
         if importlib.util.find_spec(PACKAGES[name]) is None:
-            raise ConfigError(f"train.trackers: {name} is chosen but not installed; "
-                              f"pip install 'ganpipe[trackers]' (or {name}), or drop it from train.trackers")
+            raise ConfigError(f"log.trackers: {name} is chosen but not installed; "
+                              f"pip install 'ganpipe[trackers]' (or {name}), or drop it from log.trackers")
         out.append(name)
     return out
 
@@ -92,10 +92,10 @@ def wandb_mode() -> dict:
 
 
 def use_mlflow_store(cfg: Config, run_dir: Path) -> str:
-    """Point MLflow at the run's store and return its URI: train.mlflow_uri, else the file store RUN/mlruns."""
+    """Point MLflow at the run's store and return its URI: log.mlflow_uri, else the file store RUN/mlruns."""
     import mlflow
 
-    uri = cfg.train.mlflow_uri
+    uri = cfg.log.mlflow_uri
     if not uri:
         uri = (run_dir / "mlruns").resolve().as_uri()
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow's own opt-in; read when a store opens
@@ -138,7 +138,7 @@ def open_training(acc, cfg: Config, run_dir: Path, names: list[str], log: Callab
     `acc` was built with `log_with=names`; call on every rank (Accelerate starts them on rank 0)."""
     if not names or not acc.is_main_process:
         return RunTrackers()
-    project, ids = cfg.train.tracker_project, read_ids(run_dir)
+    project, ids = cfg.log.tracker_project, read_ids(run_dir)
     kwargs: dict[str, dict] = {}
     if "wandb" in names:
         prev = ids.get("wandb", {})
@@ -148,7 +148,7 @@ def open_training(acc, cfg: Config, run_dir: Path, names: list[str], log: Callab
     if "mlflow" in names:
         uri = use_mlflow_store(cfg, run_dir)
         prev = ids.get("mlflow", {})
-        same = (prev.get("experiment"), prev.get("uri")) == (project, cfg.train.mlflow_uri)
+        same = (prev.get("experiment"), prev.get("uri")) == (project, cfg.log.mlflow_uri)
         kwargs["mlflow"] = {"run_id": prev.get("id") if same else None, "run_name": run_dir.name}
     acc.init_trackers(project, config=None, init_kwargs=kwargs)
     params, where = flat_config(cfg), []
@@ -160,7 +160,7 @@ def open_training(acc, cfg: Config, run_dir: Path, names: list[str], log: Callab
                          f"{run_dir / 'wandb'})")
         elif t.name == "mlflow":
             _mlflow_params(t, params)
-            ids["mlflow"] = {"id": t.tracker.info.run_id, "experiment": project, "uri": cfg.train.mlflow_uri}
+            ids["mlflow"] = {"id": t.tracker.info.run_id, "experiment": project, "uri": cfg.log.mlflow_uri}
             where.append(f"mlflow {t.tracker.info.run_id} ({uri})")
     write_json_atomic(run_dir / RECORD, ids)
     log(f"trackers: {'; '.join(where)}")
