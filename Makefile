@@ -9,12 +9,11 @@ RUN ?= runs/mnist_rpgan
 
 .PHONY: demo test bench bench-gpu clean-venv
 
-# torch first, pinned: it is the only pair that imports together on these machines.
-$(STAMP): pyproject.toml
+# Every extra, at the exact versions the tests run with (constraints.txt; pyproject.toml states ranges).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -4,20 +4,19 @@
     ganpipe train --config configs/mnist_dcgan.yaml --run-dir runs/mnist
     ganpipe bench loader
 
-Each command is (module, help, arguments): the parser of the chosen command is built here, then
-its module's `run(args)` does the work. Modules are imported only when their command runs, so
-`ganpipe --help` stays fast. Known errors become one clear line: exit status 2 for bad input, 1
-when training cannot go on.
+`COMMANDS` maps each name to its help, its arguments and the function that runs it: only the
+chosen command's parser is built, and its module is imported only when it runs, so `ganpipe
+--help` stays fast. Known errors become one clear line: exit status 2 for bad input, 1 when
+training cannot go on. Maintainer scripts are not commands: they live in tools/.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from pipeline.errors import DataError, TrainingError, UserError
 
@@ -332,54 +331,100 @@ def bench_arguments(p: argparse.ArgumentParser, argv: list[str]) -> None:
             arguments(q)
 
 
-# -- maintainer scripts (python -m MODULE), not ganpipe commands ------------------------------------
+# -- what each command runs, imported only when it runs (so `ganpipe --help` imports no torch) -----
 
-def train_mnist_extractor_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, type=Path, help="weights file to write (.safetensors)")
-    p.add_argument("--data", type=Path, default=None, help="prepared MNIST dir (default: prepare the bundled one)")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+def _prepare(args: argparse.Namespace) -> int:
+    from pipeline.data.prepare import prepare_command
+    return prepare_command(args)
 
 
-SCRIPTS = {"pipeline.metrics.train_mnist_extractor": train_mnist_extractor_arguments}
+def _verify(args: argparse.Namespace) -> int:
+    from pipeline.data.verify import verify_command
+    return verify_command(args)
 
 
-def script_main(module: str, argv: list[str] | None = None) -> int:
-    """`python -m MODULE ARGS` for the maintainer scripts in SCRIPTS."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}")
-    SCRIPTS[module](parser)
-    return int(importlib.import_module(module).main(parser.parse_args(argv)) or 0)
+def _index_shards(args: argparse.Namespace) -> int:
+    from pipeline.data.index import index_shards_command
+    return index_shards_command(args)
 
 
-# name -> (module, help, arguments). Modules are imported only when their command runs.
-COMMANDS: dict[str, tuple[str, str, Callable]] = {
-    "prepare": ("pipeline.data.prepare", "turn an image collection into webdataset shards + manifest",
-                prepare_arguments),
-    "verify": ("pipeline.data.verify", "re-hash and decode every shard of a prepared directory", verify_arguments),
-    "index-shards": ("pipeline.data.index",
-                     "write the manifest for webdataset shards made elsewhere (then verify, train)", index_arguments),
-    "index": ("pipeline.data.index", "the same as index-shards", index_arguments),
-    "train": ("pipeline.training.run_config", "train a GAN (resumes RUN automatically); see configs/",
-              train_arguments),
-    "sample": ("pipeline.generate", "write images or a grid from a snapshot", sample_arguments),
-    "export": ("pipeline.export", "a snapshot's EMA generator as ONNX or TorchScript, checked against PyTorch",
-               export_arguments),
-    "refstats": ("pipeline.metrics.refstats", "compute and cache reference feature statistics of a data split",
-                 refstats_arguments),
-    "eval": ("pipeline.metrics.commands", "score snapshots of a run (FID, KID, P/R, D/C, IS) and record the protocol",
-             eval_arguments),
-    "watch": ("pipeline.metrics.commands", "score each new snapshot of a run once, until training finishes",
-              watch_arguments),
-    "posthoc-ema": ("pipeline.training.posthoc_ema",
-                    "rebuild the EMA generator of any relative length from the snapshots' EMA profiles (EDM2)",
-                    posthoc_ema_arguments),
-    "compare": ("pipeline.metrics.compare", "plot several runs' scores against kimg; table of each run's best",
-                compare_arguments),
-    "config": ("pipeline.catalog", "print the resolved config of a YAML file plus key=value overrides",
-               config_arguments),
-    "bench": ("pipeline.bench", "run a benchmark and print its measurements as JSON", bench_arguments),
+def _train(args: argparse.Namespace) -> int:
+    from pipeline.training.run_config import train_command
+    return train_command(args)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from pipeline.generate import sample_command
+    return sample_command(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_command
+    return export_command(args)
+
+
+def _refstats(args: argparse.Namespace) -> int:
+    from pipeline.metrics.refstats import refstats_command
+    return refstats_command(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pipeline.metrics.commands import eval_command
+    return eval_command(args)
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from pipeline.metrics.commands import watch_command
+    return watch_command(args)
+
+
+def _posthoc_ema(args: argparse.Namespace) -> int:
+    from pipeline.training.posthoc_ema import posthoc_ema_command
+    return posthoc_ema_command(args)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from pipeline.metrics.compare import compare_command
+    return compare_command(args)
+
+
+def _config(args: argparse.Namespace) -> int:
+    from pipeline.catalog import config_command
+    return config_command(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import bench_command
+    return bench_command(args)
+
+
+class Command(NamedTuple):
+    help: str
+    arguments: Callable[..., None]                          # adds the command's arguments to its parser
+    run: Callable[[argparse.Namespace], int | None]         # does the work; returns the exit status
+
+
+# One name per command, in the order `ganpipe --help` lists them.
+COMMANDS: dict[str, Command] = {
+    "prepare": Command("turn an image collection into webdataset shards + manifest", prepare_arguments, _prepare),
+    "verify": Command("re-hash and decode every shard of a prepared directory", verify_arguments, _verify),
+    "index-shards": Command("write the manifest for webdataset shards made elsewhere (then verify, train)",
+                            index_arguments, _index_shards),
+    "train": Command("train a GAN (resumes RUN automatically); see configs/", train_arguments, _train),
+    "sample": Command("write images or a grid from a snapshot", sample_arguments, _sample),
+    "export": Command("a snapshot's EMA generator as ONNX or TorchScript, checked against PyTorch",
+                      export_arguments, _export),
+    "refstats": Command("compute and cache reference feature statistics of a data split", refstats_arguments,
+                        _refstats),
+    "eval": Command("score snapshots of a run (FID, KID, P/R, D/C, IS) and record the protocol", eval_arguments,
+                    _eval),
+    "watch": Command("score each new snapshot of a run once, until training finishes", watch_arguments, _watch),
+    "posthoc-ema": Command("rebuild the EMA generator of any relative length from the snapshots' EMA profiles (EDM2)",
+                           posthoc_ema_arguments, _posthoc_ema),
+    "compare": Command("plot several runs' scores against kimg; table of each run's best", compare_arguments,
+                       _compare),
+    "config": Command("print the resolved config of a YAML file plus key=value overrides", config_arguments, _config),
+    "bench": Command("run a benchmark and print its measurements as JSON", bench_arguments, _bench),
 }
 
 
@@ -387,15 +432,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The full parser; only the chosen command's arguments are built (start-up stays fast)."""
     parser = argparse.ArgumentParser(prog="ganpipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    command = next((a for a in argv if not a.startswith("-")), None)
-    for name, (module, help_text, arguments) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        if name == command:
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        if name == chosen:
             if name == "bench":
-                arguments(p, argv[argv.index(name) + 1:])
+                command.arguments(p, argv[argv.index(name) + 1:])
             else:
-                arguments(p)
-        p.set_defaults(_module=module)
+                command.arguments(p)
     return parser
 
 
@@ -408,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             and not Path(args.inception_weights).exists():
         args.generator, args.inception_weights = args.inception_weights, None
     try:
-        status = getattr(importlib.import_module(args._module), f"{args.command.replace('-', '_')}_command")(args)
+        status = COMMANDS[args.command].run(args)
     except (UserError, DataError, FileNotFoundError, FileExistsError) as exc:
         print(f"ganpipe {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -20,6 +20,10 @@ class SnapshotError(UserError, ValueError):
     """A snapshot that is incomplete, corrupt or of an unknown format; the message names it."""
 
 
+class MissingExtra(UserError, ImportError):
+    """An optional package a command needs is not installed; the message names the extra that has it."""
+
+
 class DataError(RuntimeError):
     """Data that cannot be trained on or evaluated; names the shard and what to do."""
 

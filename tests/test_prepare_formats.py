@@ -1,6 +1,6 @@
 """Data as users have it: `ganpipe prepare` storing JPEG sources as they are, choosing the stored
 format, non-square and RGBA/grey/16-bit images, labels files, local Hugging Face datasets, and
-`ganpipe index` for webdataset shards written elsewhere. Every result goes through `verify` and
+`ganpipe index-shards` for webdataset shards written elsewhere. Every result goes through `verify` and
 the loader, the readers training uses."""
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def test_index_makes_webdataset_shards_from_elsewhere_verifiable_and_loadable(tm
                 ext = "jpg" if i % 2 else "png"
                 sink.write({"__key__": f"sample{i:04d}", ext: photo(i, 12, 12), "cls": i % 4})
                 images[i] = ext
-    assert main(["index", str(root), "--quiet"]) == 0
+    assert main(["index-shards", str(root), "--quiet"]) == 0
     m = read_manifest(root)
     assert (m["resolution"], m["channels"], m["num_classes"]) == (12, 3, 4)
     assert {k: (v["num_samples"], len(v["shards"])) for k, v in m["splits"].items()} == {"train": (9, 2),

@@ -183,8 +183,8 @@ def test_index_shards_indexes_a_pattern_into_another_directory(tmp_path):
     m = read_manifest(moved)
     assert [s["path"] for s in m["splits"]["train"]["shards"]] == ["shards/train-000000.tar", "shards/train-000001.tar"]
     assert verify_dir(moved, progress=False) == ([], {"shards": 2, "samples": 9})
-    # A directory is indexed in place, under either name of the command.
-    assert main(["index", str(moved / "shards"), "--quiet"]) == 0
+    # A directory is indexed in place.
+    assert main(["index-shards", str(moved / "shards"), "--quiet"]) == 0
     assert all("path" not in s for v in read_manifest(moved / "shards")["splits"].values() for s in v["shards"])
     with pytest.raises(UserError, match="is a pattern: give --out"):
         index_shards(f"{moved}/shards/train-{{000000..000001}}.tar")

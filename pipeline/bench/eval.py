@@ -183,11 +183,13 @@ def metrics_at_scale(device: torch.device, num_images: int = 50_000, sample: int
     """The metric arithmetic at production sample sizes and the production networks' forward rates,
     each measured here, and the full set's cost over FID alone for `num_images` computed from them."""
     import numpy as np
-    import timm
     import torchvision
 
+    from pipeline.extras import require
     from pipeline.metrics.fid import frechet_distance, kernel_distance
     from pipeline.metrics.manifold import manifold_scores
+
+    timm = require("timm", "dinov2", "bench eval --at-scale (the ViT-B/14 forward)")
 
     def forward_rate(net: torch.nn.Module, size: int) -> float:
         x = torch.rand(batch, 3, size, size, device=device)

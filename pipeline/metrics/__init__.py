@@ -10,6 +10,6 @@ clean-fid), `manifold` (precision/recall, density/coverage), `stats` (one pass o
 images: running float64 sums, IS sums, a feature sample), `scores` (the `--metrics` registry),
 `refstats` (reference statistics cache), `records` (RUN/metrics.jsonl, RUN/best.json,
 RUN/metrics.png), `evaluator` (scores snapshots under one protocol; images from
-`pipeline.generate`), `commands` (`ganpipe eval` and `ganpipe watch`), `compare` (`ganpipe
-compare`), and `train_mnist_extractor` (the script that reproduces the mnist weights).
+`pipeline.generate`), `commands` (`ganpipe eval` and `ganpipe watch`) and `compare` (`ganpipe
+compare`). tools/train_mnist_extractor.py reproduces the mnist weights.
 """

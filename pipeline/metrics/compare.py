@@ -94,6 +94,9 @@ def table(name: str, series: dict[Path, list[dict]]) -> str:
 
 
 def plot(panels: list[tuple[str, dict[Path, list[dict]]]], out: Path) -> Path:
+    from pipeline.extras import require
+
+    require("matplotlib", "plots", "compare's figure")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

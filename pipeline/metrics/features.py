@@ -231,8 +231,8 @@ def build_mnist(device: torch.device, weights: str | Path | None = None) -> Extr
         path = path / WEIGHTS.name if (path / WEIGHTS.name).is_file() else WEIGHTS
     if not path.is_file():
         raise UserError(f"mnist extractor weights {path} not found; they ship with ganpipe "
-                        f"(pipeline/metrics/weights/); rebuild them with `python -m "
-                        f"pipeline.metrics.train_mnist_extractor --out {path}`")
+                        f"(pipeline/metrics/weights/); rebuild them from a ganpipe checkout with "
+                        f"`python tools/train_mnist_extractor.py --out {path}`")
     net, _ = load_mnist_net(path)
     net = net.to(device)
 
@@ -314,7 +314,9 @@ def _build_dinov2(name: str, device: torch.device, weights: str | Path | None) -
     path = dinov2_path(name, weights)
     if not path.is_file():
         raise UserError(_missing_dinov2(name, path))
-    import timm
+    from pipeline.extras import require
+
+    timm = require("timm", "dinov2", f"--extractor {name}")
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     try:

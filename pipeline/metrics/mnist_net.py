@@ -8,9 +8,9 @@ embedding *before* its ReLU, scaled to unit variance per dimension on the traini
 the feature: no dead units, so the 64x64 covariance is full rank from a few hundred samples.
 61k parameters, 240 KB of float32 weights, committed as
 `pipeline/metrics/weights/mnist_features.safetensors` (its metadata holds the test accuracy and
-how it was trained). `train_mnist_extractor.py` reproduces them:
+how it was trained). tools/train_mnist_extractor.py reproduces them:
 
-    python -m pipeline.metrics.train_mnist_extractor --out pipeline/metrics/weights/mnist_features.safetensors
+    python tools/train_mnist_extractor.py --out pipeline/metrics/weights/mnist_features.safetensors
 
     net, meta = load_mnist_net()        # eval mode, no grad; meta: the file's training record
 """

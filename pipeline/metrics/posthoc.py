@@ -80,6 +80,10 @@ def series(records: list[dict]) -> dict[str, dict[float, list[dict]]]:
 
 def plot(directory: Path, records: list[dict]) -> Path | None:
     """One panel per metric name: the metric against sigma_rel, a line per snapshot kimg."""
+    from pipeline.extras import optional
+
+    if not optional("matplotlib", "plots", "RUN/posthoc/metrics.png"):     # a side output, as RUN/metrics.png
+        return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

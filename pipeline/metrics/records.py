@@ -129,6 +129,10 @@ def write_best(run_dir: str | Path, records: list[dict], metrics: tuple[str, ...
 
 def plot_metrics(run_dir: str | Path, records: list[dict]) -> Path | None:
     """Redraw RUN/metrics.png: one panel per metric against kimg, the best point starred."""
+    from pipeline.extras import optional
+
+    if not optional("matplotlib", "plots", "RUN/metrics.png"):     # a side output: the scores are recorded
+        return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -1,13 +1,14 @@
 """Reproduce the `mnist` extractor's committed weights (about 4 minutes on 2 CPU cores):
 
-    python -m pipeline.metrics.train_mnist_extractor --out pipeline/metrics/weights/mnist_features.safetensors
+    python tools/train_mnist_extractor.py --out pipeline/metrics/weights/mnist_features.safetensors
 
 prepares the bundled MNIST exactly as `ganpipe prepare --source mnist --holdout 1000` does (seed 0)
 unless `--data DIR` names a prepared copy, trains `MnistFeatureNet` (mnist_net.py) on the 4,000
 `train` digits with random shifts of up to 2 pixels, reports accuracy on the 1,000 `test` digits,
 sets the feature scale so real digits' features have unit variance, and writes the weights with
 their training record as safetensors metadata. Only this script trains; loading lives in
-mnist_net.py, so evaluation never imports training code.
+pipeline/metrics/mnist_net.py, so evaluation never imports training code. A maintainer's tool:
+tools/ is not installed with ganpipe.
 """
 
 from __future__ import annotations
@@ -93,6 +94,18 @@ def train(data_dir: Path, *, epochs: int, batch_size: int, lr: float, seed: int,
     return net.eval(), meta
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python tools/train_mnist_extractor.py",
+                                description="Train the `mnist` feature extractor and write its weights.")
+    p.add_argument("--out", required=True, type=Path, help="weights file to write (.safetensors)")
+    p.add_argument("--data", type=Path, default=None, help="prepared MNIST dir (default: prepare the bundled one)")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
 def main(args: argparse.Namespace) -> int:
     """Train and write `args.out`; args: out, data (or None), epochs, batch_size, lr, seed."""
     from safetensors.torch import save_file
@@ -112,7 +125,4 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    # The arguments live in pipeline/cli.py with every other command's.
-    from pipeline.cli import script_main
-
-    raise SystemExit(script_main("pipeline.metrics.train_mnist_extractor"))
+    raise SystemExit(main(parse_args()))

@@ -1,6 +1,6 @@
 """Fuzz the shard readers: no byte sequence may crash, hang or silently lose a sample.
 
-    python -m pipeline.bench.fuzz_shards 3000 0        # image variants, seed; prints JSON
+    python tools/fuzz_shards.py 3000 0        # image variants, seed; prints JSON
 
 Three parts, on real MNIST digits (the first 240 of the bundled 5,000, prepared with `prepare`):
 
@@ -51,7 +51,8 @@ from pipeline.data.shards import check_image_header, decode_image, iter_tar_samp
 from pipeline.errors import BadSample
 from pipeline.io import sha256_file
 
-REPO = Path(__file__).resolve().parents[2]
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
 RESOLUTION = 28
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -286,7 +287,8 @@ def decode_child(variants_path: str, mode: str, batch: int) -> None:
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # The children import this file by name: tools/ is not part of the installed package.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TOOLS), str(REPO)])}
 
 
 def decode_fuzz(variants: list[tuple[str, bytes, int, bytes | None]], mode: str, workdir: Path) -> dict:
@@ -294,7 +296,7 @@ def decode_fuzz(variants: list[tuple[str, bytes, int, bytes | None]], mode: str,
     path = workdir / f"variants-{mode}.pkl"
     with open(path, "wb") as f:
         pickle.dump(variants, f)
-    code = ("import sys; from pipeline.bench.fuzz_shards import decode_child; "
+    code = ("import sys; from fuzz_shards import decode_child; "
             "decode_child(sys.argv[1], sys.argv[2], int(sys.argv[3]))")
     t0 = time.perf_counter()
     # One variant per fork where crashes are expected (raw); otherwise many, forking again after one.
@@ -532,7 +534,7 @@ def loader_child(data_dir: str) -> None:
 
 
 def loader_epoch(data_dir: Path, timeout: int = 300) -> tuple[subprocess.CompletedProcess, dict | None]:
-    code = "import sys; from pipeline.bench.fuzz_shards import loader_child; loader_child(sys.argv[1])"
+    code = "import sys; from fuzz_shards import loader_child; loader_child(sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, str(data_dir)], capture_output=True, text=True,
                           env=_env(), timeout=timeout, cwd=REPO)
     last = proc.stdout.strip().splitlines()[-1:] if proc.returncode == 0 else []
@@ -617,7 +619,7 @@ def run(variants: int, seed: int, workdir: str | Path | None = None, compare: bo
         tmp = Path(tmp)
         base = base_dataset(tmp / "base")
         pngs = [f["png"] for p in sorted(base.glob("*.tar")) for _, f in iter_tar_samples(open(p, "rb"))]
-        report: dict = {"command": f"python -m pipeline.bench.fuzz_shards {variants} {seed}", "failures": []}
+        report: dict = {"command": f"python tools/fuzz_shards.py {variants} {seed}", "failures": []}
         if compare:
             report["decode_cost_us_per_mnist_sample"] = decode_cost(sorted(base.glob("*.tar"))[0])
         found = image_variants(pngs, variants, seed)
