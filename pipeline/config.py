@@ -1,10 +1,11 @@
 """Typed configuration: nested dataclasses, YAML deltas over their defaults, dotted overrides.
 
+    from pipeline.catalog import load_config       # the one loader: every command and the API use it
     cfg = load_config("configs/mnist_dcgan.yaml", ["data.batch_size=32", "seed=1"])
 
 This module is the floor under everything but `errors`: it imports nothing else of ours. Names
-that registries own (networks, losses, penalties) are checked against the `names` handed down by
-`pipeline.catalog.load_config`, which every command uses.
+that registries own (networks, losses, penalties) are checked against the `names` that
+`pipeline.catalog` hands down to `_build`; it also runs the checks that span fields (`catalog.check`).
 
 Every field has a default and a one-line comment giving its unit. Constraints live in the field's
 metadata (`min`, `max`, `choices`), so one validator serves every section and every error names
@@ -29,7 +30,7 @@ import yaml
 
 from pipeline.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "load_config", "from_dict", "validate"]
+__all__ = ["Config", "ConfigError", "validate"]
 
 
 def opt(default: Any, *, min: float | None = None, max: float | None = None, below: float | None = None,
@@ -80,10 +81,12 @@ class ModelConfig:
 
 @dataclass
 class ScheduleConfig:
-    """A value's course over training, as a multiple of its configured value (1 at the start)."""
-    kind: str = opt("constant", choices=("constant", "linear", "cosine"))  # shape from start to end
+    """A value's course over training, as a multiple of its configured value: `start` at the start,
+    `end` at the end ({kind: cosine, start: 0, end: 1} ramps up from 0 to the value)."""
+    kind: str = opt("constant", choices=("constant", "linear", "cosine"))  # shape from start to end (constant: `start` throughout)
+    start: float = opt(1.0, min=0.0, max=1e6)     # multiple of the configured value at the start (after the warm-up)
     end: float = opt(1.0, min=0.0, max=1e6)       # multiple of the configured value reached at the end
-    warmup_kimg: float = opt(0.0, min=0.0)        # linear ramp from 0 to 1x over this many kimg first (0 = none)
+    warmup_kimg: float = opt(0.0, min=0.0)        # linear ramp from 0 to `start` over this many kimg first (0 = none)
     length_kimg: float = opt(0.0, min=0.0)        # kimg from the start (after warm-up) to `end` (0 = until train.total_kimg)
 
 
@@ -99,11 +102,7 @@ class PenaltyConfig:
 class LossConfig:
     name: str = opt("nonsaturating", registry="loss")  # adversarial loss from the LOSSES registry (rpgan: R3GAN's)
     clip: float = opt(0.0, min=0.0)     # WGAN weight clipping bound c, D kept in [-c, c] (0 = off; wasserstein only)
-    penalty: str = opt("none", registry="penalty")  # one gradient penalty on D (wgan-gp, r1, r2) or none
-    penalty_weight: float = opt(10.0, min=0.0)  # lambda for wgan-gp, gamma for r1/r2 (gamma/2 * E|grad D|^2)
-    penalty_interval: int = opt(1, min=1, max=10_000)  # D steps between penalty evaluations; the penalty is scaled by it
-    penalty_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # course of penalty_weight over kimg
-    penalties: list[PenaltyConfig] = opt([])  # more penalties, each with its weight, interval, schedule (R3GAN: r1 + r2)
+    penalties: list[PenaltyConfig] = opt([])  # regularisers of D and G, each with its weight, interval, schedule (R3GAN: r1 + r2; [] = none)
     penalty_inputs: str = opt("clean", choices=("clean", "augmented"))  # gradient w.r.t. the un-augmented image through the augmentation (StyleGAN2-ADA) or w.r.t. the augmented one
 
 
@@ -291,11 +290,39 @@ RENAMED = {
 }
 
 
+# The single-penalty keys of `loss`: refused with the `loss.penalties` entry that says the same.
+PENALTY_KEYS = ("penalty", "penalty_weight", "penalty_interval", "penalty_schedule")
+
+
+def _flow(value: Any) -> str:
+    """`value` as one line of YAML flow style: [{name: r1, weight: 10}]."""
+    return yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 30).strip()
+
+
+def _penalty_gone(loss: dict) -> ConfigError:
+    """The error for a `loss` section with single-penalty keys, showing the penalties list that
+    does the same: the old penalty first (with the old default weight 10 unless given), then the
+    section's own `penalties`."""
+    old = [k for k in PENALTY_KEYS if k in loss]
+    entry = {"name": loss.get("penalty", "r1"), "weight": loss.get("penalty_weight", 10)}
+    if "penalty_interval" in loss:
+        entry["interval"] = loss["penalty_interval"]
+    if "penalty_schedule" in loss:
+        entry["schedule"] = loss["penalty_schedule"]
+    rest = loss.get("penalties") or []
+    new = _flow(([] if entry["name"] == "none" else [entry]) + (rest if isinstance(rest, list) else [rest]))
+    keys = ", ".join(f"loss.{k}" for k in old)
+    return ConfigError(f"{keys} {'is' if len(old) == 1 else 'are'} gone: write loss.penalties={new} "
+                       f"(in YAML: penalties: {new} under loss:)")
+
+
 def build_dataclass(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    if prefix == "loss" and any(k in data for k in PENALTY_KEYS):
+        raise _penalty_gone(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -380,15 +407,17 @@ def parse_override(text: str) -> dict:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override '{text}': value is not valid YAML ({' '.join(str(exc).split())})") from None
     out: dict = value
     for part in reversed(key.split(".")):
         out = {part: out}
     return out
 
 
-def from_dict(data: dict, overrides: Iterable[str] = (), names: Mapping[str, Iterable[str]] | None = None
-              ) -> Config:
+def _build(data: dict, overrides: Iterable[str], names: Mapping[str, Iterable[str]]) -> Config:
+    """Defaults, the sections of `data`, then `key=value` overrides; every field's bounds and
+    registry names checked. Use `pipeline.catalog.from_dict`, which hands `names` down and runs
+    the cross-field checks."""
     merged = dict(data or {})
     for text in overrides:
         merged = _merge(merged, parse_override(text))
@@ -397,25 +426,18 @@ def from_dict(data: dict, overrides: Iterable[str] = (), names: Mapping[str, Ite
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: Iterable[str] = (),
-                names: Mapping[str, Iterable[str]] | None = None) -> Config:
-    """Defaults, then the YAML file at `path` (a delta), then `key=value` overrides."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (see configs/ for the catalogue)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections")
+def _read(path: str | Path) -> dict:
+    """The sections of the YAML file at `path` (a delta over the defaults), as plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (see configs/ for the catalogue)")
     try:
-        return from_dict(data, overrides, names)
-    except ConfigError as exc:
-        where = f" (in {path})" if path is not None else ""
-        raise ConfigError(f"{exc}{where}") from None
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections")
+    return data
 
 
 def to_dict(cfg: Any) -> dict:

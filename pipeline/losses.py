@@ -1,19 +1,22 @@
 """Adversarial losses, gradient penalties on D's logits and regularisers of G, by config name.
 
     loss = build_loss(cfg.loss)                    # LOSSES[cfg.loss.name]
-    penalty = build_penalty(cfg.loss)              # PENALTIES[cfg.loss.penalty], or None
+    penalties = build_penalties(cfg.loss)          # one per entry of cfg.loss.penalties, in order
     d_loss = loss.d_loss(D(real, y), D(fake.detach(), y))
-    if penalty is not None and penalty.due(d_step):
-        reg, stats = penalty(D, real, fake, y, scaler=scaler)   # already x weight x interval
-        d_loss = d_loss + reg
+    for p in penalties:                            # a D-side penalty (side "D"), every p.interval D steps
+        if p.side == "D" and d_step % p.interval == 0:
+            reg, stats = p(D, real, fake, y, scaler=scaler)    # already x weight x interval
+            d_loss = d_loss + reg
     ...; clip_weights(D, cfg.loss.clip) after D's optimizer step (original WGAN only)
     g_loss = loss.g_loss(D(G(z, y), y))
     reg, stats = PENALTIES.get("pl")(2.0, 4)(G, z, y)   # a G-side penalty (side "G"): G's own graph
 
 Every penalty has a `side`: "D" (wgan-gp, r1, r2: called as penalty(D, real, fake, labels), its
 interval counted in D steps) or "G" (pl, ortho: called as penalty(G, z, labels), interval in G
-steps). The trainer's phases (training/phases.py) put each on its side. A penalty with running
-state (pl's mean path length) hands it out as `state_dict()` for the checkpoint.
+steps). The trainer's phases (training/phases.py) put each on its side. A penalty that works
+with some network families only names them (`networks`), so a config is checked before any
+network is built (`pipeline.catalog.check`). A penalty with running state (pl's mean path
+length) hands it out as `state_dict()` for the checkpoint.
 Losses are means over the batch, written on logits with softplus (log sigmoid(t) = -softplus(-t)),
 never as sigmoid followed by log, so they stay finite for any logit. A penalty takes D as an
 argument and owns no optimizer (StyleGAN2-ADA's phases, EDM's losses).
@@ -106,7 +109,7 @@ class Wasserstein(AdversarialLoss):
     """Arjovsky et al. (2017), Eq. 3: the critic maximises E[D(x)] - E[D(G(z))]; G: -E[D(G(z))].
 
     D must be kept Lipschitz: weight clipping (`loss.clip`, the original WGAN; `clip_weights`) or
-    a gradient penalty (`loss.penalty=wgan-gp`).
+    a gradient penalty (`loss.penalties=[{name: wgan-gp, weight: 10}]`).
     """
 
     name = "wasserstein"
@@ -174,10 +177,7 @@ class RelativisticAverage(AdversarialLoss):
 
 
 def build_loss(loss_cfg) -> AdversarialLoss:
-    """The adversarial loss named by `loss_cfg.name` (a `LossConfig`); checks `loss_cfg.clip`."""
-    if loss_cfg.clip > 0 and loss_cfg.name != "wasserstein":
-        raise ConfigError(f"loss.clip: weight clipping belongs to the original WGAN; it needs "
-                          f"loss.name=wasserstein, not {loss_cfg.name} (or set loss.clip=0)")
+    """The adversarial loss named by `loss_cfg.name` (a `LossConfig`)."""
     return LOSSES.get(loss_cfg.name)()
 
 
@@ -233,16 +233,14 @@ class Penalty:
 
     name: ClassVar[str]
     side: ClassVar[str] = "D"       # the network it regularises; `interval` counts that side's steps
+    networks: ClassVar[tuple[str, ...] | None] = None   # the network families it can regularise (None = any)
+    needs: ClassVar[str] = ""       # what those families have and the others lack, for the error
 
     def __init__(self, weight: float = 10.0, interval: int = 1):
         if weight < 0 or interval < 1:
             raise ConfigError(f"penalty {self.name}: need weight >= 0 and interval >= 1, "
                               f"got weight={weight}, interval={interval}")
         self.weight, self.interval = float(weight), int(interval)
-
-    def due(self, d_step: int) -> bool:
-        """Whether the penalty runs at D step `d_step` (counted from 0: the first step has it)."""
-        return d_step % self.interval == 0
 
     def state_dict(self) -> dict:
         """Running state to checkpoint (none for the gradient penalties)."""
@@ -361,16 +359,9 @@ class GPenalty(Penalty):
 
     side = "G"
 
-    def check(self, G: nn.Module) -> None:
-        """Raise ConfigError if this G cannot be regularised so (checked before training starts)."""
-
     def __call__(self, G: nn.Module, z: Tensor, labels: Tensor | None = None, *,
                  scaler=None) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
-
-
-def _family(G: nn.Module) -> str:
-    return type(G).__module__.rsplit(".", 1)[-1]
 
 
 @PENALTIES.register("pl")
@@ -391,16 +382,12 @@ class PathLength(GPenalty):
     """
 
     name = "pl"
+    networks, needs = ("stylegan2",), "a generator with a mapping network and per-layer w"
 
     def __init__(self, weight: float = 2.0, interval: int = 4, *, decay: float = 0.01, batch_shrink: int = 2):
         super().__init__(weight, interval)
         self.decay, self.batch_shrink = float(decay), int(batch_shrink)
         self.pl_mean = torch.zeros([])
-
-    def check(self, G: nn.Module) -> None:
-        if not getattr(G, "num_ws", 0):
-            raise ConfigError(f"loss.penalties: pl (path length) needs a generator with a mapping network and "
-                              f"per-layer w (model.name=stylegan2); the {_family(G)} generator has none")
 
     def lengths(self, G: nn.Module, z: Tensor, labels: Tensor | None, scaler=None) -> tuple[Tensor, Tensor]:
         """(||J^T y|| per sample in fp32, the images) on the first 1/batch_shrink of z."""
@@ -465,8 +452,7 @@ class Orthogonal(GPenalty):
         return value * (self.weight * self.interval), {"Loss/G/ortho": value.detach()}
 
 
-def build_penalty(loss_cfg) -> Penalty | None:
-    """The penalty named by `loss_cfg.penalty` with its weight and interval, or None for "none"."""
-    if loss_cfg.penalty == "none":
-        return None
-    return PENALTIES.get(loss_cfg.penalty)(loss_cfg.penalty_weight, loss_cfg.penalty_interval)
+def build_penalties(loss_cfg) -> list[Penalty]:
+    """One penalty per entry of `loss_cfg.penalties` (a `LossConfig`), in order, each with its
+    configured weight and interval."""
+    return [PENALTIES.get(p.name)(p.weight, p.interval) for p in loss_cfg.penalties]

@@ -56,7 +56,7 @@ def test_cli_prints_resolved_config_and_rejects_bad_keys():
     ("optim.d_betas=[0.5, 1.0]", "optim.d_betas[1]: 1.0 must be below 1.0"),
     ("optim.d_betas=[-0.1, 0.9]", "optim.d_betas[0]: -0.1 is below the minimum 0.0"),
     ("optim.g_lr=.nan", "optim.g_lr: nan is not a finite number"),
-    ("loss.penalty_weight=.nan", "loss.penalty_weight: nan is not a finite number"),
+    ("loss.penalties=[{name: r1, weight: .nan}]", "loss.penalties[0].weight: nan is not a finite number"),
     ("train.total_kimg=.inf", "train.total_kimg: inf is not a finite number"),
     ("data.batch_size=100000000000", "data.batch_size: 100000000000 is above the maximum"),
     ("train.n_critic=1000000", "train.n_critic: 1000000 is above the maximum 1000"),
@@ -71,8 +71,8 @@ def test_exponent_without_a_dot_is_a_float():
     """YAML 1.1 reads `4e-4` as a string; in a float field it is the number the user typed."""
     from pipeline.catalog import load_config as load
 
-    cfg = load(None, ["optim.g_lr=4e-4", "loss.penalty_weight=1E2"])
-    assert cfg.optim.g_lr == 4e-4 and cfg.loss.penalty_weight == 100.0
+    cfg = load(None, ["optim.g_lr=4e-4", "loss.penalties=[{name: r1, weight: 1E2}]"])
+    assert cfg.optim.g_lr == 4e-4 and cfg.loss.penalties[0].weight == 100.0
     with pytest.raises(ConfigError, match=r"optim\.g_lr: expected float, got 'fast'"):
         load(None, ["optim.g_lr=fast"])
     with pytest.raises(ConfigError, match=r"model\.name"):
@@ -90,3 +90,41 @@ def test_a_key_that_moved_to_its_section_is_refused_with_the_new_spelling(old, n
     section, key = RENAMED[old.split("=")[0]].split(".")
     assert load_config(None, [f"{new}={old.split('=')[1]}"]) is not None and key in {
         f.name for f in __import__("dataclasses").fields(getattr(load_config(None), section))}
+
+
+@pytest.mark.parametrize("written, new, meant", [
+    (["loss.penalty=r1", "loss.penalty_weight=10", "loss.penalty_interval=16"],
+     "loss.penalties=[{name: r1, weight: 10, interval: 16}] (in YAML: penalties: [{name: r1, weight: 10, "
+     "interval: 16}] under loss:)", [("r1", 10.0, 16)]),
+    (["loss.penalty=wgan-gp"], "loss.penalties=[{name: wgan-gp, weight: 10}]", [("wgan-gp", 10.0, 1)]),   # the old default weight
+    (["loss.penalty=r1", "loss.penalty_interval=4", "loss.penalties=[{name: pl, weight: 2.0, interval: 4}]",
+      "model.name=stylegan2"],
+     "loss.penalties=[{name: r1, weight: 10, interval: 4}, {name: pl, weight: 2.0, interval: 4}]",
+     [("r1", 10.0, 4), ("pl", 2.0, 4)]),
+    (["loss.penalty=none"], "loss.penalties=[]", []),
+])
+def test_the_single_penalty_keys_are_refused_with_the_penalties_entry_that_does_the_same(written, new, meant):
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, written)
+    assert str(exc.value).startswith(written[0].split("=")[0]) and " gone: write " in str(exc.value)
+    assert new in str(exc.value)
+    # What the message says to write loads, and means what the old keys meant.
+    rest = [w for w in written if not w.startswith("loss.penalt")]
+    penalties = load_config(None, [new.split(" (in YAML")[0], *rest]).loss.penalties
+    assert [(p.name, p.weight, p.interval) for p in penalties] == meant
+
+
+def test_a_yaml_file_with_the_single_penalty_keys_names_the_file(tmp_path):
+    f = tmp_path / "old.yaml"
+    f.write_text("loss:\n  penalty: r1\n  penalty_weight: 1.0\n  penalty_interval: 16\n")
+    with pytest.raises(ConfigError, match=r"loss\.penalty, loss\.penalty_weight, loss\.penalty_interval are gone: "
+                                          r"write loss\.penalties=\[\{name: r1, weight: 1\.0, interval: 16\}\].*old\.yaml"):
+        load_config(f)
+
+
+def test_there_is_one_loader_and_it_checks_names_and_fields():
+    import pipeline.config as config
+
+    assert not hasattr(config, "load_config") and not hasattr(config, "from_dict")
+    with pytest.raises(ConfigError, match="model.name"):
+        load_config(None, ["model.name=nope"])

@@ -80,7 +80,7 @@ def test_speed_levers_give_the_plain_path_results(tmp_path, mnist_dir):
             f"data.path={mnist_dir}", "data.batch_size=16", "data.num_workers=0", "data.shuffle_buffer=0",
             "model.g_width=0.125", "model.d_width=0.125", "train.total_kimg=0.096", "train.tick_kimg=1000",
             "train.snapshot_kimg=0", "train.checkpoint_kimg=0", "log.progress=false", "log.grid_size=4",
-            "train.threads=1", "loss.penalty=r1", "loss.penalty_weight=1", "loss.penalty_interval=2", *extra])
+            "train.threads=1", "loss.penalties=[{name: r1, weight: 1, interval: 2}]", *extra])
         training_loop(cfg, tmp_path / name)
         return load_file(next((tmp_path / name / "snapshots").glob("*.safetensors")))
 
@@ -147,7 +147,7 @@ def test_reuse_fakes_runs_G_once_per_step(tmp_path, mnist_dir, monkeypatch):
             f"data.path={mnist_dir}", "data.batch_size=16", "data.num_workers=0", "model.g_width=0.125",
             "model.d_width=0.125", "train.total_kimg=0.16", "train.tick_kimg=1000", "train.snapshot_kimg=0",
             "train.checkpoint_kimg=0", "log.progress=false", "log.grid_size=4", "train.threads=1",
-            "loss.name=rpgan", "loss.penalty=r1", "loss.penalty_interval=2", *extra])
+            "loss.name=rpgan", "loss.penalties=[{name: r1, weight: 10, interval: 2}]", *extra])
         assert training_loop(cfg, tmp_path / name) == 0
         return calls["n"]
 

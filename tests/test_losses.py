@@ -96,14 +96,14 @@ def test_loss_names_come_from_config_and_errors_name_the_key():
     assert from_dict({"loss": {"name": "hinge"}}).loss.name == "hinge"
     with pytest.raises(ConfigError, match=r"loss\.name.*hinge.*lsgan.*minimax.*nonsaturating.*rpgan.*wasserstein"):
         from_dict({"loss": {"name": "vanilla"}})
-    with pytest.raises(ConfigError, match=r"loss\.penalty.*none.*r1.*r2.*wgan-gp"):
-        from_dict({}, ["loss.penalty=gp"])
+    with pytest.raises(ConfigError, match=r"loss\.penalties\[0\]\.name.*r1.*r2.*wgan-gp"):
+        from_dict({}, ["loss.penalties=[{name: gp}]"])
 
 
 def test_weight_clipping_only_with_wasserstein():
     with pytest.raises(ConfigError, match="loss.clip"):
-        build_loss(LossConfig(name="hinge", clip=0.01))
-    assert build_loss(LossConfig(name="wasserstein", clip=0.01)).name == "wasserstein"
+        from_dict({"loss": {"name": "hinge", "clip": 0.01}})
+    assert build_loss(from_dict({"loss": {"name": "wasserstein", "clip": 0.01}}).loss).name == "wasserstein"
 
 
 def test_clip_weights_clamps_every_parameter_and_zero_is_off():

@@ -14,8 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from pipeline.config import LossConfig, ModelConfig
-from pipeline.losses import PENALTIES, R1, R2, WGANGP, build_penalty
+from pipeline.catalog import from_dict
+from pipeline.config import LossConfig, ModelConfig, PenaltyConfig
+from pipeline.losses import PENALTIES, R1, R2, WGANGP, build_penalties
 from pipeline.networks import NETWORKS, build_networks
 
 
@@ -41,8 +42,8 @@ def test_registry_and_config_serve_every_penalty():
     assert PENALTIES.keys() == ["ortho", "pl", "r1", "r2", "wgan-gp"]
     assert {k: PENALTIES.get(k).side for k in PENALTIES.keys()} == {
         "ortho": "G", "pl": "G", "r1": "D", "r2": "D", "wgan-gp": "D"}
-    assert build_penalty(LossConfig(penalty="none")) is None
-    p = build_penalty(LossConfig(penalty="r1", penalty_weight=0.5, penalty_interval=16))
+    assert build_penalties(LossConfig()) == []
+    (p,) = build_penalties(LossConfig(penalties=[PenaltyConfig(name="r1", weight=0.5, interval=16)]))
     assert isinstance(p, R1) and (p.weight, p.interval) == (0.5, 16)
 
 
@@ -89,9 +90,19 @@ def test_wgan_gp_points_lie_on_segments_between_real_and_fake():
 
 
 def test_lazy_interval_schedules_and_scales():
+    from pipeline.training.phases import build_phases
+
+    def due(interval: int, steps: int) -> list[int]:
+        """The D steps at which the penalty runs (in D's main phase when interval 1, else in Dreg)."""
+        cfg = from_dict({"model": {"name": "mlp", "g_width": 0.125, "d_width": 0.125},
+                         "loss": {"penalties": [{"name": "r1", "weight": 1.0, "interval": interval}]}})
+        G, D = build_networks(cfg.model, resolution=0, channels=6, num_classes=0)
+        phases = build_phases(cfg, G=G, D=D, device=torch.device("cpu"), dtype=None, report=lambda n, v: None)
+        return [k for k in range(steps) if sum(len(p.terms) for p in phases.due("D", k)) == 2]
+
+    assert due(4, 10) == [0, 4, 8]
+    assert due(1, 3) == [0, 1, 2]
     penalty = R1(weight=1.0, interval=4)
-    assert [k for k in range(10) if penalty.due(k)] == [0, 4, 8]
-    assert [k for k in range(3) if R1(interval=1).due(k)] == [0, 1, 2]
     D = LinearD(W, 0.0)
     real, _ = _batch()
     assert penalty(D, real, None)[0].item() == pytest.approx(4 * R1(weight=1.0)(D, real, None)[0].item())

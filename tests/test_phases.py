@@ -23,9 +23,10 @@ from pipeline.training.phases import MicroBatch, NonFiniteGuard, accumulate, aut
 CPU = torch.device("cpu")
 
 
-def setup(penalty: str, interval: int, model: str = "mlp", **loss):
+def setup(penalty: str, interval: int, model: str = "mlp", penalties=(), **loss):
+    single = [] if penalty == "none" else [{"name": penalty, "weight": 1.0, "interval": interval}]
     cfg = from_dict({"model": {"name": model, "g_width": 0.125, "d_width": 0.125},
-                     "loss": {"penalty": penalty, "penalty_weight": 1.0, "penalty_interval": interval, **loss}})
+                     "loss": {"penalties": single + list(penalties), **loss}})
     torch.manual_seed(0)
     G, D = build_networks(cfg.model, resolution=8, channels=1, num_classes=0)
     gen = torch.Generator().manual_seed(1)

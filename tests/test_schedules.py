@@ -28,6 +28,51 @@ def test_shapes_follow_their_formulas():
     assert f(warm, 50, 10_000) == pytest.approx(0.5)          # half-way up the warm-up
     assert f(warm, 300, 10_000) == pytest.approx(0.75)        # half-way from 1 to 0.5 after it
     assert f(warm, 9000, 10_000) == pytest.approx(0.5)
+    # `start`: the multiple at the start, so a ramp up from 0 is written as it is said.
+    up = ScheduleConfig(kind="cosine", start=0.0, end=1.0)
+    assert [f(up, n, 1000) for n in (0, 1000, 2000)] == [0.0, 1.0, 1.0]
+    assert f(up, 500, 1000) == pytest.approx(0.5)
+    assert f(ScheduleConfig(kind="linear", start=2.0, end=0.5), 500, 1000) == pytest.approx(1.25)
+    assert f(ScheduleConfig(start=0.5), 700, 1000) == 0.5                  # constant: `start` throughout
+    assert f(ScheduleConfig(kind="linear", start=0.5, warmup_kimg=0.1), 50, 10_000) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("path", ["cifar10_r3gan", "ffhq64_r3gan", "imagenet32_r3gan"])
+def test_r3gan_ramps_from_zero_give_the_values_of_the_old_one_millionth_form(path):
+    """The R3GAN configs wrote "0 -> X" as X / 1e6 with end 1e6 before schedules had `start`: the
+    EMA half-life and ADA's p they give now are the old ones up to that 1e-6 floor."""
+    from conftest import REPO
+    from pipeline.catalog import load_config
+
+    cfg = load_config(REPO / "configs" / f"{path}.yaml")
+    total = int(cfg.train.total_kimg * 1000)
+    pairs = [(cfg.ema.halflife_kimg, cfg.ema.schedule), (cfg.augment.ada_p, cfg.augment.ada_p_schedule)]
+    for value, new in pairs:
+        assert (new.kind, new.start, new.end) == ("cosine", 0.0, 1.0)
+        old = ScheduleConfig(kind="cosine", end=1e6, length_kimg=new.length_kimg)
+        length = int(new.length_kimg * 1000)
+        for nimg in (0, 1, length // 7, length // 2, length - 1, length, total):
+            then, now = value / 1e6 * schedules.factor(old, nimg, total), value * schedules.factor(new, nimg, total)
+            assert abs(now - then) <= 1e-6 * value * (1 + 1e-9), (nimg, now, then)
+        assert value * schedules.factor(new, 0, total) == 0.0 and value * schedules.factor(new, total, total) == value
+
+
+def test_a_zero_ema_half_life_and_a_zero_ada_p_are_valid():
+    """What the ramps start from: an EMA half-life of 0 copies G; ADA at p = 0 leaves images alone."""
+    from pipeline.training.ada import AdaptiveAugment
+
+    G, _ = build_networks(from_dict({"model": {"name": "mlp", "g_width": 0.125}}).model, resolution=8, channels=1,
+                          num_classes=0)
+    ema = EMA(G, 0.0, rampup=0.0)
+    with torch.no_grad():
+        for p in G.parameters():
+            p.add_(1.0)
+    assert ema.update(G, cur_nimg=64, batch=64) == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(ema.model.parameters(), G.parameters()))
+    ada = AdaptiveAugment(groups="blit,geom,color", p=0.55, adaptive=False)
+    ada.set_p(0.0)
+    x = torch.rand(4, 3, 8, 8)
+    assert ada.p == 0.0 and ada(x) is x
 
 
 def test_apply_sets_learning_rates_betas_penalty_weights_and_the_ema():
@@ -76,7 +121,7 @@ def test_the_r3gan_recipe_with_schedules_resumes_exactly(tmp_path, mnist_dir):
 def test_ada_in_training_logs_p_and_resumes_exactly(tmp_path, mnist_dir):
     # speed 0.05 kimg: p moves visibly within the run; interval 2 D steps.
     ada = ["augment.ada_groups=blit,geom,color", "augment.ada_target=0.6", "augment.ada_speed_kimg=0.05",
-           "augment.ada_interval=2", "loss.penalty=r1", "loss.penalty_weight=1", "loss.penalty_interval=4",
+           "augment.ada_interval=2", "loss.penalties=[{name: r1, weight: 1, interval: 4}]",
            "train.checkpoint_kimg=0.128", "train.tick_kimg=0.064", "train.total_kimg=0.256"]
     train(tmp_path / "straight", mnist_dir, *ada)
     train(tmp_path / "split", mnist_dir, *ada, "train.total_kimg=0.128")
@@ -103,9 +148,9 @@ def test_a_fixed_ada_p_follows_its_schedule_and_diffaugment_excludes_ada():
     assert phases.ada.p == pytest.approx(0.2)
     phases.ada.update(4, 64)                                   # fixed: never adapts
     assert phases.ada.p == pytest.approx(0.2)
-    both = from_dict({"augment": {"diffaugment": "color", "ada_groups": "blit"}})
     with pytest.raises(ConfigError, match="choose one augmentation"):
-        build_augment(both.augment)
+        from_dict({"augment": {"diffaugment": "color", "ada_groups": "blit"}})
+    assert build_augment(from_dict({"augment": {"diffaugment": "color"}}).augment)[0] is None
 
 
 def test_fine_tuning_starts_from_another_run_and_freezed_keeps_d_first_layers(tmp_path, mnist_dir):

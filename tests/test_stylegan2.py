@@ -33,10 +33,10 @@ NO_REPORT = lambda name, value: None     # noqa: E731
 
 
 def tiny_cfg(penalties=(), penalty="none", interval=1, **model):
+    single = [] if penalty == "none" else [{"name": penalty, "weight": 1.0, "interval": interval}]
     return from_dict({"model": {"name": "stylegan2", "g_width": 1 / 32, "d_width": 1 / 32, "w_dim": 8,
                                 "mapping_layers": 2, **model},
-                      "loss": {"penalty": penalty, "penalty_weight": 1.0, "penalty_interval": interval,
-                               "penalties": list(penalties)}})
+                      "loss": {"penalties": single + list(penalties)}})
 
 
 def tiny(style_mixing: float = 0.9, classes: int = 0, seed: int = 0):
@@ -177,7 +177,7 @@ def test_a_lazy_g_penalty_is_a_g_phase_every_k_g_steps_with_adams_adjustment():
     assert g["betas"] == pytest.approx(tuple(b ** 0.8 for b in cfg.optim.g_betas))
     assert phases.named("Greg").optimizer is phases.named("G").optimizer
     # The schedules keep the adjustment and schedule a G penalty's weight like any other.
-    cfg.loss.penalties[0].schedule.kind, cfg.loss.penalties[0].schedule.end = "linear", 0.0
+    cfg.loss.penalties[1].schedule.kind, cfg.loss.penalties[1].schedule.end = "linear", 0.0     # pl's
     phases = build_phases(cfg, G=G, D=D, device=CPU, dtype=None, report=NO_REPORT)
     from pipeline.training.ema import EMA
     ema = EMA(G, 10)
@@ -443,8 +443,7 @@ def test_ffhq256_config_is_paper256():
     m, loss, t = cfg.model, cfg.loss, cfg.train
     assert (m.g_width, m.d_width, m.mapping_layers, m.mbstd_group, m.style_mixing) == (1.0, 1.0, 8, 8, 0.9)
     assert (cfg.data.batch_size, cfg.optim.g_lr, cfg.optim.d_lr, cfg.optim.g_betas, cfg.optim.d_betas) == (64, 0.0025, 0.0025, [0.0, 0.99], [0.0, 0.99])
-    assert (loss.penalty, loss.penalty_weight, loss.penalty_interval) == ("r1", 1.0, 16)
-    assert [(p.name, p.weight, p.interval) for p in loss.penalties] == [("pl", 2.0, 4)]
+    assert [(p.name, p.weight, p.interval) for p in loss.penalties] == [("r1", 1.0, 16), ("pl", 2.0, 4)]
     assert (cfg.ema.halflife_kimg, cfg.ema.rampup, t.total_kimg, cfg.augment.ada_groups) == (20, 0.0, 25000, "")
     # paper256's fmaps 0.5 = channel base 16384 = this family at width 1: 64 maps at 256 px.
     assert stylegan2.CHANNEL_BASE == 16384 and stylegan2.CHANNEL_BASE // 256 == 64
@@ -453,6 +452,7 @@ def test_ffhq256_config_is_paper256():
 def test_ada_small_config():
     cfg = load_config(REPO / "configs" / "stylegan2_ada_small.yaml")
     assert (cfg.augment.ada_groups, cfg.augment.ada_target, cfg.augment.ada_interval, cfg.augment.ada_speed_kimg) == ("blit,geom,color", 0.6, 4, 500)
-    assert cfg.loss.penalty_weight == pytest.approx(0.0002 * 128 ** 2 / cfg.data.batch_size)
-    assert [(p.name, p.weight, p.interval) for p in cfg.loss.penalties] == [("pl", 2.0, 4)]
+    r1, pl = cfg.loss.penalties
+    assert (r1.name, r1.interval) == ("r1", 16) and r1.weight == pytest.approx(0.0002 * 128 ** 2 / cfg.data.batch_size)
+    assert (pl.name, pl.weight, pl.interval) == ("pl", 2.0, 4)
     assert cfg.model.style_mixing == 0.9 and cfg.loss.penalty_inputs == "clean"

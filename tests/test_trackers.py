@@ -158,7 +158,7 @@ def test_training_resume_and_eval_reach_wandb_and_mlflow(tmp_path, mnist_dir, mo
 
 
 def test_a_tracker_name_outside_the_list_is_refused_by_key():
-    from pipeline.config import from_dict
+    from pipeline.catalog import from_dict
 
     with pytest.raises(ConfigError, match=r"log.trackers\[1\]: 'neptune' is not allowed; choose one of "
                                           "tensorboard, wandb, mlflow"):
@@ -169,7 +169,7 @@ def test_a_tracker_name_outside_the_list_is_refused_by_key():
 def test_a_chosen_tracker_that_is_not_installed_names_the_install(monkeypatch):
     import importlib.util
 
-    from pipeline.config import from_dict
+    from pipeline.catalog import from_dict
     from pipeline.training import trackers
 
     real = importlib.util.find_spec

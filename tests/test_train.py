@@ -92,7 +92,7 @@ def test_tiny_run_writes_every_artifact(tmp_path, mnist_dir):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resume_is_exact(tmp_path, mnist_dir, workers):
     common = ["train.checkpoint_kimg=0.192", "train.tick_kimg=0.096", f"data.num_workers={workers}",
-              "loss.penalty=r1", "loss.penalty_weight=1", "loss.penalty_interval=2", "data.hflip=true"]
+              "loss.penalties=[{name: r1, weight: 1, interval: 2}]", "data.hflip=true"]
     train(tmp_path / "straight", mnist_dir, "train.total_kimg=0.384", *common)
     train(tmp_path / "split", mnist_dir, "train.total_kimg=0.192", *common)
     out = train(tmp_path / "split", mnist_dir, "train.total_kimg=0.384", *common)
@@ -131,7 +131,7 @@ def test_two_processes_stay_in_sync_with_r1_and_batchnorm(tmp_path, mnist_dir, r
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/cpu.yaml",
            "--main_process_port", port, "-m", "pipeline", "train", "--config", "configs/mnist_dcgan.yaml", "--run-dir", str(run),
            f"data.path={mnist_dir}", *TINY, "data.num_workers=1", "train.total_kimg=0.256", "train.tick_kimg=0.128",
-           "loss.penalty=r1", "loss.penalty_weight=1", "loss.penalty_interval=1", f"train.reuse_fakes={str(reuse).lower()}"]
+           "loss.penalties=[{name: r1, weight: 1}]", f"train.reuse_fakes={str(reuse).lower()}"]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stats = rows(run)
@@ -152,7 +152,7 @@ def test_two_processes_stay_in_sync_with_r1_and_batchnorm(tmp_path, mnist_dir, r
 def test_mixed_precision_runs_finish_with_finite_losses(tmp_path, mnist_dir, precision):
     run = tmp_path / precision
     train(run, mnist_dir, f"speed.mixed_precision={precision}", "train.total_kimg=0.128", "train.tick_kimg=0.064",
-          "loss.penalty=r1", "loss.penalty_weight=1")
+          "loss.penalties=[{name: r1, weight: 1}]")
     for r in rows(run):
         assert all(r[k] == r[k] and abs(r[k]) < 1e4 for k in ("Loss/D/main", "Loss/G/main", "Loss/D/r1"))
     if precision == "fp16":     # the scaler starts at 2^16 and halves on overflow: a few skipped steps

@@ -41,15 +41,15 @@ from pipeline.bench.loader import smooth_rgb
 from pipeline.catalog import load_config
 from pipeline.data.loader import ShardSet, StreamLoader
 from pipeline.data.prepare import prepare
-from pipeline.losses import build_loss, build_penalty
+from pipeline.losses import build_loss, build_penalties
 from pipeline.networks import build_networks
+from pipeline.rundir import RunDir
 
 CASES = {
     # The bare loop draws fresh latents for G's step, so the trainer does too here (the config
     # reuses D's fakes, as the DCGAN example below does).
     "dcgan32": {"config": "configs/cifar10_dcgan.yaml", "data": "rgb32",
-                "overrides": ["loss.penalty=r1", "loss.penalty_weight=0.1", "loss.penalty_interval=4",
-                              "train.reuse_fakes=false"]},
+                "overrides": ["loss.penalties=[{name: r1, weight: 0.1, interval: 4}]", "train.reuse_fakes=false"]},
     "mlp-mnist": {"config": "configs/mnist_mlp.yaml", "data": "mnist", "overrides": []},
     "dcgan64-example": {"config": "configs/cifar10_dcgan.yaml", "data": "rgb64", "overrides": ["data.hflip=false"],
                         "bare": "example"},
@@ -59,7 +59,7 @@ CASES = {
     "resnet32": {"config": "configs/cifar10_sngan_hinge.yaml", "data": "rgb32",
                  "overrides": ["optim.lr_schedule={kind: constant}"]},
     "stylegan2-256": {"config": "configs/ffhq256_stylegan2.yaml", "data": "rgb256",
-                      "overrides": ["loss.penalties=[]", "data.num_workers=-1"],
+                      "overrides": ["loss.penalties=[{name: r1, weight: 1.0, interval: 16}]", "data.num_workers=-1"],
                       "published": {"s_per_kimg": 12.53, "what": "StyleGAN2 at 256 px on one A100, with path length "
                                     "(the figure issue 15 cites); stylegan2-ada-pytorch's README: 21.6-24.2 s/kimg "
                                     "on one V100"}},
@@ -165,7 +165,7 @@ def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in RunDir(run).stats.read_text().splitlines()]
 
     def rate(first: dict, last: dict) -> float:
         return (last["cur_nimg"] - first["cur_nimg"]) / (last["Timing/total_s"] - first["Timing/total_s"])
@@ -251,7 +251,8 @@ def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, thread
     torch.manual_seed(0)
     G, D = build_networks(cfg.model, resolution=shards.resolution, channels=shards.channels, num_classes=0)
     G, D = G.to(dev), D.to(dev)
-    loss_fn, penalty = build_loss(cfg.loss), build_penalty(cfg.loss)
+    loss_fn = build_loss(cfg.loss)
+    penalties = [p for p in build_penalties(cfg.loss) if p.side == "D"]    # the bare loop has no G regulariser
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.optim.g_lr, betas=tuple(cfg.optim.g_betas))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.optim.d_lr, betas=tuple(cfg.optim.d_betas))
     scale_G, scale_D = (torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16) for _ in range(2))
@@ -275,10 +276,11 @@ def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, thread
             with autocast():
                 loss = loss_fn.d_loss(D(real).float(), D(fake).float())
             update(opt_D, scale_D, loss)
-            if penalty is not None and d_steps[0] % penalty.interval == 0:
-                with autocast():
-                    pen, _ = penalty(D, real, fake, scaler=scale_D)
-                update(opt_D, scale_D, pen)
+            for penalty in penalties:
+                if d_steps[0] % penalty.interval == 0:
+                    with autocast():
+                        pen, _ = penalty(D, real, fake, scaler=scale_D)
+                    update(opt_D, scale_D, pen)
             d_steps[0] += 1
         with autocast():
             g_loss = loss_fn.g_loss(D(G(torch.randn(b, G.z_dim, device=dev))).float())

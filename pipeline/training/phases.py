@@ -33,9 +33,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.catalog import check
 from pipeline.config import Config
-from pipeline.errors import ConfigError, TrainingError
-from pipeline.losses import PENALTIES, build_loss, clip_weights, joint_penalty
+from pipeline.errors import TrainingError
+from pipeline.losses import build_loss, build_penalties, clip_weights, joint_penalty
 from pipeline.training.ada import AdaptiveAugment
 from pipeline.training.augment import diff_augment, parse_policy
 
@@ -237,31 +238,18 @@ def adam(module: nn.Module, lr: float, betas: list[float], ratio: float = 1.0, i
     return torch.optim.Adam(unwrap(module).parameters(), lr=lr * ratio, betas=tuple(b ** ratio for b in betas), **kind)
 
 
-def penalty_specs(loss_cfg) -> list:
-    """(name, weight, interval, schedule) of every penalty: `loss.penalty` and `loss.penalties`."""
-    specs = [(p.name, p.weight, p.interval, p.schedule) for p in loss_cfg.penalties if p.name != "none"]
-    if loss_cfg.penalty != "none":
-        specs.insert(0, (loss_cfg.penalty, loss_cfg.penalty_weight, loss_cfg.penalty_interval,
-                         loss_cfg.penalty_schedule))
-    names = [s[0] for s in specs]
-    if len(set(names)) < len(names):
-        raise ConfigError(f"loss.penalties: {', '.join(names)} names a penalty twice; give each once")
-    return specs
-
-
 def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.device, dtype: torch.dtype | None,
                  report: Callable[[str, Tensor], None]) -> Phases:
     """G's and D's phases for `cfg`: D main (with the every-step D penalties), one lazy D step per
     distinct D-penalty interval, G main (with the every-step G penalties), one lazy G step per
     distinct G-penalty interval. Every image D sees goes through the augmentation: ADA
-    (`augment.ada_groups`), DiffAugment (`augment.diffaugment`) or none."""
+    (`augment.ada_groups`), DiffAugment (`augment.diffaugment`) or none. `cfg` is checked first
+    (`pipeline.catalog.check`), as loading it did: a config changed since fails here, not mid-step."""
+    check(cfg)
     loss = build_loss(cfg.loss)
-    penalties = [(PENALTIES.get(name)(weight, interval), weight, schedule)
-                 for name, weight, interval, schedule in penalty_specs(cfg.loss)]
+    penalties = [(p, spec.weight, spec.schedule) for p, spec in zip(build_penalties(cfg.loss), cfg.loss.penalties)]
     on_D = [p for p, _, _ in penalties if p.side == "D"]
     on_G = [p for p, _, _ in penalties if p.side == "G"]
-    for p in on_G:
-        p.check(unwrap(G))
     ada, augment = build_augment(cfg.augment)
     fp16 = dtype == torch.float16
     scaler_D = torch.amp.GradScaler(device.type, enabled=fp16)    # one per optimizer: the penalty
@@ -359,12 +347,10 @@ def compiled(module: nn.Module, backend: str) -> nn.Module:
 
 
 def build_augment(a) -> tuple:
-    """(AdaptiveAugment or None, the callable applied to D's inputs) from the `augment` section."""
+    """(AdaptiveAugment or None, the callable applied to D's inputs) from the `augment` section
+    (checked: at most one of ada_groups and diffaugment is set)."""
     policy = parse_policy(a.diffaugment)
     if a.ada_groups:
-        if policy:
-            raise ConfigError(f"augment.diffaugment={a.diffaugment!r} and augment.ada_groups={a.ada_groups!r}: choose one "
-                              "augmentation (set the other to \"\")")
         ada = AdaptiveAugment(groups=a.ada_groups, p=a.ada_p, target=a.ada_target or 0.6,
                               speed_kimg=a.ada_speed_kimg, interval=a.ada_interval, adaptive=a.ada_target > 0)
         return ada, ada

@@ -3,12 +3,12 @@
     factor(ScheduleConfig(kind="cosine", end=0.25), nimg=50_000, total_nimg=100_000)   # 0.625
     values = apply(cfg, phases, ema, cur_nimg)     # set lr, beta2, penalty weights, EMA half-life, ADA's fixed p
 
-Shapes, with t the fraction of the schedule done (after the warm-up) and e = `end`:
-`constant` 1; `linear` 1 + (e - 1) t (the linear decay of SNGAN's and WGAN-GP's CIFAR runs with
-e = 0); `cosine` e + (1 - e)(1 + cos(pi t)) / 2 (R3GAN schedules lr, beta2, gamma and the EMA this
-way). A warm-up multiplies by nimg / warmup_nimg first. The value is a function of `cur_nimg`
-alone, so a resumed run follows the same course as an uninterrupted one: nothing of it needs to
-be in the checkpoint.
+Shapes, with t the fraction of the schedule done (after the warm-up), s = `start` and e = `end`:
+`constant` s; `linear` s + (e - s) t (the linear decay of SNGAN's and WGAN-GP's CIFAR runs with
+e = 0); `cosine` e + (s - e)(1 + cos(pi t)) / 2 (R3GAN schedules lr, beta2 and gamma this way, and
+ramps the EMA half-life and ADA's p up from s = 0). A warm-up multiplies by nimg / warmup_nimg
+first. The value is a function of `cur_nimg` alone, so a resumed run follows the same course as an
+uninterrupted one: nothing of it needs to be in the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ def factor(s: ScheduleConfig, nimg: int, total_nimg: int) -> float:
     length = s.length_kimg * 1000 or max(total_nimg - warmup, 1)
     t = min(1.0, max(0.0, (nimg - warmup) / length))
     if s.kind == "linear":
-        shape = 1 + (s.end - 1) * t
+        shape = s.start + (s.end - s.start) * t
     elif s.kind == "cosine":
-        shape = s.end + (1 - s.end) * (1 + math.cos(math.pi * t)) / 2
+        shape = s.end + (s.start - s.end) * (1 + math.cos(math.pi * t)) / 2
     else:
-        shape = 1.0
+        shape = s.start
     return ramp * shape
 
 
