@@ -31,6 +31,7 @@ from pipeline.errors import SnapshotError, UserError
 from pipeline.generate import MICRO_BATCH, images, save_grid, save_pngs, to_uint8, truncation
 from pipeline.metrics.records import best_of, current_series, read_records
 from pipeline.training.snapshot import load_snapshot
+from pipeline.rundir import RunDir
 
 Labels = int | Iterable[int] | torch.Tensor | np.ndarray | None
 
@@ -146,7 +147,7 @@ def best_snapshot(run_dir: str | Path, metric: str | None = None) -> Path:
         raise UserError(f"{run_dir}: {'no' if not names else 'more than one'} series for {what}; "
                         f"choose one of {', '.join(series)} (best_snapshot(run_dir, metric=NAME))")
     best = best_of(series[names[0]])
-    path = run_dir / "snapshots" / f"{best['snapshot']}.json"
+    path = RunDir(run_dir).snapshot(best['snapshot'])
     if not path.is_file():
         raise SnapshotError(f"{path}: the best snapshot under {names[0]} is gone (moved or deleted)")
     return path

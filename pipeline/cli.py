@@ -83,6 +83,8 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
 def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML file from configs/ (optional when resuming RUN)")
     p.add_argument("--run-dir", required=True, type=Path, help="run directory; resumed when it has checkpoints")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the networks, phases and data loader, read one batch, write nothing, exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_kimg=50 loss.name=hinge")
 
 

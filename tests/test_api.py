@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 from pipeline.generate import images
 from pipeline.metrics.records import append_records
 from pipeline.networks import build_networks
-from pipeline.training.snapshot import save_snapshot
+from pipeline.training.snapshot import SnapshotInfo, save_snapshot
 
 CLASSES = 4
 
@@ -37,8 +37,7 @@ def tiny_run(run_dir, name: str = "dcgan", classes: int = 0, channels: int = 1, 
             with torch.no_grad():
                 for layer in G.synthesis.convs:
                     layer.noise_strength.fill_(0.5)
-        paths.append(save_snapshot(G.eval(), run_dir / "snapshots", cur_nimg=kimg * 1000, model_cfg=cfg,
-                                   resolution=28, channels=channels, num_classes=classes))
+        paths.append(save_snapshot(G.eval(), run_dir / "snapshots", cur_nimg=kimg * 1000, info=SnapshotInfo(cfg, 28, channels, classes)))
     return paths
 
 

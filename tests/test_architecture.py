@@ -122,3 +122,56 @@ def test_argparse_lives_in_the_cli_only():
         isinstance(c, ast.Attribute) and c.attr in ("add_argument", "add_parser", "add_subparsers")
         for c in ast.walk(t)))
     assert parsers == ["pipeline.cli"]
+
+
+def rundir_names() -> tuple[set[str], set[str]]:
+    """(file and marker names of RUN/, its directory names), as pipeline.rundir.RunDir defines them."""
+    from pipeline.rundir import RunDir
+
+    names = {v for k, v in vars(RunDir).items() if k.isupper() and isinstance(v, str)}
+    return {n for n in names if "." in n or n.isupper()}, {n for n in names if "." not in n and not n.isupper()}
+
+
+def rundir_spellings(tree: ast.Module) -> list[str]:
+    """Where a module spells a run-directory name itself: a file or marker name as a string, or a
+    directory name joined onto a path (`x / "snapshots"`)."""
+    files, dirs = rundir_names()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in files:
+            found.append(f"line {node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Constant) \
+                and node.right.value in dirs | files:
+            found.append(f"line {node.lineno}: / {node.right.value!r}")
+    return found
+
+
+def test_no_run_directory_name_is_spelled_outside_its_module():
+    files, dirs = rundir_names()
+    assert {"FINISHED", "PREEMPTED", "STOP", "config.yaml", "metrics.jsonl", "best.json"} <= files
+    assert {"snapshots", "checkpoints", "samples", "tb"} <= dirs
+    spelled = {name: where for name, tree in modules().items()
+               if name != "pipeline.rundir" and (where := rundir_spellings(tree))}
+    # torch hub's own checkpoints folder (where DINOv2 weights may lie), not RUN's.
+    assert all(w.endswith("/ 'checkpoints'") for w in spelled.pop("pipeline.metrics.features", []))
+    assert spelled == {}
+    # The check sees a spelling when there is one.
+    assert rundir_spellings(ast.parse('p = run_dir / "snapshots"\nq = "FINISHED"')) == [
+        "line 1: / 'snapshots'", "line 2: 'FINISHED'"]
+
+
+def parameters(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    a = fn.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    return names[1:] if names and names[0] in ("self", "cls") else names
+
+
+def test_training_functions_take_at_most_six_parameters_and_the_loop_fits_a_screen():
+    mods = modules()
+    wide = [f"{name}.{fn.name} ({len(parameters(fn))})" for name, tree in mods.items()
+            if name.startswith("pipeline.training") for fn in ast.walk(tree)
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(parameters(fn)) > 6]
+    assert wide == []
+    loop = next(fn for fn in ast.walk(mods["pipeline.training.loop"])
+                if isinstance(fn, ast.FunctionDef) and fn.name == "training_loop")
+    assert loop.end_lineno - loop.lineno + 1 <= 130

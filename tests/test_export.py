@@ -18,7 +18,7 @@ from pipeline.errors import ConfigError, UserError
 from pipeline.export import TRACE_BATCH, export_generator
 from pipeline.generate import draw, images, labels_for
 from pipeline.networks import NETWORKS, build_networks
-from pipeline.training.snapshot import load_snapshot, save_snapshot
+from pipeline.training.snapshot import SnapshotInfo, load_snapshot, save_snapshot
 
 TOLERANCE = 1e-4            # max abs difference on images in [-1, 1]
 BATCHES = (2 * TRACE_BATCH + 1, 1)   # neither is the batch the graph was traced at
@@ -55,8 +55,7 @@ def tiny_snapshot(tmp_path, name: str, classes: int):
             G.eval()
             for m in norms:
                 m.momentum = 0.1
-    path = save_snapshot(G, tmp_path / f"{name}-{classes}", cur_nimg=2000, model_cfg=cfg, resolution=G.resolution,
-                         channels=3, num_classes=classes)
+    path = save_snapshot(G, tmp_path / f"{name}-{classes}", cur_nimg=2000, info=SnapshotInfo(cfg, G.resolution, 3, classes))
     return path, load_snapshot(path)[0]
 
 

@@ -15,7 +15,7 @@ from pipeline.config import ModelConfig
 from pipeline.generate import MICRO_BATCH, images, latents, save_grid
 from pipeline.metrics.evaluator import generated_features
 from pipeline.networks import build_networks
-from pipeline.training.snapshot import load_snapshot, save_snapshot
+from pipeline.training.snapshot import SnapshotInfo, load_snapshot, save_snapshot
 
 FAMILIES = ["mlp", "dcgan", "resnet", "stylegan2"]
 CLASSES = 4
@@ -72,8 +72,7 @@ def test_image_i_is_the_same_bits_whatever_the_batch_and_the_history(name, class
 def test_ganpipe_sample_writes_the_images_eval_scores(tmp_path, name):
     channels = 1 if name in ("mlp", "resnet") else 3
     G, cfg = tiny(name, CLASSES, channels)
-    snap = save_snapshot(G, tmp_path / "snapshots", cur_nimg=1000, model_cfg=cfg, resolution=28,
-                         channels=channels, num_classes=CLASSES)
+    snap = save_snapshot(G, tmp_path / "snapshots", cur_nimg=1000, info=SnapshotInfo(cfg, 28, channels, CLASSES))
     out = tmp_path / "pngs"
     cli("sample", "--snapshot", str(snap), "--num", "11", "--start", "5", "--seed", "3", "--batch", "3",
         "--out", str(out), "--device", "cpu")
@@ -102,8 +101,7 @@ def test_ganpipe_sample_writes_the_images_eval_scores(tmp_path, name):
 
 def test_sample_grid_is_the_one_grid_writer(tmp_path):
     G, cfg = tiny("stylegan2", CLASSES)
-    snap = save_snapshot(G, tmp_path / "snapshots", cur_nimg=1000, model_cfg=cfg, resolution=28, channels=3,
-                         num_classes=CLASSES)
+    snap = save_snapshot(G, tmp_path / "snapshots", cur_nimg=1000, info=SnapshotInfo(cfg, 28, 3, CLASSES))
     cli("sample", "--snapshot", str(snap), "--num", "9", "--seed", "4", "--out", str(tmp_path / "grid.png"))
     G2, _ = load_snapshot(snap)
     grid = save_grid(images(G2, seed=4, count=9), tmp_path / "mine.png")
@@ -115,7 +113,7 @@ def test_sample_grid_is_the_one_grid_writer(tmp_path):
 
 def test_sample_explains_bad_input(tmp_path):
     G, cfg = tiny("dcgan")
-    snap = save_snapshot(G, tmp_path / "s", cur_nimg=1, model_cfg=cfg, resolution=28, channels=3, num_classes=0)
+    snap = save_snapshot(G, tmp_path / "s", cur_nimg=1, info=SnapshotInfo(cfg, 28, 3, 0))
     out = cli("sample", "--snapshot", str(snap), "--label", "1", "--out", str(tmp_path / "g.png"), check=False)
     assert out.returncode == 2 and "--label 1 given but" in out.stderr and "unconditional" in out.stderr
     out = cli("sample", "--snapshot", str(snap), "--seed", "-1", "--out", str(tmp_path / "g.png"), check=False)

@@ -26,7 +26,7 @@ from pipeline.metrics.fid import feature_stats, frechet_distance, kernel_distanc
 from pipeline.data.splits import read_split
 from pipeline.metrics.refstats import (cache_name, compute_refstats, reference_stats)
 from pipeline.networks import build_networks
-from pipeline.training.snapshot import load_snapshot, save_snapshot
+from pipeline.training.snapshot import SnapshotInfo, load_snapshot, save_snapshot
 
 MODEL = ModelConfig(name="mlp", g_width=0.25)     # hidden 64-128-256: fast to run
 
@@ -64,8 +64,7 @@ def make_run(root: Path, mnist_dir: Path, generators: dict[int, nn.Module]) -> P
 
 
 def add_snapshot(run: Path, nimg: int, G: nn.Module) -> Path:
-    return save_snapshot(G, run / "snapshots", cur_nimg=nimg, model_cfg=MODEL, resolution=28, channels=1,
-                         num_classes=10)
+    return save_snapshot(G, run / "snapshots", cur_nimg=nimg, info=SnapshotInfo(MODEL, 28, 1, 10))
 
 
 def records(run: Path) -> list[dict]:
@@ -318,8 +317,7 @@ def test_latents_and_labels_do_not_depend_on_batching(tmp_path):
     assert abs(whole.mean().item()) < 0.05 and abs(whole.std().item() - 1) < 0.05
     # Conditional snapshots: labels i % num_classes, balanced over any N divisible by the classes.
     G = mlp_generator(num_classes=10)
-    snap = save_snapshot(G, tmp_path, cur_nimg=5, model_cfg=ModelConfig(name="mlp", g_width=0.25, conditional=True),
-                         resolution=28, channels=1, num_classes=10)
+    snap = save_snapshot(G, tmp_path, cur_nimg=5, info=SnapshotInfo(ModelConfig(name="mlp", g_width=0.25, conditional=True), 28, 1, 10))
     G2, meta = load_snapshot(snap)
     assert meta["model"]["conditional"] and G2.num_classes == 10
     got = to_uint8(images(G2, start=30, count=20, seed=3, device=torch.device("cpu")))

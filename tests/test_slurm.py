@@ -124,3 +124,27 @@ def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path, mnist
     assert "resumed from" in out and "training finished" in out
     rows = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
     assert rows[-1]["kimg"] >= 0.8 and all(r["world_size"] == 2 for r in rows)
+
+
+def test_one_process_job_and_a_stale_preemption_marker_never_requeues_a_failure(cluster, tmp_path, mnist_dir):
+    # The most common first job: one node, one process (accelerate refuses --multi_gpu below two).
+    run = tmp_path / "run"
+    job = submit(cluster, "slurm/train.sbatch", {"CONFIG": "configs/mnist_dcgan.yaml", "RUN_DIR": str(run),
+                                                 "GPUS_PER_NODE": "1"},
+                 f"data.path={mnist_dir}", *TINY, "train.total_kimg=0.032", "train.tick_kimg=0.032", nodes=1)
+    info = wait_state(cluster, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    out = job_output(cluster, job)
+    assert info["JobState"] == "COMPLETED" and "training finished" in out, out
+    assert [json.loads(x)["world_size"] for x in (run / "stats.jsonl").read_text().splitlines()] == [1]
+
+    # A PREEMPTED marker an earlier attempt left, and a start that fails (the data moved): the job
+    # fails once with the trainer's status instead of requeueing itself again and again.
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "PREEMPTED").write_text(json.dumps({"cur_nimg": 32, "checkpoint": "x", "attempt": "slurm:1.0"}))
+    job = submit(cluster, "slurm/train.sbatch", {"CONFIG": "configs/mnist_dcgan.yaml", "RUN_DIR": str(stale)},
+                 f"data.path={tmp_path / 'moved'}", *TINY, nodes=1)
+    info = wait_state(cluster, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    out = job_output(cluster, job)
+    assert info["JobState"] == "FAILED" and int(info.get("Restarts", 0)) == 0, out
+    assert "training failed with status" in out and "requeueing" not in out

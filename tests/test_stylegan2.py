@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -210,7 +211,9 @@ def test_pl_mean_is_restored_on_resume(tmp_path):
     """Through the trainer's own checkpoint: training_state -> save_checkpoint -> resume."""
     from pipeline.training.checkpoint import save_checkpoint
     from pipeline.training.ema import EMA
-    from pipeline.training.loop import Progress, resume, training_state
+    from pipeline.rundir import RunDir
+    from pipeline.training.loop import resume
+    from pipeline.training.state import Progress, TrainState
 
     cfg = tiny_cfg([{"name": "pl", "weight": 2.0, "interval": 4}])
 
@@ -226,13 +229,17 @@ def test_pl_mean_is_restored_on_resume(tmp_path):
         step(phases.named("Greg"), guard, NO_REPORT)
     pl = phases.penalties[0][0]
     assert pl.pl_mean.item() > 0
-    save_checkpoint(tmp_path, 64, rank=0, world_size=1, keep=2,
+    state = TrainState(G, D, ema, phases, guard)
+    state.progress = Progress(64, 3, 3)
+    save_checkpoint(tmp_path, 64, keep=2,
                     per_rank={"torch_cpu": torch.get_rng_state(), "loader": {}},
-                    shared=lambda: training_state(G, D, ema, phases, Progress(64, 3, 3), guard, 1, cfg, True))
+                    shared=lambda: state.state_dict(1, {}, True))
     G2, D2, ema2, phases2, guard2 = build()
     assert phases2.penalties[0][0].pl_mean.item() == 0
-    progress, _, path = resume(tmp_path, G2, D2, ema2, phases2, guard2, rank=0, world=1, device=CPU, seed=0,
-                               log=lambda msg: None)
+    resumed = TrainState(G2, D2, ema2, phases2, guard2)
+    session = SimpleNamespace(rank=0, world=1, device=CPU, log=lambda msg: None)
+    _, path = resume(RunDir(tmp_path), resumed, session, seed=0)
+    progress = resumed.progress
     assert path is not None and progress.g_steps == 3
     assert phases2.penalties[0][0].pl_mean.item() == pl.pl_mean.item()
     # The next penalty is the same as the uninterrupted run's.
@@ -373,11 +380,10 @@ def test_sample_and_eval_take_psi_and_eval_records_it_as_protocol(tmp_path, monk
     from pipeline.cli import build_parser, main
     from pipeline.metrics import commands, evaluator
     from pipeline.metrics.records import protocol_key
-    from pipeline.training.snapshot import save_snapshot
+    from pipeline.training.snapshot import SnapshotInfo, save_snapshot
 
     G = _averaged(tiny()[0])
-    snap = save_snapshot(G, tmp_path / "snapshots", cur_nimg=1000, model_cfg=tiny_cfg().model, resolution=32,
-                         channels=3, num_classes=0)
+    snap = save_snapshot(G, tmp_path / "snapshots", cur_nimg=1000, info=SnapshotInfo(tiny_cfg().model, 32, 3, 0))
     # The real command line, in this process (a subprocess would cost a torch import).
     assert main(["sample", "--snapshot", str(snap), "--num", "4", "--psi", "0.7", "--cutoff", "8",
                  "--out", str(tmp_path / "grid.png"), "--device", "cpu"]) == 0

@@ -118,7 +118,7 @@ def test_a_damaged_newest_checkpoint_is_named_skipped_and_the_previous_one_resum
 def test_checkpoint_loading_refuses_what_it_cannot_trust(tmp_path):
     def save(nimg: int, **state) -> Path:
         base = {"cur_nimg": nimg, "d_steps": 1, "g_steps": 1, "skipped": 0, "world_size": 1}
-        return save_checkpoint(tmp_path, nimg, rank=0, world_size=1, per_rank={"x": torch.ones(1)}, keep=10,
+        return save_checkpoint(tmp_path, nimg, per_rank={"x": torch.ones(1)}, keep=10,
                                shared=lambda: {**base, **state})
 
     save(16)
@@ -167,9 +167,10 @@ def test_a_rank_whose_peer_dies_exits_within_the_peer_timeout(tmp_path, mnist_di
 
 def test_snapshot_retention_keeps_the_newest_the_unscored_and_the_best(tmp_path):
     from pipeline.config import ModelConfig
-    from pipeline.metrics.records import BEST_FILE, append_records
+    from pipeline.metrics.records import append_records
+    from pipeline.rundir import RunDir
     from pipeline.networks import build_networks
-    from pipeline.training.snapshot import list_snapshots, prune_snapshots, save_snapshot
+    from pipeline.training.snapshot import SnapshotInfo, list_snapshots, prune_snapshots, save_snapshot
 
     cfg = ModelConfig(name="mlp", g_width=0.0625, d_width=0.0625)
     G, _ = build_networks(cfg, resolution=8, channels=1, num_classes=0)
@@ -177,15 +178,14 @@ def test_snapshot_retention_keeps_the_newest_the_unscored_and_the_best(tmp_path)
     for nimg in (1000, 2000, 3000, 4000, 5000):
         with torch.no_grad():
             next(G.parameters()).add_(1.0)            # every snapshot has other weights
-        path = save_snapshot(G, tmp_path / "snapshots", cur_nimg=nimg, model_cfg=cfg, resolution=8, channels=1,
-                             num_classes=0)
+        path = save_snapshot(G, tmp_path / "snapshots", cur_nimg=nimg, info=SnapshotInfo(cfg, 8, 1, 0))
         metas[nimg] = json.loads(path.read_text())
     # 1000, 2000 and 4000 scored; 2000 is the best; 3000 never scored.
     from pipeline.metrics.records import REQUIRED
 
     append_records(tmp_path, [{**dict.fromkeys(REQUIRED, 0), "snapshot_sha256": metas[n]["sha256"],
                                "snapshot": f"snapshot-{n:09d}"} for n in (1000, 2000, 4000)])
-    (tmp_path / BEST_FILE).write_text(json.dumps({"fid_mnist": {"snapshot": "snapshot-000002000"}}))
+    (tmp_path / RunDir.BEST).write_text(json.dumps({"fid_mnist": {"snapshot": "snapshot-000002000"}}))
     assert prune_snapshots(tmp_path, 0, print) == []          # 0 keeps all
     removed = prune_snapshots(tmp_path, 2, print)
     assert [p.name for p in removed] == ["snapshot-000001000.json"]

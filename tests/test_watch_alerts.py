@@ -7,14 +7,16 @@ import json
 
 import torch
 
-from pipeline.metrics.alerts import STOP, AlertRules, check, new_alerts, record_alerts, recorded_alerts
+from pipeline.metrics.alerts import AlertRules, check, new_alerts, record_alerts, recorded_alerts
 from pipeline.metrics.records import read_records
-from pipeline.training import loop
+from pipeline.rundir import RunDir
 from pipeline.training.checkpoint import list_checkpoints
 from pipeline.training.snapshot import list_snapshots
 from test_metrics import make_run, mlp_generator, mnist_ext, mnist_ref, one_digit_generator  # noqa: F401
 from test_posthoc_ema import PHEMA, ganpipe, phema_run  # noqa: F401
 from test_train import assert_same_state, final_state, rows, train
+
+STOP = RunDir.STOP
 
 
 def scores(metric: str, values: list[float], seed: int = 0, extractor: str = "mnist") -> list[dict]:
@@ -71,7 +73,7 @@ def test_alerts_are_recorded_once_and_score_readers_skip_them(tmp_path):
     record_alerts(tmp_path, alerts)
     assert new_alerts(tmp_path, alerts) == [] and kinds(recorded_alerts(tmp_path)) == kinds(alerts)
     assert read_records(tmp_path) == recs                  # the alert line is not a score
-    assert STOP == loop.STOP                               # the watcher writes the file the trainer reads
+    assert RunDir(tmp_path).stop == tmp_path / STOP        # the watcher writes the file the trainer reads
 
 
 def test_watch_records_the_alert_and_stops_the_run(tmp_path, mnist_dir, mnist_ref, capsys):

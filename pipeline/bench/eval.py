@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from pipeline.rundir import RunDir
 
 
 class Replay:
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> dict:
     from pipeline.dist import default_device
     from pipeline.metrics.refstats import compute_refstats
     from pipeline.networks import build_networks
-    from pipeline.training.snapshot import load_snapshot, save_snapshot
+    from pipeline.training.snapshot import SnapshotInfo, load_snapshot, save_snapshot
 
     device = default_device(args.device)
     ext = get_extractor(args.extractor, device, args.inception_weights)
@@ -79,8 +80,9 @@ def run(args: argparse.Namespace) -> dict:
         torch.manual_seed(0)
         G, _ = build_networks(ModelConfig(name=args.model), resolution=m["resolution"], channels=m["channels"],
                               num_classes=m["num_classes"])
-        snap = save_snapshot(G, tmp / "run" / "snapshots", cur_nimg=0, model_cfg=ModelConfig(name=args.model),
-                             resolution=m["resolution"], channels=m["channels"], num_classes=m["num_classes"])
+        snap = save_snapshot(G, RunDir(tmp / "run").snapshots, cur_nimg=0,
+                             info=SnapshotInfo(ModelConfig(name=args.model), m["resolution"], m["channels"],
+                                               m["num_classes"]))
         G, _ = load_snapshot(snap, device=device)
 
         # Ours: reference statistics from shards, then generate + featurise + Fréchet distance.
@@ -159,14 +161,14 @@ def metric_costs(snapshot: Path, data: Path, args: argparse.Namespace, num: int,
 
     run_dir = snapshot.parent.parent
     # A run directory as `ganpipe train` leaves it: eval reads the run's config.
-    dump_config(from_dict({"data": {"path": str(data)}, "model": {"name": args.model}}), run_dir / "config.yaml")
+    dump_config(from_dict({"data": {"path": str(data)}, "model": {"name": args.model}}), RunDir(run_dir).config)
     base = ["eval", "--run-dir", str(run_dir), "--snapshot", str(snapshot), "--data", str(data), "--split", args.split,
             "--extractor", args.extractor, "--num-gen", str(num), "--batch-size", str(batch)]
     if args.inception_weights:
         base += ["--weights", str(args.inception_weights)]
 
     def timed(metrics: str) -> float:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        RunDir(run_dir).metrics.unlink(missing_ok=True)
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):
             code = cli.main([*base, "--metrics", metrics])

@@ -30,6 +30,7 @@ from pipeline.data.sources import parse_source
 from pipeline.metrics.mnist_net import load_mnist_net
 from pipeline.metrics.modes import NUM_MODES, classify_channels, mode_counts, summary
 from pipeline.training.snapshot import list_snapshots, load_snapshot
+from pipeline.rundir import RunDir
 
 
 def real_counts(num: int, net: torch.nn.Module) -> tuple[np.ndarray, float]:
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> dict:
                   f"train.checkpoint_kimg={args.kimg}", f"train.tick_kimg={args.kimg / 4}",
                   "log.progress=false", f"train.threads={args.threads}", *args.set, *overrides], args.threads)
             train_s = time.perf_counter() - t0
-            G, _ = load_snapshot(list_snapshots(run_dir / "snapshots")[-1])
+            G, _ = load_snapshot(list_snapshots(RunDir(run_dir).snapshots)[-1])
             results[Path(config).stem + (f"@{extra}" if extra else "")] = {**summary(mode_counts(G, num=args.num_gen, seed=0, net=net)),
                                           "train_s": round(train_s, 1)}
     return {"kimg": args.kimg, "data": f"stackedmnist:{args.data_size}",

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from pipeline.data.prepare import prepare
+from pipeline.rundir import RunDir
 
 
 def _run(args: list[str], threads: int) -> str:
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> dict:
             train_s = time.perf_counter() - t0
             _run(["eval", "--run-dir", str(run_dir), "--all", "--extractor", "mnist", "--metrics", "fid",
                   "--num-gen", str(args.num_gen)], args.threads)
-            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            records = [json.loads(line) for line in RunDir(run_dir).metrics.read_text().splitlines()]
             curve = {r["kimg"]: round(r["value"], 3) for r in records}
             results[Path(config).stem] = {"fid_mnist_by_kimg": curve, "best_fid_mnist": min(curve.values()),
                                           "final_fid_mnist": curve[max(curve)], "train_s": round(train_s, 1)}

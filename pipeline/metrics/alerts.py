@@ -23,10 +23,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.metrics.records import HIGHER_IS_BETTER, METRICS_FILE, append_records, best_of, current_series
+from pipeline.metrics.records import HIGHER_IS_BETTER, append_records, best_of, current_series
+from pipeline.rundir import RunDir
 
 KIND = "alert"
-STOP = "STOP"           # RUN/STOP: the trainer checkpoints and exits at its next tick (training/loop.py)
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def check(records: list[dict], rules: AlertRules) -> list[dict]:
 
 def recorded_alerts(run_dir: str | Path) -> list[dict]:
     """The alert lines of RUN/metrics.jsonl."""
-    path = Path(run_dir) / METRICS_FILE
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return []
     out = []

@@ -58,14 +58,13 @@ from pipeline import dist
 from pipeline.errors import SnapshotError, UserError
 from pipeline.io import write_text_atomic
 from pipeline.metrics import posthoc
-from pipeline.metrics.alerts import STOP, AlertRules, check, new_alerts, record_alerts
+from pipeline.metrics.alerts import AlertRules, check, new_alerts, record_alerts
 from pipeline.metrics.evaluator import Evaluator
 from pipeline.metrics.records import read_records
 from pipeline.metrics.scores import parse_metrics
 from pipeline.training.snapshot import list_snapshots
+from pipeline.rundir import RunDir
 
-FINISHED = "FINISHED"       # the trainer's end marker in RUN
-LOCK = ".watch.lock"
 
 
 def evaluator_from_args(args: argparse.Namespace, log: Callable[[str], None] = print) -> Evaluator:
@@ -95,10 +94,10 @@ def parse_best_metrics(text: str | None) -> list[str] | None:
 # ganpipe eval
 
 def _resolve_snapshot(run_dir: Path, name: str) -> Path:
-    for path in (Path(name), run_dir / "snapshots" / name, run_dir / "snapshots" / f"{name}.json"):
+    for path in (Path(name), RunDir(run_dir).snapshots / name, RunDir(run_dir).snapshot(name)):
         if path.is_file():
             return path
-    raise UserError(f"snapshot {name} not found (looked in . and {run_dir / 'snapshots'})")
+    raise UserError(f"snapshot {name} not found (looked in . and {RunDir(run_dir).snapshots})")
 
 
 def _select(ev: Evaluator, args: argparse.Namespace) -> list[str]:
@@ -110,9 +109,9 @@ def _select(ev: Evaluator, args: argparse.Namespace) -> list[str]:
         if not pending:
             ev.log("every snapshot is already scored under this protocol (use --force to score again)")
         return pending
-    found = [str(p) for p in list_snapshots(args.run_dir / "snapshots")]
+    found = [str(p) for p in list_snapshots(RunDir(args.run_dir).snapshots)]
     if not found:
-        raise UserError(f"no snapshots in {args.run_dir / 'snapshots'} yet (training writes them "
+        raise UserError(f"no snapshots in {RunDir(args.run_dir).snapshots} yet (training writes them "
                         "periodically; `ganpipe watch` waits for them)")
     return found if args.all else found[-1:]
 
@@ -159,7 +158,7 @@ def _log(msg: str) -> None:
 
 def _lock(run_dir: Path):
     """An exclusive flock on RUN/.watch.lock; the kernel releases it when the process dies."""
-    path = run_dir / LOCK
+    path = RunDir(run_dir).watch_lock
     f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -200,7 +199,7 @@ def _alert(ev: Evaluator, run_dir: Path, rules: AlertRules, stop: bool) -> bool:
     for a in alerts:
         _log(f"ALERT {a['alert']}: {a['message']}")
     if stop:
-        write_text_atomic(run_dir / STOP, "".join(f"ganpipe watch --stop-on-alert: {a['message']}\n" for a in alerts))
+        write_text_atomic(RunDir(run_dir).stop, "".join(f"ganpipe watch --stop-on-alert: {a['message']}\n" for a in alerts))
     return stop
 
 
@@ -231,18 +230,18 @@ def watch_command(args: argparse.Namespace) -> int:
     ev = None
     scored, bad, stopping = 0, {}, False
     try:
-        while not (run_dir / "config.yaml").is_file() and not state["stop"] and not args.once:
-            _log(f"waiting for {run_dir / 'config.yaml'}")
+        while not RunDir(run_dir).config.is_file() and not state["stop"] and not args.once:
+            _log(f"waiting for {RunDir(run_dir).config}")
             sleep(args.interval)
         if state["stop"]:
             _log(f"{state['stop']}: stopping before the run started")
             return 0
         ev = evaluator_from_args(args, log=_log)
-        _log(f"watching {run_dir / 'snapshots'} every {args.interval:g} s "
+        _log(f"watching {RunDir(run_dir).snapshots} every {args.interval:g} s "
              f"({', '.join(ev.metrics)} with {', '.join(e.name for e in ev.extractors)}, {ev.num_gen} generated "
              f"vs {args.split})")
         while not state["stop"]:
-            finished = (run_dir / FINISHED).is_file()   # checked before listing: snapshots precede the marker
+            finished = RunDir(run_dir).is_finished()   # checked before listing: snapshots precede the marker
             for meta in ev.pending():
                 if state["stop"]:
                     break
@@ -271,8 +270,8 @@ def watch_command(args: argparse.Namespace) -> int:
             if state["stop"]:
                 break
             if stopping:
-                _log(f"--stop-on-alert: {run_dir / STOP} written, the trainer checkpoints and exits at its next "
-                     f"tick; scored {scored} snapshot(s) in this session; remove {STOP} and restart both to go on")
+                _log(f"--stop-on-alert: {RunDir(run_dir).stop} written, the trainer checkpoints and exits at its next "
+                     f"tick; scored {scored} snapshot(s) in this session; remove {RunDir(run_dir).stop} and restart both to go on")
                 return 0
             if finished or args.once:
                 why = "training finished" if finished else "--once"

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.metrics.records import METRIC_PROTOCOL, HIGHER_IS_BETTER, best_of, protocol_key, read_records
+from pipeline.rundir import RunDir
 
 # Names of protocol_key's fields, for saying what differs.
 KEY_FIELDS = ("metric", "extractor", "extractor_sha256", "resize", "num_gen", "seed", "seeding", "reference split",
@@ -46,7 +47,7 @@ def comparable_series(runs: list[Path], metric: str, extractor: str | None = Non
         recs = _select(read_records(run), metric, extractor)
         if not recs:
             which = f" with --extractor {extractor}" if extractor else ""
-            raise UserError(f"{run} has no '{metric}' scores{which} in {run / 'metrics.jsonl'} "
+            raise UserError(f"{run} has no '{metric}' scores{which} in {RunDir(run).metrics} "
                             f"(score it with `ganpipe eval --run-dir {run} --all --metrics ...`)")
         chosen[run] = recs
     names = sorted({r["name"] for recs in chosen.values() for r in recs})

@@ -40,6 +40,7 @@ from pipeline.metrics.scores import METRICS, SAMPLE_GEN, Metric, Setup
 from pipeline.metrics.stats import IS_SPLITS, generated_statistics
 from pipeline.training.snapshot import list_snapshots, load_snapshot, read_snapshot_meta
 from pipeline.training.trackers import EvalTrackers
+from pipeline.rundir import RunDir
 
 GENERATORS = ("ema", "raw")     # --generator: the snapshot's EMA G, or the raw G (train.snapshot_raw)
 
@@ -84,12 +85,12 @@ class Evaluator:
         from pipeline.catalog import load_config
 
         self.run_dir = Path(run_dir)
-        if not (self.run_dir / "config.yaml").is_file():
+        if not RunDir(self.run_dir).config.is_file():
             raise UserError(f"{self.run_dir}: not a run directory (no config.yaml; `ganpipe train` writes it)")
-        cfg = load_config(self.run_dir / "config.yaml")
+        cfg = load_config(RunDir(self.run_dir).config)
         self.data_dir = Path(data or cfg.data.path).expanduser()
         if not (self.data_dir / MANIFEST).is_file():
-            raise UserError(f"reference data {self.data_dir} (data.path of {self.run_dir / 'config.yaml'}) has no "
+            raise UserError(f"reference data {self.data_dir} (data.path of {RunDir(self.run_dir).config}) has no "
                             f"{MANIFEST}: reference statistics need a directory made by `ganpipe prepare`; "
                             "pass --data DIR")
         if seed < 0:
@@ -178,7 +179,7 @@ class Evaluator:
         """Records (unchecked JSON) of complete snapshots not yet scored under this protocol, oldest first."""
         done = {(r["snapshot_sha256"], protocol_key(r)) for r in read_records(self.run_dir)}
         out = []
-        for path in list_snapshots(self.run_dir / "snapshots"):
+        for path in list_snapshots(RunDir(self.run_dir).snapshots):
             try:
                 meta = read_snapshot_meta(path, check_hash=False)
             except SnapshotError:
@@ -242,7 +243,7 @@ class Evaluator:
         if self._writer is None and self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.run_dir / "tb"), filename_suffix=".eval")
+            self._writer = SummaryWriter(str(RunDir(self.run_dir).tb), filename_suffix=".eval")
         if self._writer is not None:
             for r in records:
                 self._writer.add_scalar(f"Metrics/{r['name']}", r["value"], global_step=r["cur_nimg"])

@@ -22,9 +22,8 @@ from typing import Callable
 from pipeline.errors import UserError
 from pipeline.io import atomic_path
 from pipeline.metrics.records import append_records, best_of, protocol_key, read_records
+from pipeline.rundir import RunDir
 
-POSTHOC_DIR = "posthoc"
-PLOT_FILE = "metrics.png"
 
 
 def parse_stds(text: str) -> list[float]:
@@ -44,7 +43,7 @@ def rebuild(run_dir: Path, stds: list[float], at_kimg: float | None, log: Callab
     paths = []
     for std in stds:
         G, base, info = reconstruct(run_dir, std, at_kimg)
-        out = run_dir / POSTHOC_DIR / f"posthoc-{base['cur_nimg']:09d}-std{std:g}.json"
+        out = RunDir(run_dir).posthoc / f"posthoc-{base['cur_nimg']:09d}-std{std:g}.json"
         paths.append(str(write_reconstruction(G, base, info, out)))
         log(f"rebuilt sigma_rel {std:g} at kimg {base['kimg']:g} from {len(info['sources'])} profiles "
             f"(relative fit error {info['relative_error']:.1e})")
@@ -55,7 +54,7 @@ def record(run_dir: Path, records: list[dict], log: Callable[[str], None]) -> No
     """Append post-hoc scores to RUN/posthoc/metrics.jsonl and redraw RUN/posthoc/metrics.png."""
     if not records:
         return
-    directory = run_dir / POSTHOC_DIR
+    directory = RunDir(run_dir).posthoc
     directory.mkdir(parents=True, exist_ok=True)
     append_records(directory, records)
     plot(directory, read_records(directory))
@@ -106,7 +105,7 @@ def plot(directory: Path, records: list[dict]) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     ax.set_xlabel("sigma_rel (EMA length relative to training time, EDM2)")
-    path = directory / PLOT_FILE
+    path = directory / RunDir.PLOT
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return path

@@ -17,10 +17,8 @@ import os
 from pathlib import Path
 
 from pipeline.io import atomic_path, write_json_atomic
+from pipeline.rundir import RunDir
 
-METRICS_FILE = "metrics.jsonl"
-BEST_FILE = "best.json"
-PLOT_FILE = "metrics.png"
 REQUIRED = {"name", "metric", "value", "snapshot", "snapshot_sha256", "cur_nimg", "kimg", "extractor",
             "extractor_sha256", "resize", "num_gen", "seed", "reference"}   # keys of a metrics.jsonl record
 # Records written before `pipeline.generate` existed carry no "seeding": their images were drawn
@@ -35,7 +33,7 @@ BEST_METRICS = ("fid", "kid")           # what best.json ranks unless --best-met
 
 def read_records(run_dir: str | Path) -> list[dict]:
     """Every complete line of RUN/metrics.jsonl (a torn last line from a crash is ignored)."""
-    path = Path(run_dir) / METRICS_FILE
+    path = RunDir(run_dir).metrics
     if not path.is_file():
         return []
     out = []
@@ -54,7 +52,7 @@ def protected_snapshots(run_dir: str | Path) -> tuple[set[str], set[str]]:
     retention must know to keep every unscored snapshot and every best one."""
     scored = {r["snapshot_sha256"] for r in read_records(run_dir)}
     best: set[str] = set()
-    path = Path(run_dir) / BEST_FILE
+    path = RunDir(run_dir).best
     try:
         entries = json.loads(path.read_text()) if path.is_file() else {}
         best = {e["snapshot"] for e in entries.values() if isinstance(e, dict) and "snapshot" in e}
@@ -66,7 +64,7 @@ def protected_snapshots(run_dir: str | Path) -> tuple[set[str], set[str]]:
 
 def append_records(run_dir: str | Path, records: list[dict]) -> None:
     """All lines of one snapshot in one write with O_APPEND: a crash leaves all of them or none."""
-    path = Path(run_dir) / METRICS_FILE
+    path = RunDir(run_dir).metrics
     text = "".join(json.dumps(r) + "\n" for r in records)
     if path.is_file() and path.stat().st_size:
         with open(path, "rb") as f:
@@ -123,7 +121,7 @@ def write_best(run_dir: str | Path, records: list[dict], metrics: tuple[str, ...
         best[name]["psi"], best[name]["cutoff"] = r.get("psi", 1.0), r.get("cutoff")
         best[name]["weights"] = r.get("weights", "ema")
         best[name]["snapshots_scored"] = len(series)
-    write_json_atomic(Path(run_dir) / BEST_FILE, best)
+    write_json_atomic(RunDir(run_dir).best, best)
     return best
 
 
@@ -158,7 +156,7 @@ def plot_metrics(run_dir: str | Path, records: list[dict]) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     ax.set_xlabel("kimg (thousands of real images shown to D)")
-    path = Path(run_dir) / PLOT_FILE
+    path = RunDir(run_dir).plot
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return path

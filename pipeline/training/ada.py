@@ -162,10 +162,11 @@ def _blit(x: torch.Tensor, p: float, ops: frozenset[str]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # Geom: one inverse affine matrix per image, one resampling.
 
-def _affine(n: int, device: torch.device, a, b, c, d, tx, ty) -> torch.Tensor:
-    """Batch of 3x3 matrices [[a, b, tx], [c, d, ty], [0, 0, 1]] from per-image tensors or numbers."""
+def _affine(n: int, device: torch.device, linear: tuple, shift: tuple = (0, 0)) -> torch.Tensor:
+    """Batch of 3x3 matrices [[a, b, tx], [c, d, ty], [0, 0, 1]] for linear (a, b, c, d) and shift
+    (tx, ty), each entry a per-image tensor or a number."""
     m = torch.zeros(n, 3, 3, device=device)
-    for (r, col), val in zip(((0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (1, 2)), (a, b, c, d, tx, ty)):
+    for (r, col), val in zip(((0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (1, 2)), (*linear, *shift)):
         m[:, r, col] = val
     m[:, 2, 2] = 1
     return m
@@ -173,7 +174,7 @@ def _affine(n: int, device: torch.device, a, b, c, d, tx, ty) -> torch.Tensor:
 
 def _rotation(theta: torch.Tensor) -> torch.Tensor:
     cos, sin = theta.cos(), theta.sin()
-    return _affine(len(theta), theta.device, cos, -sin, sin, cos, 0, 0)
+    return _affine(len(theta), theta.device, (cos, -sin, sin, cos))
 
 
 def _geom(x: torch.Tensor, p: float, ops: frozenset[str]) -> torch.Tensor:
@@ -189,17 +190,17 @@ def _geom(x: torch.Tensor, p: float, ops: frozenset[str]) -> torch.Tensor:
             continue
         if step == "scale":
             s = _lognormal(n, SCALE_STD, p, dev)
-            inv = inv @ _affine(n, dev, 1 / s, 0, 0, 1 / s, 0, 0)
+            inv = inv @ _affine(n, dev, (1 / s, 0, 0, 1 / s))
         elif step == "rotate":
             theta = _gated((torch.rand(n, device=dev) * 2 - 1) * math.pi, _coin(n, p_rot, dev), 0.0)
             inv = inv @ _rotation(-theta)
         elif step == "aniso":
             s = _lognormal(n, ANISO_STD, p, dev)
-            inv = inv @ _affine(n, dev, 1 / s, 0, 0, s, 0, 0)
+            inv = inv @ _affine(n, dev, (1 / s, 0, 0, s))
         else:
             on = _coin(n, p, dev)
             t = _gated(torch.randn(2, n, device=dev) * XFRAC_STD, on.expand(2, n), 0.0)
-            inv = inv @ _affine(n, dev, 1, 0, 0, 1, -2 * t[0], -2 * t[1])
+            inv = inv @ _affine(n, dev, (1, 0, 0, 1), (-2 * t[0], -2 * t[1]))
     grid = F.affine_grid(inv[:, :2, :].to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 

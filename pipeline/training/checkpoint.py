@@ -27,6 +27,8 @@ import torch
 from pipeline import dist
 from pipeline.errors import TrainingError
 from pipeline.io import atomic_path, sha256_file, temp_path, write_json_atomic
+from pipeline.rundir import RunDir
+from pipeline.training.state import check_counters
 
 PREFIX = "ckpt-"
 CHECKSUMS = "checksums.json"     # sha256 of every file, written last
@@ -45,7 +47,7 @@ def _portable(obj: Any) -> Any:
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -56,10 +58,11 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
                   and (p / "state.pt").is_file())
 
 
-def save_checkpoint(run_dir: Path, cur_nimg: int, *, rank: int, world_size: int, shared: Callable[[], dict] | None,
-                    per_rank: dict, keep: int) -> Path:
-    """Collective: every rank calls it. `shared()` is evaluated on rank 0 only; the directory is
-    renamed into place by rank 0 once every rank's file is in it."""
+def save_checkpoint(run_dir: Path, cur_nimg: int, *, shared: Callable[[], dict] | None, per_rank: dict,
+                    keep: int) -> Path:
+    """Collective: every rank (of `pipeline.dist`) calls it. `shared()` is evaluated on rank 0 only;
+    the directory is renamed into place by rank 0 once every rank's file is in it."""
+    rank, world_size = dist.rank(), dist.world_size()
     root = checkpoint_dir(run_dir)
     final = root / f"{PREFIX}{cur_nimg:09d}"
     tmp = temp_path(final, TMP_TAG)
@@ -103,11 +106,8 @@ def load_checkpoint(path: Path, rank: int) -> tuple[dict, dict | None]:
     says it is not what was written."""
     sums = _checksums(path)
     state = _load(path / "state.pt", sums)
-    for key in ("cur_nimg", "d_steps", "g_steps", "skipped", "world_size"):
-        if not isinstance(state.get(key), int) or isinstance(state.get(key), bool) or state[key] < 0:
-            raise CheckpointDamaged(f"{path / 'state.pt'}: counter {key}={state.get(key)!r} is not a count")
-    if state["cur_nimg"] != int(path.name[len(PREFIX):]) or state["world_size"] < 1:
-        raise CheckpointDamaged(f"{path / 'state.pt'}: cur_nimg {state['cur_nimg']} does not match the directory")
+    if problem := check_counters(state, int(path.name[len(PREFIX):])):
+        raise CheckpointDamaged(f"{path / 'state.pt'}: {problem}")
     rank_file = path / f"rank-{rank:04d}.pt"
     per_rank = _load(rank_file, sums) if rank_file.is_file() else None
     return state, per_rank

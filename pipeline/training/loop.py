@@ -33,31 +33,24 @@ from accelerate.utils import DistributedDataParallelKwargs
 
 from pipeline import dist, generate
 from pipeline.training import schedules, trackers
-from pipeline.config import Config, config_hash, to_dict
+from pipeline.catalog import check
+from pipeline.config import Config, config_hash, config_yaml, to_dict
 from pipeline.data.loader import ShardSet, StreamLoader
 from pipeline.errors import ConfigError, DataError
-from pipeline.io import write_json_atomic
+from pipeline.io import write_text_atomic
 from pipeline.networks import build_networks
+from pipeline.rundir import RunDir
 from pipeline.training.checkpoint import load_checkpoint, load_newest_checkpoint, save_checkpoint
 from pipeline.training.ema import EMA, PowerEMA
-from pipeline.training.phases import (MicroBatch, NonFiniteGuard, Phases, accumulate, autocast_for, build_phases,
-                                      first_layers, step, unwrap)
-from pipeline.training.snapshot import prune_snapshots, save_snapshot
+from pipeline.training.phases import (MicroBatch, NonFiniteGuard, accumulate, autocast_for, build_phases, first_layers,
+                                      step, unwrap)
+from pipeline.training.snapshot import SnapshotInfo, prune_snapshots, save_snapshot
+from pipeline.training.state import TrainState
 from pipeline.training.stats import Stats, StatsWriter
 
 EXIT_PREEMPTED = 3          # checkpoint written after SIGTERM/SIGUSR1/Ctrl-C: requeue and run again to resume
-PREEMPTED = "PREEMPTED"     # RUN/PREEMPTED: written with that checkpoint, removed when the run starts again
-STOP = "STOP"               # RUN/STOP (`ganpipe watch --stop-on-alert`, or by hand): checkpoint at the next tick, exit 0
 # Skipped-sample counters of the loader, logged as Data/skipped_<kind>.
 BAD_KINDS = ("undecodable", "wrong_shape", "missing_label", "bad_label", "truncated", "read_error")
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
-    cur_nimg: int = 0               # real images shown to D so far
-    d_steps: int = 0
-    g_steps: int = 0
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -136,96 +129,87 @@ def no_host_sync(device: torch.device, enabled: bool):
 
 
 def split_batch(batch: int, per_process: int, world: int) -> tuple[int, int]:
-    """(images per process per forward, micro-batches per step) for a global batch."""
+    """(images per process per forward, micro-batches per step) for a global batch that
+    `catalog.check` has found divisible."""
     per_proc = per_process or batch // world
-    if per_proc < 1 or batch % (per_proc * world):
-        raise ConfigError(f"data.batch_size={batch} is not a multiple of train.batch_per_process={per_proc} x "
-                          f"{world} processes; pick a global batch divisible by both")
     return per_proc, batch // (per_proc * world)
 
 
-def training_state(G, D, ema: EMA, phases: Phases, progress: Progress, guard: NonFiniteGuard, world: int,
-                   cfg: Config, weights_finite: bool, posthoc: PowerEMA | None = None) -> dict:
-    """What rank 0 writes into a checkpoint (the same on every rank)."""
-    d, g = phases.named("D"), phases.named("G")
-    return {"G": unwrap(G).state_dict(), "D": unwrap(D).state_dict(), "G_ema": ema.state_dict(),
-            "opt_G": g.optimizer.state_dict(), "opt_D": d.optimizer.state_dict(),
-            "scaler_G": g.scaler.state_dict(), "scaler_D": d.scaler.state_dict(),
-            "cur_nimg": progress.cur_nimg, "d_steps": progress.d_steps, "g_steps": progress.g_steps,
-            "skipped": guard.skipped, "world_size": world, "config": to_dict(cfg), "finite": weights_finite,
-            "ada": phases.ada.state_dict() if phases.ada is not None else {},
-            "penalties": phases.penalty_state(),
-            "posthoc_ema": posthoc.state_dict() if posthoc is not None else {}}
+@dataclass
+class Session:
+    """This process's place in the run: the Accelerator, its device, precision, batch split and
+    the sums its reports go to (reduced over every rank at each tick)."""
+    acc: Accelerator
+    dtype: torch.dtype | None       # autocast dtype (None: fp32)
+    per_proc: int                   # images per process per forward
+    accum: int                      # micro-batches per optimizer step
+    stats: Stats
+
+    rank = property(lambda self: self.acc.process_index)
+    world = property(lambda self: self.acc.num_processes)
+    device = property(lambda self: self.acc.device)
+    main = property(lambda self: self.acc.is_main_process)
+
+    def log(self, msg: str) -> None:
+        if self.main:
+            print(msg, flush=True)
+
+    def autocast(self):
+        return autocast_for(self.device, self.dtype)()
 
 
-def snapshot_variants(G, posthoc: PowerEMA | None, raw: bool) -> dict:
-    """What a snapshot keeps beside the EMA G: the raw G (train.snapshot_raw) and the EMA profiles."""
-    return {**({"raw": (unwrap(G), {})} if raw else {}), **(posthoc.variants() if posthoc is not None else {})}
+def start_session(cfg: Config) -> Session:
+    """Check what depends on the number of processes (before any work), start them (with the
+    trackers beside TensorBoard) and split the global batch into processes x micro-batches x
+    per-process batch."""
+    check(cfg, world_size=dist.launch_env().world_size)
+    acc = start_processes(cfg.train.threads, cfg.train.peer_timeout_s, trackers.chosen(cfg))
+    per_proc, accum = split_batch(cfg.data.batch_size, cfg.train.batch_per_process, acc.num_processes)
+    device_flags(acc.device, cfg.speed)
+    return Session(acc, resolve_precision(cfg.speed.mixed_precision, acc.device), per_proc, accum, Stats(acc.device))
 
 
-def stop_requested(run_dir: Path, main: bool) -> str:
-    """What RUN/STOP says (its first line, or its path when empty), as rank 0 read it, on every
-    rank; "" when there is none. A collective: every rank calls it at the same (tick) steps."""
-    reason = ""
-    if main and (path := run_dir / STOP).is_file():
-        try:
-            reason = next(iter(path.read_text(errors="replace").strip().splitlines()), "")[:300] or str(path)
-        except OSError:
-            reason = str(path)       # removed between the check and the read, or unreadable: still a request
-    return dist.broadcast_object(reason)
-
-
-def finite(G, D) -> bool:
-    """Whether every weight of G and D is finite: only such a checkpoint is a good one to go back to."""
-    return all(bool(torch.isfinite(p).all()) for net in (G, D) for p in unwrap(net).parameters())
-
-
-def rank_state(G, D, loader: StreamLoader, device: torch.device) -> dict:
-    """What each rank writes: its RNG states, its loader position and a digest of its replicas."""
-    state = {"torch_cpu": torch.get_rng_state(), "loader": loader.state_dict(),
-             "param_digest": {"G": dist.param_digest(unwrap(G)), "D": dist.param_digest(unwrap(D))}}
-    if device.type == "cuda":
-        state["torch_cuda"] = torch.cuda.get_rng_state(device)
+def build_state(cfg: Config, session: Session, shards: ShardSet) -> TrainState:
+    """Networks (the same init on every rank), EMA and its profiles, DDP, phases and the guard."""
+    torch.manual_seed(cfg.seed)
+    G, D = build_networks(cfg.model, resolution=shards.resolution, channels=shards.channels,
+                          num_classes=shards.num_classes)
+    if cfg.speed.channels_last and shards.resolution:
+        # NHWC weights: every convolution then runs (and hands on) channels-last activations.
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    for p in first_layers(D, cfg.train.freeze_d_layers):
+        p.requires_grad_(False)             # FreezeD: before DDP, which reduces only trainable ones
+    ema = EMA(G, cfg.ema.halflife_kimg, cfg.ema.rampup)
+    ema.model.to(session.device)
+    posthoc = PowerEMA(G, cfg.ema.posthoc_std).to(session.device) if cfg.ema.posthoc_std else None
+    G, D = session.acc.prepare(G, D)
+    phases = build_phases(cfg, G=G, D=D, device=session.device, dtype=session.dtype, report=session.stats.report)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_steps, lambda: str(state.good_checkpoint or "none yet"),
+                           lambda: state.progress.cur_nimg / 1000)
+    state = TrainState(G, D, ema, phases, guard, posthoc=posthoc)
     return state
 
 
-def resume(run_dir: Path, G, D, ema: EMA, phases: Phases, guard: NonFiniteGuard, *, rank: int, world: int,
-           device: torch.device, seed: int, log, posthoc: PowerEMA | None = None
-           ) -> tuple[Progress, dict | None, Path | None]:
-    """Restore the newest complete checkpoint of the run, if any: (progress, loader state, path).
-    The RNG and loader streams come back exactly when the process count is the same."""
-    torch.manual_seed(seed * 1000 + rank)
-    if (found := load_newest_checkpoint(run_dir, rank, log)) is None:
-        return Progress(), None, None
-    path, state, mine = found
-    unwrap(G).load_state_dict(state["G"])
-    unwrap(D).load_state_dict(state["D"])
-    ema.load_state_dict(state["G_ema"])
-    if posthoc is not None:
-        posthoc.load_state_dict(state["posthoc_ema"])      # the profiles go on as if never stopped
-    for phase, key in ((phases.named("G"), "G"), (phases.named("D"), "D")):
-        phase.optimizer.load_state_dict(state[f"opt_{key}"])
-        phase.scaler.load_state_dict(state[f"scaler_{key}"])
-    if phases.ada is not None and state.get("ada"):
-        phases.ada.load_state_dict(state["ada"])
-    phases.load_penalty_state(state.get("penalties", {}))       # pl's running mean
-    progress = Progress(state["cur_nimg"], state["d_steps"], state["g_steps"])
-    guard.skipped = state["skipped"]
+def resume(run: RunDir, state: TrainState, session: Session, seed: int) -> tuple[dict | None, Path | None]:
+    """Restore the newest complete checkpoint of the run, if any: (loader state, its path). The RNG
+    and loader streams come back exactly when the process count is the same."""
+    torch.manual_seed(seed * 1000 + session.rank)
+    if (found := load_newest_checkpoint(run.path, session.rank, session.log)) is None:
+        return None, None
+    path, shared, mine = found
+    state.load_state_dict(shared)
     loader_state = None
-    if mine is not None and state["world_size"] == world:
-        torch.set_rng_state(mine["torch_cpu"])
-        if device.type == "cuda" and "torch_cuda" in mine:
-            torch.cuda.set_rng_state(mine["torch_cuda"], device)
-        loader_state = mine["loader"]
+    if mine is not None and shared["world_size"] == session.world:
+        loader_state = state.load_rank_state_dict(mine, session.device)
     else:
-        log(f"resume: checkpoint was written by {state['world_size']} processes, this run has {world}: "
-            "RNG and data streams start afresh (training state is exact)")
-        torch.manual_seed(seed * 1000 + rank + progress.cur_nimg)
-    log(f"resumed from {path} at kimg {progress.cur_nimg / 1000:.3f}")
-    return progress, loader_state, path
+        session.log(f"resume: checkpoint was written by {shared['world_size']} processes, this run has "
+                    f"{session.world}: RNG and data streams start afresh (training state is exact)")
+        torch.manual_seed(seed * 1000 + session.rank + state.progress.cur_nimg)
+    session.log(f"resumed from {path} at kimg {state.progress.cur_nimg / 1000:.3f}")
+    return loader_state, path
 
 
-def initialise_from(source: str, G, D, ema: EMA, log) -> None:
+def initialise_from(source: str, state: TrainState, log) -> None:
     """A new run's weights from another run (`train.init_from`): a checkpoint directory or a run
     directory (G, D and G_ema of its newest checkpoint), or a snapshot record (G and G_ema only).
     Optimizers, counters and data streams start afresh; the recorded config names the source."""
@@ -237,48 +221,184 @@ def initialise_from(source: str, G, D, ema: EMA, log) -> None:
         weights = {"G": load_file(read_snapshot_meta(path)["weights_path"])}
         weights["G_ema"] = weights["G"]
     else:
-        found = load_newest_checkpoint(path, 0, log) if (path / "checkpoints").is_dir() else (
+        found = load_newest_checkpoint(path, 0, log) if RunDir(path).has_checkpoints() else (
             (path, *load_checkpoint(path, 0)) if (path / "state.pt").is_file() else None)
         if found is None:
             raise ConfigError(f"train.init_from: {path} is no snapshot record, checkpoint or run directory with "
                               "checkpoints")
         weights = {k: found[1][k] for k in ("G", "D", "G_ema")}
     try:
-        unwrap(G).load_state_dict(weights["G"])
-        ema.load_state_dict(weights["G_ema"])
-        if "D" in weights:
-            unwrap(D).load_state_dict(weights["D"])
+        state.load_weights(weights)
     except RuntimeError as exc:
         raise ConfigError(f"train.init_from: the weights in {path} do not fit this model "
                           f"({str(exc).splitlines()[0][:160]}); use the same model.* settings") from None
     log(f"initialised {', '.join(weights)} from {path}")
 
 
-def tick_row(stats: Stats, loader: StreamLoader, phases: Phases, progress: Progress, guard: NonFiniteGuard,
-             world: int, device: torch.device, since: tuple[int, float], start_time: float) -> dict:
-    """One row of stats.jsonl: this tick's means over all ranks, counters, rates and memory."""
-    now, (tick_nimg, tick_time) = time.time(), since
-    row = {"kimg": round(progress.cur_nimg / 1000, 3), "cur_nimg": progress.cur_nimg, "world_size": world,
-           "d_steps": progress.d_steps, "g_steps": progress.g_steps, **stats.reduce()}
-    bad = loader.bad_counts()
-    bad_tensor = dist.all_reduce_sum(torch.tensor([float(bad.get(k, 0)) for k in sorted(BAD_KINDS)], device=device))
-    row.update({f"Data/skipped_{k}": int(v) for k, v in zip(sorted(BAD_KINDS), bad_tensor.tolist())})
-    images = progress.cur_nimg - tick_nimg
-    row.update({
-        "LR/G": phases.named("G").optimizer.param_groups[0]["lr"],
-        "LR/D": phases.named("D").optimizer.param_groups[0]["lr"],
-        "Steps/skipped_nonfinite": guard.skipped,
-        "Timing/sec_per_kimg": (now - tick_time) / max(images / 1000, 1e-9),
-        "Timing/images_per_s": images / max(now - tick_time, 1e-9),
-        "Timing/total_s": now - start_time,
-        "Mem/cpu_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-    })
-    if device.type == "cuda":
-        row["Mem/gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    if phases.named("D").scaler.is_enabled():
-        row.update({"AMP/scale_G": phases.named("G").scaler.get_scale(),
-                    "AMP/scale_D": phases.named("D").scaler.get_scale()})
-    return row
+def open_loader(cfg: Config, session: Session, state: TrainState, loader_state: dict | None) -> StreamLoader:
+    """The data stream, restored exactly when possible; otherwise a fresh one, seeded away from the
+    run's start when the run has images behind it."""
+    fresh = loader_state is None and state.progress.cur_nimg > 0
+    loader = StreamLoader.from_config(cfg.data, batch_size=session.per_proc, rank=session.rank,
+                                      seed=cfg.seed + (state.progress.cur_nimg if fresh else 0),
+                                      world_size=session.world, device=session.device,
+                                      require_labels=cfg.model.conditional)
+    if loader_state is not None:
+        try:
+            loader.load_state_dict(loader_state)
+        except DataError as exc:
+            session.log(f"resume: {exc}")
+    return loader
+
+
+def d_steps(cfg: Config, session: Session, state: TrainState, loader: StreamLoader) -> tuple[list, dict]:
+    """D's side of one G step: n_critic steps, each one global batch of real images and the fakes
+    G makes for them. Returns the last step's micro-batches and the scheduled values."""
+    progress, G, batch = state.progress, state.G, cfg.data.batch_size
+    for _ in range(cfg.train.n_critic):
+        scheduled = schedules.apply(cfg, state.phases, state.ema, progress.cur_nimg)
+        micro_batches = []
+        for _ in range(session.accum):
+            real, labels = loader.next()
+            labels = labels if cfg.model.conditional else None
+            z = torch.randn(session.per_proc, unwrap(G).z_dim, device=session.device)
+            # train.reuse_fakes: G's graph is kept for its own step; D sees the fakes detached.
+            with torch.set_grad_enabled(cfg.train.reuse_fakes), session.autocast():
+                fake = G(z, labels)
+            micro_batches.append(MicroBatch(z=z, labels=labels, real=real, fake=fake.detach(),
+                                            kept=fake if cfg.train.reuse_fakes else None))
+        for phase in state.phases.due("D", progress.d_steps):
+            accumulate(phase, micro_batches, session.autocast)
+            step(phase, state.guard, session.stats.report)
+        progress.d_steps += 1
+        progress.cur_nimg += batch
+        if state.phases.ada is not None:
+            state.phases.ada.update(progress.d_steps, batch)
+    return micro_batches, scheduled
+
+
+def g_step(session: Session, state: TrainState, d_batches: list, images: int) -> None:
+    """G's side: fresh latents with drawn labels, or the last D step's reals and labels for a
+    relativistic loss (or that step's own fakes, train.reuse_fakes); the EMA follows G after a
+    real G step only (`images`: real images since the last G step)."""
+    G, phases, progress = unwrap(state.G), state.phases, state.progress
+    micro_batches = []
+    for d in d_batches:
+        if d.kept is not None:
+            micro_batches.append(MicroBatch(z=d.z, labels=d.labels, real=d.real, kept=d.kept))
+            continue
+        labels = torch.randint(G.num_classes, (session.per_proc,), device=session.device) if G.num_classes else None
+        z = torch.randn(session.per_proc, G.z_dim, device=session.device)
+        micro_batches.append(MicroBatch(z=z, labels=d.labels, real=d.real) if phases.pairs_reals
+                             else MicroBatch(z=z, labels=labels))
+    for phase in phases.due("G", progress.g_steps):
+        accumulate(phase, micro_batches, session.autocast)
+        taken = step(phase, state.guard, session.stats.report)
+        if phase.name == "G":       # no move if the step was skipped
+            state.ema.update(G, progress.cur_nimg, images, taken=taken)
+            if state.posthoc is not None:   # t counts G steps; a skipped step averages in the unchanged G
+                state.posthoc.update(G, progress.g_steps + 1)
+    progress.g_steps += 1
+
+
+class Upkeep:
+    """The work at tick, snapshot and checkpoint boundaries: stats rows, status lines, grids,
+    snapshots and checkpoints. Rank 0 writes; every rank joins the collectives."""
+
+    def __init__(self, cfg: Config, run: RunDir, session: Session, state: TrainState, loader: StreamLoader,
+                 shards: ShardSet):
+        self.cfg, self.run, self.session, self.state, self.loader, self.shards = cfg, run, session, state, loader, shards
+        self.writer = StatsWriter(run.path, enabled=session.main, resume_nimg=state.progress.cur_nimg,
+                                  tensorboard="tensorboard" in cfg.log.trackers,
+                                  trackers=trackers.open_training(session.acc, cfg, run.path, trackers.chosen(cfg),
+                                                                  session.log))
+        self.bar = None
+        if session.main and cfg.log.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=cfg.train.total_kimg, initial=state.progress.cur_nimg / 1000, unit="kimg",
+                            dynamic_ncols=True, disable=None,
+                            bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]")
+        self.since, self.start_time = (state.progress.cur_nimg, time.time()), time.time()
+        self.ticks = 0                      # ticks in this process: sync_debug checks the steps after the first
+        self.startup_s = process_age_s()    # `ganpipe train` to the first step: imports, set-up, resume
+        self.last_checkpoint: Path | None = state.good_checkpoint
+
+    def advance(self, images: int) -> None:
+        if self.bar is not None:
+            self.bar.update(images / 1000)
+
+    def tick(self, scheduled: dict) -> None:
+        """One stats row (means over every rank since the last tick), the status line and a grid."""
+        state, session, progress = self.state, self.session, self.state.progress
+        ada = state.phases.ada
+        row = {**self.tick_row(), **scheduled, **(ada.stats() if ada is not None else {}),
+               **({"Timing/startup_s": self.startup_s} if self.startup_s is not None else {})}
+        self.writer.write(row, progress.cur_nimg)
+        if session.main:
+            self.bar.write(status_line(row)) if self.bar is not None else session.log(status_line(row))
+            png = self.run.grid(progress.cur_nimg)
+            grid = generate.save_grid(generate.images(state.ema.model, seed=self.cfg.seed, start=0,
+                                                      count=self.cfg.log.grid_size, device=session.device), png,
+                                      compress_level=1)
+            if grid is not None:
+                self.writer.image("Samples/fakes", png, progress.cur_nimg)
+        self.since, self.ticks = (progress.cur_nimg, time.time()), self.ticks + 1
+
+    def tick_row(self) -> dict:
+        """One row of stats.jsonl: this tick's means over all ranks, counters, rates and memory."""
+        state, device, progress = self.state, self.session.device, self.state.progress
+        now, (tick_nimg, tick_time) = time.time(), self.since
+        row = {"kimg": round(progress.cur_nimg / 1000, 3), "cur_nimg": progress.cur_nimg,
+               "world_size": self.session.world, "d_steps": progress.d_steps, "g_steps": progress.g_steps,
+               **self.session.stats.reduce()}
+        bad = self.loader.bad_counts()
+        kinds = sorted(BAD_KINDS)
+        counts = dist.all_reduce_sum(torch.tensor([float(bad.get(k, 0)) for k in kinds], device=device))
+        row.update({f"Data/skipped_{k}": int(v) for k, v in zip(kinds, counts.tolist())})
+        images = progress.cur_nimg - tick_nimg
+        g, d = state.phases.named("G"), state.phases.named("D")
+        row.update({
+            "LR/G": g.optimizer.param_groups[0]["lr"], "LR/D": d.optimizer.param_groups[0]["lr"],
+            "Steps/skipped_nonfinite": state.guard.skipped,
+            "Timing/sec_per_kimg": (now - tick_time) / max(images / 1000, 1e-9),
+            "Timing/images_per_s": images / max(now - tick_time, 1e-9),
+            "Timing/total_s": now - self.start_time,
+            "Mem/cpu_maxrss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        })
+        if device.type == "cuda":
+            row["Mem/gpu_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if d.scaler.is_enabled():
+            row.update({"AMP/scale_G": g.scaler.get_scale(), "AMP/scale_D": d.scaler.get_scale()})
+        return row
+
+    def snapshot(self) -> None:
+        """The EMA G (and its variants) for eval and sampling; then prune old scored ones. Rank 0 only."""
+        cfg, state, shards = self.cfg, self.state, self.shards
+        G = state.networks["G"]
+        variants = {**({"raw": (G, {})} if cfg.train.snapshot_raw else {}),
+                    **(state.posthoc.variants() if state.posthoc is not None else {})}
+        info = SnapshotInfo(cfg.model, shards.resolution, shards.channels, G.num_classes,
+                            {"config_hash": config_hash(cfg), "data_path": cfg.data.path})
+        save_snapshot(state.ema.model, self.run.snapshots, cur_nimg=state.progress.cur_nimg, info=info,
+                      variants=variants)
+        prune_snapshots(self.run.path, cfg.train.keep_snapshots, self.session.log)
+
+    def checkpoint(self) -> None:
+        """A full checkpoint (collective); remembered as good when every weight is finite."""
+        state, session = self.state, self.session
+        dist.check_ranks_identical(state.networks, session.device)
+        finite = state.finite()
+        self.last_checkpoint = save_checkpoint(
+            self.run.path, state.progress.cur_nimg, keep=self.cfg.train.keep_checkpoints,
+            per_rank=state.rank_state_dict(self.loader, session.device),
+            shared=lambda: state.state_dict(session.world, to_dict(self.cfg), finite))
+        if finite:
+            state.good_checkpoint = self.last_checkpoint
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.close()
 
 
 def status_line(row: dict) -> str:
@@ -288,191 +408,104 @@ def status_line(row: dict) -> str:
             f"{row['Timing/images_per_s']:.0f} img/s  skipped {row['Steps/skipped_nonfinite']}")
 
 
-def training_loop(cfg: Config, run_dir: Path) -> int:
-    t_cfg = cfg.train
-    # Start the processes and split the global batch into processes x micro-batches x per-process batch.
-    external = trackers.chosen(cfg)         # W&B, MLflow beside our TensorBoard: checked before any work
-    acc = start_processes(t_cfg.threads, t_cfg.peer_timeout_s, external)
-    rank, world, device, main = acc.process_index, acc.num_processes, acc.device, acc.is_main_process
-    log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
-    batch = cfg.data.batch_size
-    per_proc, accum = split_batch(batch, t_cfg.batch_per_process, world)
-    if t_cfg.reuse_fakes and (t_cfg.n_critic != 1 or accum != 1):
-        raise ConfigError(f"train.reuse_fakes needs train.n_critic=1 and one micro-batch per step (here n_critic "
-                          f"{t_cfg.n_critic}, {accum} micro-batches of {per_proc}); set train.reuse_fakes=false")
-    dtype = resolve_precision(cfg.speed.mixed_precision, device)
-    device_flags(device, cfg.speed)
-    autocast = autocast_for(device, dtype)
-
-    # Build networks (same init on every rank), EMA, phases; resume; then the data stream.
+def training_loop(cfg: Config, run_dir: Path, dry_run: bool = False) -> int:
+    """Train `cfg` in `run_dir` (resuming from its newest checkpoint); with `dry_run`, build
+    everything, read one batch and stop, writing nothing. Returns the exit status."""
+    run = RunDir(run_dir)
+    # Start the processes; build networks, EMA, phases; resume (or initialise); open the data stream.
+    session = start_session(cfg)
     shards = ShardSet.resolve(cfg.data.path, cfg.data.split, cfg.data.resolution, cfg.data.channels,
                               cfg.data.num_classes)
-    conditional = cfg.model.conditional
-    torch.manual_seed(cfg.seed)
-    G, D = build_networks(cfg.model, resolution=shards.resolution, channels=shards.channels,
-                          num_classes=shards.num_classes)
-    if cfg.speed.channels_last and shards.resolution:
-        # NHWC weights: every convolution then runs (and hands on) channels-last activations.
-        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
-    for p in first_layers(D, t_cfg.freeze_d_layers):
-        p.requires_grad_(False)             # FreezeD: before DDP, which reduces only trainable ones
-    ema = EMA(G, cfg.ema.halflife_kimg, cfg.ema.rampup)
-    ema.model.to(device)
-    posthoc = PowerEMA(G, cfg.ema.posthoc_std).to(device) if cfg.ema.posthoc_std else None
-    G, D = acc.prepare(G, D)
-    z_dim, num_classes = unwrap(G).z_dim, unwrap(G).num_classes
-    stats = Stats(device)
-    phases = build_phases(cfg, G=G, D=D, device=device, dtype=dtype, report=stats.report)
-    good = {"checkpoint": None}                 # newest checkpoint whose weights are finite
-    guard = NonFiniteGuard(t_cfg.max_nonfinite_steps, lambda: str(good["checkpoint"] or "none yet"),
-                           lambda: progress.cur_nimg / 1000)
-    progress, loader_state, last_ckpt = resume(run_dir, G, D, ema, phases, guard, rank=rank, world=world,
-                                               device=device, seed=cfg.seed, log=log, posthoc=posthoc)
-    good["checkpoint"] = last_ckpt
-    if last_ckpt is None and t_cfg.init_from:
-        initialise_from(t_cfg.init_from, G, D, ema, log)
-    # Streams restored exactly when possible; otherwise fresh ones, seeded away from the run's start.
-    fresh = loader_state is None and progress.cur_nimg > 0
-    loader = StreamLoader.from_config(cfg.data, batch_size=per_proc, seed=cfg.seed + (progress.cur_nimg if fresh else 0),
-                                      rank=rank, world_size=world, device=device, require_labels=conditional)
-    if loader_state is not None:
-        try:
-            loader.load_state_dict(loader_state)
-        except DataError as exc:
-            log(f"resume: {exc}")
+    state = build_state(cfg, session, shards)
+    loader_state, state.good_checkpoint = resume(run, state, session, cfg.seed)
+    if state.good_checkpoint is None and cfg.train.init_from:
+        initialise_from(cfg.train.init_from, state, session.log)
+    loader = open_loader(cfg, session, state, loader_state)
+    if dry_run:
+        real, _ = loader.next()
+        session.log(f"dry run: {cfg.model.name} G {state.networks['G'].num_params():,} / D "
+                    f"{state.networks['D'].num_params():,} params, one batch {tuple(real.shape)} read; nothing written")
+        return 0
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if main:
-        (run_dir / PREEMPTED).unlink(missing_ok=True)
-        if (run_dir / STOP).is_file():
-            log(f"{run_dir / STOP} exists: training stops at the first tick (remove the file to train on)")
-    writer = StatsWriter(run_dir, enabled=main, resume_nimg=progress.cur_nimg,
-                         tensorboard="tensorboard" in cfg.log.trackers,
-                         trackers=trackers.open_training(acc, cfg, run_dir, external, log))
-    total_nimg = int(t_cfg.total_kimg * 1000)
-    log(f"training {cfg.model.name} G {unwrap(G).num_params():,} / D {unwrap(D).num_params():,} params on {world} x "
-        f"{device.type} (batch {batch} = {world} x {accum} x {per_proc}, precision {dtype or 'fp32'}, "
-        f"{loader.num_workers} loader workers per process) to {t_cfg.total_kimg} kimg")
-    progress_bar = None
-    if main and cfg.log.progress:
-        from tqdm import tqdm
-        progress_bar = tqdm(total=t_cfg.total_kimg, initial=progress.cur_nimg / 1000, unit="kimg", dynamic_ncols=True,
-                            disable=None, bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} kimg [{elapsed}<{remaining}]")
-    since, start_time = (progress.cur_nimg, time.time()), time.time()
-    ticks_here = 0                      # ticks in this process: sync_debug checks the steps after the first
-    startup_s = process_age_s()         # `ganpipe train` to the first step: imports, set-up, resume
-    if startup_s is not None:
-        log(f"first step {startup_s:.1f} s after the process started")
+    # Record the run: only now that it really starts (a failed start leaves RUN as it was).
+    total_nimg, progress = int(cfg.train.total_kimg * 1000), state.progress
+    run.path.mkdir(parents=True, exist_ok=True)
+    if session.main:
+        record_config(cfg, run)
+        run.clear_start_markers(total_nimg, progress.cur_nimg)
+        if run.stop_request():
+            session.log(f"{run.stop} exists: training stops at the first tick (remove the file to train on)")
+    upkeep = Upkeep(cfg, run, session, state, loader, shards)
+    session.log(f"training {cfg.model.name} G {state.networks['G'].num_params():,} / D "
+                f"{state.networks['D'].num_params():,} params on {session.world} x {session.device.type} (batch "
+                f"{cfg.data.batch_size} = {session.world} x {session.accum} x {session.per_proc}, precision "
+                f"{session.dtype or 'fp32'}, {loader.num_workers} loader workers per process) to "
+                f"{cfg.train.total_kimg} kimg")
+    if upkeep.startup_s is not None:
+        session.log(f"first step {upkeep.startup_s:.1f} s after the process started")
 
-    with dist.Preemption() as preemption, dist.peer_failures("training", t_cfg.peer_timeout_s):
-        while progress.cur_nimg < total_nimg:
-            prev_nimg = progress.cur_nimg
-            # Train: D steps, then G steps, with no host synchronisation (speed.sync_debug checks it).
-            with no_host_sync(device, cfg.speed.sync_debug and ticks_here > 0):
-                # D side: n_critic steps, each one global batch of real images and the fakes G makes for it.
-                for _ in range(t_cfg.n_critic):
-                    scheduled = schedules.apply(cfg, phases, ema, progress.cur_nimg)
-                    micro_batches = []
-                    for _ in range(accum):
-                        real, labels = loader.next()
-                        labels = labels if conditional else None
-                        z = torch.randn(per_proc, z_dim, device=device)
-                        # train.reuse_fakes: G's graph is kept for its own step; D sees the fakes detached.
-                        with torch.set_grad_enabled(t_cfg.reuse_fakes), autocast():
-                            fake = G(z, labels)
-                        micro_batches.append(MicroBatch(z=z, labels=labels, real=real, fake=fake.detach(),
-                                                        kept=fake if t_cfg.reuse_fakes else None))
-                    for phase in phases.due("D", progress.d_steps):
-                        accumulate(phase, micro_batches, autocast)
-                        step(phase, guard, stats.report)
-                    progress.d_steps += 1
-                    progress.cur_nimg += batch
-                    if phases.ada is not None:
-                        phases.ada.update(progress.d_steps, batch)
+    try:
+        with dist.Preemption() as preemption, dist.peer_failures("training", cfg.train.peer_timeout_s):
+            while progress.cur_nimg < total_nimg:
+                prev_nimg = progress.cur_nimg
+                # Train: D steps, then a G step, with no host synchronisation (speed.sync_debug checks it).
+                with no_host_sync(session.device, cfg.speed.sync_debug and upkeep.ticks > 0):
+                    d_batches, scheduled = d_steps(cfg, session, state, loader)
+                    g_step(session, state, d_batches, progress.cur_nimg - prev_nimg)
+                upkeep.advance(progress.cur_nimg - prev_nimg)
 
-                # G side: fresh latents, with drawn labels, or with the last D step's reals and their labels
-                # for a relativistic loss (or that step's own fakes, train.reuse_fakes); the EMA follows G
-                # after a real G step only.
-                d_batches, micro_batches = micro_batches, []
-                for d in d_batches:
-                    if d.kept is not None:
-                        micro_batches.append(MicroBatch(z=d.z, labels=d.labels, real=d.real, kept=d.kept))
-                        continue
-                    labels = torch.randint(num_classes, (per_proc,), device=device) if num_classes else None
-                    z = torch.randn(per_proc, z_dim, device=device)
-                    micro_batches.append(MicroBatch(z=z, labels=d.labels, real=d.real) if phases.pairs_reals
-                                         else MicroBatch(z=z, labels=labels))
-                for phase in phases.due("G", progress.g_steps):
-                    accumulate(phase, micro_batches, autocast)
-                    taken = step(phase, guard, stats.report)
-                    if phase.name == "G":   # images since the last G step: n_critic x batch; no move if skipped
-                        ema.update(unwrap(G), progress.cur_nimg, progress.cur_nimg - prev_nimg, taken=taken)
-                        if posthoc is not None:     # t counts G steps; a skipped step averages in the unchanged G
-                            posthoc.update(unwrap(G), progress.g_steps + 1)
-                progress.g_steps += 1
-                if progress_bar is not None:
-                    progress_bar.update((progress.cur_nimg - prev_nimg) / 1000)
+                # Decide what this step ends: the run, a signal (preemption) or RUN/STOP (read at ticks).
+                finished = progress.cur_nimg >= total_nimg
+                signalled = preemption.requested() and not finished
+                tick = crossed(prev_nimg, progress.cur_nimg, cfg.train.tick_kimg) or finished or signalled
+                stop_file = tick and not finished and not signalled and stop_requested(run, session.main)
+                checkpoint = (crossed(prev_nimg, progress.cur_nimg, cfg.train.checkpoint_kimg) or finished
+                              or signalled or bool(stop_file))
 
-            # Maintenance at tick, snapshot and checkpoint boundaries, and on preemption.
-            done = progress.cur_nimg >= total_nimg
-            stop = preemption.requested()
-            tick = crossed(prev_nimg, progress.cur_nimg, t_cfg.tick_kimg) or done or stop
-            # RUN/STOP ends the run like preemption; read at ticks only, by rank 0, and broadcast.
-            halt = tick and not done and not stop and stop_requested(run_dir, main)
-            checkpoint = crossed(prev_nimg, progress.cur_nimg, t_cfg.checkpoint_kimg) or done or stop or halt
-            if tick or checkpoint:
-                guard.check()       # the one read of the skip counters: too many in a row stop the run
-            if tick:
-                row = {**tick_row(stats, loader, phases, progress, guard, world, device, since, start_time),
-                       **scheduled, **(phases.ada.stats() if phases.ada is not None else {}),
-                       **({"Timing/startup_s": startup_s} if startup_s is not None else {})}
-                writer.write(row, progress.cur_nimg)
-                if main:
-                    progress_bar.write(status_line(row)) if progress_bar is not None else log(status_line(row))
-                    png = run_dir / "samples" / f"fakes-{progress.cur_nimg:09d}.png"
-                    grid = generate.save_grid(generate.images(ema.model, seed=cfg.seed, start=0,
-                                                              count=cfg.log.grid_size, device=device), png,
-                                              compress_level=1)
-                    if grid is not None:
-                        writer.image("Samples/fakes", png, progress.cur_nimg)
-                since, ticks_here = (progress.cur_nimg, time.time()), ticks_here + 1
-            if main and (crossed(prev_nimg, progress.cur_nimg, t_cfg.snapshot_kimg) or done):
-                save_snapshot(ema.model, run_dir / "snapshots", cur_nimg=progress.cur_nimg, model_cfg=cfg.model,
-                              resolution=shards.resolution, channels=shards.channels, num_classes=num_classes,
-                              extra={"config_hash": config_hash(cfg), "data_path": cfg.data.path},
-                              variants=snapshot_variants(G, posthoc, t_cfg.snapshot_raw))
-                prune_snapshots(run_dir, t_cfg.keep_snapshots, log)
-            if checkpoint:
-                dist.check_ranks_identical({"G": unwrap(G), "D": unwrap(D)}, device)
-                ok = finite(G, D)
-                last_ckpt = save_checkpoint(
-                    run_dir, progress.cur_nimg, rank=rank, world_size=world, keep=t_cfg.keep_checkpoints,
-                    per_rank=rank_state(G, D, loader, device),
-                    shared=lambda: training_state(G, D, ema, phases, progress, guard, world, cfg, ok, posthoc))
-                good["checkpoint"] = last_ckpt if ok else good["checkpoint"]
-            if halt:
-                log(f"stopped on request ({halt}): checkpoint {last_ckpt} written at kimg "
-                    f"{progress.cur_nimg / 1000:.3f}; exiting with status 0 (remove {run_dir / STOP} and run the "
-                    "same command again to resume)")
-                writer.close()
-                return 0
-            if stop and not done:
-                if main:    # launchers may not keep exit status 3: the marker says it to the job script
-                    write_json_atomic(run_dir / PREEMPTED, {"cur_nimg": progress.cur_nimg, "checkpoint": str(last_ckpt)})
-                log(f"preempted: checkpoint {last_ckpt} written at kimg {progress.cur_nimg / 1000:.3f}; "
-                    f"exiting with status {EXIT_PREEMPTED} (run the same command again to resume)")
-                writer.close()
-                return EXIT_PREEMPTED
+                # Maintenance at tick, snapshot and checkpoint boundaries.
+                if tick or checkpoint:
+                    state.guard.check()     # the one read of the skip counters: too many in a row stop the run
+                if tick:
+                    upkeep.tick(scheduled)
+                if session.main and (crossed(prev_nimg, progress.cur_nimg, cfg.train.snapshot_kimg) or finished):
+                    upkeep.snapshot()
+                if checkpoint:
+                    upkeep.checkpoint()
 
-    if progress_bar is not None:
-        progress_bar.close()
-    if main:
-        write_json_atomic(run_dir / "FINISHED", {"cur_nimg": progress.cur_nimg, "kimg": progress.cur_nimg / 1000,
-                                                 "checkpoint": str(last_ckpt)})
-    writer.close()
-    log(f"done: {progress.cur_nimg / 1000:.3f} kimg in {time.time() - start_time:.0f} s; run directory {run_dir}")
-    acc.end_training()
+                # Leave on request or on a signal, with the checkpoint just written.
+                if stop_file:
+                    session.log(f"stopped on request ({stop_file}): checkpoint {upkeep.last_checkpoint} written at "
+                                f"kimg {progress.cur_nimg / 1000:.3f}; exiting with status 0 (remove {run.stop} "
+                                "and run the same command again to resume)")
+                    return 0
+                if signalled:
+                    if session.main:    # launchers may not keep exit status 3: the marker tells the job script
+                        run.mark_preempted(progress.cur_nimg, upkeep.last_checkpoint)
+                    session.log(f"preempted: checkpoint {upkeep.last_checkpoint} written at kimg "
+                                f"{progress.cur_nimg / 1000:.3f}; exiting with status {EXIT_PREEMPTED} (run the "
+                                "same command again to resume)")
+                    return EXIT_PREEMPTED
+    finally:
+        upkeep.close()
+
+    if session.main:
+        run.mark_finished(progress.cur_nimg, upkeep.last_checkpoint)
+    session.log(f"done: {progress.cur_nimg / 1000:.3f} kimg in {time.time() - upkeep.start_time:.0f} s; "
+                f"run directory {run}")
+    session.acc.end_training()
     return 0
+
+
+def stop_requested(run: RunDir, main: bool) -> str:
+    """What RUN/STOP says, as rank 0 read it, on every rank; "" when there is none. A collective:
+    every rank calls it at the same (tick) steps."""
+    return dist.broadcast_object(run.stop_request() if main else "")
+
+
+def record_config(cfg: Config, run: RunDir) -> None:
+    """RUN/config.yaml, written atomically (rank 0), after removing what a killed trainer left half-written."""
+    run.remove_temporaries()
+    write_text_atomic(run.config, config_yaml(cfg))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ from safetensors.torch import load_file
 from pipeline.config import ModelConfig, build_dataclass
 from pipeline.errors import SnapshotError, UserError
 from pipeline.training.ema import MAX_STD, gamma_for
-from pipeline.training.snapshot import (build_generator, list_snapshots, read_snapshot_meta, save_snapshot,
+from pipeline.rundir import RunDir
+from pipeline.training.snapshot import (SnapshotInfo, build_generator, list_snapshots, read_snapshot_meta, save_snapshot,
                                         variant_path)
 
 
@@ -70,7 +71,7 @@ def profile_sources(run_dir: Path, at_kimg: float | None = None) -> tuple[dict, 
     """(record of the newest snapshot at or before `at_kimg` (default: the newest), the stored
     profiles of it and of every snapshot before it: snapshot, record, variant, t, gamma, std)."""
     metas = []
-    for path in list_snapshots(run_dir / "snapshots"):
+    for path in list_snapshots(RunDir(run_dir).snapshots):
         try:
             metas.append(read_snapshot_meta(path, check_hash=False))
         except SnapshotError:
@@ -80,7 +81,7 @@ def profile_sources(run_dir: Path, at_kimg: float | None = None) -> tuple[dict, 
     metas = [m for m in metas if any("gamma" in v for v in m.get("variants", {}).values())]
     if not metas:
         where = f" at or before kimg {at_kimg:g}" if at_kimg is not None else ""
-        raise UserError(f"{run_dir / 'snapshots'} has no snapshot with power-function EMA profiles{where}: "
+        raise UserError(f"{RunDir(run_dir).snapshots} has no snapshot with power-function EMA profiles{where}: "
                         "train with ema.posthoc_std (e.g. [0.05,0.1]) to keep them")
     sources = [{"snapshot": Path(m["json_path"]).stem, "meta": m, "variant": name, "t": int(v["t"]),
                 "gamma": float(v["gamma"]), "std": float(v["std"])}
@@ -128,22 +129,22 @@ def write_reconstruction(G: torch.nn.Module, base: dict, info: dict, out: Path) 
     """Write the rebuilt G as a snapshot `out` (a .json path; the weights go beside it)."""
     model_cfg = build_dataclass(ModelConfig, base["model"], "model")
     extra = {k: base[k] for k in ("config_hash", "data_path") if k in base}
-    return save_snapshot(G, out.parent, name=out.stem, cur_nimg=base["cur_nimg"], model_cfg=model_cfg,
-                         resolution=base["resolution"], channels=base["channels"], num_classes=base["num_classes"],
-                         extra={**extra, "posthoc_ema": info})
+    record = SnapshotInfo(model_cfg, base["resolution"], base["channels"], base["num_classes"],
+                          {**extra, "posthoc_ema": info})
+    return save_snapshot(G, out, cur_nimg=base["cur_nimg"], info=record)
 
 
 def check_out(run_dir: Path, out: Path) -> None:
     if out.suffix != ".json":
         raise UserError(f"--out {out}: give the snapshot's .json path (its .safetensors goes beside it)")
-    if out.resolve().parent == (run_dir / "snapshots").resolve():
-        raise UserError(f"--out {out}: not inside {run_dir / 'snapshots'}, which holds the trainer's snapshots "
+    if out.resolve().parent == RunDir(run_dir).snapshots.resolve():
+        raise UserError(f"--out {out}: not inside {RunDir(run_dir).snapshots}, which holds the trainer's snapshots "
                         "(the watcher would score it as one); write it elsewhere, e.g. RUN/posthoc/")
 
 
 def posthoc_ema_command(args: argparse.Namespace) -> int:
     run_dir: Path = args.run_dir
-    if not (run_dir / "snapshots").is_dir():
+    if not RunDir(run_dir).snapshots.is_dir():
         raise UserError(f"{run_dir} has no snapshots directory (train first, or fix --run-dir)")
     check_out(run_dir, args.out)
     G, base, info = reconstruct(run_dir, args.std, args.at_kimg)

@@ -20,6 +20,7 @@ watcher) never see half a snapshot. Loading executes no code: safetensors plus a
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 import json
 from pathlib import Path
 from typing import Callable
@@ -30,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.config import ModelConfig, build_dataclass
 from pipeline.errors import SnapshotError
 from pipeline.io import atomic_path, sha256_file, write_json_atomic
+from pipeline.rundir import RunDir
 
 FORMAT = "ganpipe-snapshot"
 FORMAT_VERSION = 1
@@ -52,14 +54,24 @@ def _write_weights(G: torch.nn.Module, path: Path) -> str:
     return sha256_file(path)
 
 
-def save_snapshot(G: torch.nn.Module, directory: str | Path, *, cur_nimg: int, model_cfg: ModelConfig,
-                  resolution: int, channels: int, num_classes: int, extra: dict | None = None,
-                  variants: dict[str, tuple[torch.nn.Module, dict]] | None = None, name: str | None = None) -> Path:
+@dataclass
+class SnapshotInfo:
+    """What a snapshot's record says about its generator besides the weights."""
+    model: ModelConfig              # the config it is rebuilt from
+    resolution: int
+    channels: int
+    num_classes: int
+    extra: dict = field(default_factory=dict)   # more record fields (config hash, data path, post-hoc EMA)
+
+
+def save_snapshot(G: torch.nn.Module, where: str | Path, *, cur_nimg: int, info: SnapshotInfo,
+                  variants: dict[str, tuple[torch.nn.Module, dict]] | None = None) -> Path:
     """Write the weights, each variant's (name -> (module, fields for its record)), then the JSON
-    (all atomically); returns the JSON path. `name` defaults to snapshot-{cur_nimg:09d}."""
-    directory = Path(directory)
+    (all atomically); returns the JSON path. `where` is a directory (the record is then
+    snapshot-{cur_nimg:09d}.json in it) or the record's own .json path."""
+    where = Path(where)
+    directory, name = (where.parent, where.stem) if where.suffix == ".json" else (where, snapshot_name(cur_nimg))
     directory.mkdir(parents=True, exist_ok=True)
-    name = name or snapshot_name(cur_nimg)
     weights = directory / f"{name}.safetensors"
     sha = _write_weights(G, weights)
     written = {}
@@ -73,12 +85,12 @@ def save_snapshot(G: torch.nn.Module, directory: str | Path, *, cur_nimg: int, m
         "kimg": cur_nimg / 1000.0,
         "weights": weights.name,
         "sha256": sha,
-        "model": dataclasses.asdict(model_cfg),
-        "resolution": resolution,
-        "channels": channels,
-        "num_classes": num_classes,
+        "model": dataclasses.asdict(info.model),
+        "resolution": info.resolution,
+        "channels": info.channels,
+        "num_classes": info.num_classes,
         "z_dim": int(getattr(G, "z_dim")),
-        **(extra or {}),
+        **info.extra,
     }
     if written:
         meta["variants"] = written
@@ -184,7 +196,7 @@ def prune_snapshots(run_dir: Path, keep: int, log: Callable[[str], None]) -> lis
 
     if keep <= 0:
         return []
-    snaps = list_snapshots(Path(run_dir) / "snapshots")
+    snaps = list_snapshots(RunDir(run_dir).snapshots)
     scored, best = protected_snapshots(run_dir)
     removed = []
     for record in snaps[:-keep]:

@@ -14,6 +14,7 @@ import torch
 
 from pipeline import dist
 from pipeline.io import write_text_atomic
+from pipeline.rundir import RunDir
 
 
 class Stats:
@@ -54,14 +55,14 @@ class StatsWriter:
     def __init__(self, run_dir: Path, enabled: bool, resume_nimg: int = 0, tensorboard: bool = True,
                  trackers=None):
         self.enabled = enabled
-        self.path = run_dir / "stats.jsonl"
+        self.path = RunDir(run_dir).stats
         self.tb = None
         self.trackers = trackers
         if enabled and self.path.is_file():
             self._drop_rows_after(resume_nimg)
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(RunDir(run_dir).tb))
 
     def _drop_rows_after(self, nimg: int) -> None:
         """A run killed after its last checkpoint logged ticks that the resumed run logs again:

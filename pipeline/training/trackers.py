@@ -47,8 +47,8 @@ from typing import Any, Callable
 from pipeline.config import Config, to_dict
 from pipeline.errors import ConfigError
 from pipeline.io import write_json_atomic
+from pipeline.rundir import RunDir
 
-RECORD = "trackers.json"                # RUN/trackers.json: {tracker: {"id": ..., where the run lives}}
 PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}   # tracker -> module it needs (mlflow-skinny provides mlflow)
 
 
@@ -76,7 +76,7 @@ def flat_config(cfg: Config) -> dict[str, Any]:
 
 
 def read_ids(run_dir: Path) -> dict:
-    path = run_dir / RECORD
+    path = RunDir(run_dir).trackers
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -97,7 +97,7 @@ def use_mlflow_store(cfg: Config, run_dir: Path) -> str:
 
     uri = cfg.log.mlflow_uri
     if not uri:
-        uri = (run_dir / "mlruns").resolve().as_uri()
+        uri = RunDir(run_dir).mlruns.resolve().as_uri()
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow's own opt-in; read when a store opens
     mlflow.set_tracking_uri(uri)
     return uri
@@ -162,7 +162,7 @@ def open_training(acc, cfg: Config, run_dir: Path, names: list[str], log: Callab
             _mlflow_params(t, params)
             ids["mlflow"] = {"id": t.tracker.info.run_id, "experiment": project, "uri": cfg.log.mlflow_uri}
             where.append(f"mlflow {t.tracker.info.run_id} ({uri})")
-    write_json_atomic(run_dir / RECORD, ids)
+    write_json_atomic(RunDir(run_dir).trackers, ids)
     log(f"trackers: {'; '.join(where)}")
     return RunTrackers(acc)
 
@@ -196,7 +196,7 @@ class EvalTrackers:
         ids = read_ids(self.run_dir)
         for name in self.names:
             if not ids.get(name, {}).get("id"):
-                self.say(f"trackers: no {name} run recorded in {self.run_dir / RECORD} (training starts it); "
+                self.say(f"trackers: no {name} run recorded in {RunDir(self.run_dir).trackers} (training starts it); "
                          f"eval metrics go to metrics.jsonl only")
             elif name == "mlflow":
                 from mlflow import MlflowClient
@@ -236,3 +236,91 @@ class EvalTrackers:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+class TensorBoard:
+    """RUN/tb: the one TensorBoard writer of training (`suffix` "") and evaluation (".eval")."""
+
+    def __init__(self, run_dir: Path, suffix: str = ""):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(RunDir(run_dir).tb), filename_suffix=suffix)
+
+    def scalars(self, values: dict, step: int) -> None:
+        """The numbers of `values` with hierarchical names (`Loss/D/main`)."""
+        for name, value in _scalars(values).items():
+            if "/" in name:
+                self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def png(self, name: str, png: Path, step: int) -> None:
+        """An image from its PNG file, as the file's bytes: `add_image` would decode nothing but encode
+        the grid again (costly for large grids), so the summary is built around the encoded bytes."""
+        from PIL import Image
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        with Image.open(png) as img:
+            width, height, bands = img.width, img.height, len(img.getbands())
+        image = Summary.Image(height=height, width=width, colorspace=bands, encoded_image_string=Path(png).read_bytes())
+        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=name, image=image)]), step)
+        self.writer.flush()
+
+    def text(self, name: str, text: str, step: int) -> None:
+        self.writer.add_text(name, text, global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Sink:
+    """Where a run's numbers, grids and scores go besides its own files: TensorBoard (when chosen)
+    and the W&B / MLflow runs. Training opens it with its Accelerator's trackers (`RunTrackers`),
+    evaluation with `EvalTrackers`; every method is a no-op for what is not there."""
+
+    def __init__(self, tensorboard: TensorBoard | None, others: RunTrackers | EvalTrackers | None):
+        self.tensorboard, self.others = tensorboard, others
+
+    @classmethod
+    def for_training(cls, acc, cfg: Config, run_dir: Path, log: Callable[[str], None]) -> "Sink":
+        """Rank 0's sink of a training run (an empty one on other ranks)."""
+        others = open_training(acc, cfg, run_dir, chosen(cfg), log)
+        tb = TensorBoard(run_dir) if acc.is_main_process and "tensorboard" in cfg.log.trackers else None
+        return cls(tb, others)
+
+    @classmethod
+    def for_evaluation(cls, cfg: Config, run_dir: Path, log: Callable[[str], None]) -> "Sink":
+        """The evaluator's sink; TensorBoard's file is opened on the first record."""
+        return cls(None, EvalTrackers(run_dir, cfg, log))
+
+    def row(self, row: dict, step: int) -> None:
+        """A training tick's stats row."""
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(row, step)
+        if isinstance(self.others, RunTrackers):
+            self.others.log(row, step)
+
+    def image(self, name: str, png: Path, step: int) -> None:
+        """A sample grid already written to `png`."""
+        if self.tensorboard is not None:
+            self.tensorboard.png(name, png, step)
+        if isinstance(self.others, RunTrackers):
+            self.others.image(name, png, step)
+
+    def scores(self, records: list[dict], run_dir: Path, tensorboard: bool) -> None:
+        """Evaluation records as `Metrics/NAME` at each snapshot's cur_nimg."""
+        if tensorboard and self.tensorboard is None:
+            self.tensorboard = TensorBoard(run_dir, ".eval")
+        if self.tensorboard is not None:
+            for r in records:
+                self.tensorboard.writer.add_scalar(f"Metrics/{r['name']}", r["value"], global_step=r["cur_nimg"])
+            self.tensorboard.writer.flush()
+        if isinstance(self.others, EvalTrackers):
+            self.others.log(records)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        if self.others is not None:
+            self.others.close()
