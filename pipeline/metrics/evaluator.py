@@ -39,7 +39,7 @@ from pipeline.metrics.refstats import RefStats, reference_stats
 from pipeline.metrics.scores import METRICS, SAMPLE_GEN, Metric, Setup
 from pipeline.metrics.stats import IS_SPLITS, generated_statistics
 from pipeline.training.snapshot import list_snapshots, load_snapshot, read_snapshot_meta
-from pipeline.training.trackers import EvalTrackers
+from pipeline.training.trackers import Sink
 from pipeline.rundir import RunDir
 
 GENERATORS = ("ema", "raw")     # --generator: the snapshot's EMA G, or the raw G (train.snapshot_raw)
@@ -141,11 +141,10 @@ class Evaluator:
             if ref is not None and "fid" in self.specs and min(ref.num, self.num_gen) <= ext.dim:
                 self.log(f"warning: {min(ref.num, self.num_gen)} samples for {ext.dim}-d {ext.name} features: "
                          "the covariance is singular and FID is unreliable (use more images)")
-        self._writer = None
         self.tensorboard = "tensorboard" in cfg.log.trackers
-        # The run's W&B/MLflow runs (RUN/trackers.json) get the records too (rank 0 alone records; every
-        # rank checks that the chosen trackers are installed, so that all fail together).
-        self._trackers = EvalTrackers(self.run_dir, cfg, self.log)
+        # TensorBoard and the run's W&B/MLflow runs (RUN/trackers.json) get the records (rank 0 alone
+        # records; every rank checks that the chosen trackers are installed, so that all fail together).
+        self._sink = Sink.for_evaluation(cfg, self.run_dir, self.log)
 
     def protocol(self, ext: Extractor | None = None) -> dict:
         """The fields that make a score of extractor `ext` (default: the first) comparable; stored with
@@ -240,16 +239,7 @@ class Evaluator:
         append_records(self.run_dir, records)
         everything = read_records(self.run_dir)
         write_best(self.run_dir, everything, self.best_metrics)
-        if self._writer is None and self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(RunDir(self.run_dir).tb), filename_suffix=".eval")
-        if self._writer is not None:
-            for r in records:
-                self._writer.add_scalar(f"Metrics/{r['name']}", r["value"], global_step=r["cur_nimg"])
-            self._writer.flush()
-        if self._trackers is not None:
-            self._trackers.log(records)
+        self._sink.scores(records, self.run_dir, self.tensorboard)
         plot_metrics(self.run_dir, everything)
         for r in records:
             ref = r["reference"]
@@ -259,11 +249,7 @@ class Evaluator:
     @property
     def writer(self):
         """The TensorBoard writer of RUN/tb once a score was recorded here (None before)."""
-        return self._writer
+        return None if self._sink.tensorboard is None else self._sink.tensorboard.writer
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        if self._trackers is not None:
-            self._trackers.close()
+        self._sink.close()

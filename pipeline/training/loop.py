@@ -279,8 +279,9 @@ def d_steps(cfg: Config, session: Session, state: TrainState, loader: StreamLoad
 
 def g_step(session: Session, state: TrainState, d_batches: list, images: int) -> None:
     """G's side: fresh latents with drawn labels, or the last D step's reals and labels for a
-    relativistic loss (or that step's own fakes, train.reuse_fakes); the EMA follows G after a
-    real G step only (`images`: real images since the last G step)."""
+    relativistic loss (or that step's own fakes, train.reuse_fakes); the EMA follows G after all
+    of the step's G phases (path length too, as StyleGAN2-ADA), and only when G's main step was
+    taken (`images`: real images since the last G step)."""
     G, phases, progress = unwrap(state.G), state.phases, state.progress
     micro_batches = []
     for d in d_batches:
@@ -291,13 +292,13 @@ def g_step(session: Session, state: TrainState, d_batches: list, images: int) ->
         z = torch.randn(session.per_proc, G.z_dim, device=session.device)
         micro_batches.append(MicroBatch(z=z, labels=d.labels, real=d.real) if phases.pairs_reals
                              else MicroBatch(z=z, labels=labels))
+    taken = {}
     for phase in phases.due("G", progress.g_steps):
         accumulate(phase, micro_batches, session.autocast)
-        taken = step(phase, state.guard, session.stats.report)
-        if phase.name == "G":       # no move if the step was skipped
-            state.ema.update(G, progress.cur_nimg, images, taken=taken)
-            if state.posthoc is not None:   # t counts G steps; a skipped step averages in the unchanged G
-                state.posthoc.update(G, progress.g_steps + 1)
+        taken[phase.name] = step(phase, state.guard, session.stats.report)
+    state.ema.update(G, progress.cur_nimg, images, taken=taken["G"])     # no move if G's step was skipped
+    if state.posthoc is not None:   # t counts G steps; a skipped step averages in the unchanged G
+        state.posthoc.update(G, progress.g_steps + 1)
     progress.g_steps += 1
 
 
@@ -309,9 +310,7 @@ class Upkeep:
                  shards: ShardSet):
         self.cfg, self.run, self.session, self.state, self.loader, self.shards = cfg, run, session, state, loader, shards
         self.writer = StatsWriter(run.path, enabled=session.main, resume_nimg=state.progress.cur_nimg,
-                                  tensorboard="tensorboard" in cfg.log.trackers,
-                                  trackers=trackers.open_training(session.acc, cfg, run.path, trackers.chosen(cfg),
-                                                                  session.log))
+                                  sink=trackers.Sink.for_training(session.acc, cfg, run.path, session.log))
         self.bar = None
         if session.main and cfg.log.progress:
             from tqdm import tqdm
@@ -379,8 +378,11 @@ class Upkeep:
                     **(state.posthoc.variants() if state.posthoc is not None else {})}
         info = SnapshotInfo(cfg.model, shards.resolution, shards.channels, G.num_classes,
                             {"config_hash": config_hash(cfg), "data_path": cfg.data.path})
-        save_snapshot(state.ema.model, self.run.snapshots, cur_nimg=state.progress.cur_nimg, info=info,
-                      variants=variants)
+        from pipeline.training.ema import standing_stats      # BatchNorm statistics of G's own samples (ema.standing_stats)
+
+        G_ema = standing_stats(state.ema.model, cfg.ema.standing_stats, self.session.per_proc, cfg.seed,
+                               self.session.device)
+        save_snapshot(G_ema, self.run.snapshots, cur_nimg=state.progress.cur_nimg, info=info, variants=variants)
         prune_snapshots(self.run.path, cfg.train.keep_snapshots, self.session.log)
 
     def checkpoint(self) -> None:

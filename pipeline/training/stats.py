@@ -49,20 +49,15 @@ class Stats:
 
 
 class StatsWriter:
-    """Rank 0's sink: one JSON line per tick in RUN/stats.jsonl plus TensorBoard scalars (unless
-    `tensorboard` is off) plus the scalars and grids for `trackers` (trackers.RunTrackers)."""
+    """Rank 0's record of the ticks: one JSON line per tick in RUN/stats.jsonl, and the same row
+    and each sample grid to the run's tracker sink (TensorBoard, W&B, MLflow: trackers.Sink)."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_nimg: int = 0, tensorboard: bool = True,
-                 trackers=None):
+    def __init__(self, run_dir: Path, enabled: bool, sink, resume_nimg: int = 0):
         self.enabled = enabled
         self.path = RunDir(run_dir).stats
-        self.tb = None
-        self.trackers = trackers
+        self.sink = sink
         if enabled and self.path.is_file():
             self._drop_rows_after(resume_nimg)
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(RunDir(run_dir).tb))
 
     def _drop_rows_after(self, nimg: int) -> None:
         """A run killed after its last checkpoint logged ticks that the resumed run logs again:
@@ -82,35 +77,12 @@ class StatsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for name, value in row.items():
-                if isinstance(value, (int, float)) and "/" in name:
-                    self.tb.add_scalar(name, value, step)
-            self.tb.flush()
-        if self.trackers is not None:
-            self.trackers.log(row, step)
+        self.sink.row(row, step)
 
     def image(self, name: str, png: Path, step: int) -> None:
-        """A sample grid from its PNG file, into TensorBoard and the other trackers. TensorBoard
-        gets the file's bytes as they are: `add_image` would decode nothing but encode the grid
-        again (35 ms for 64 digits, 2.7 s for 64 images of 256 px on this project's CPU)."""
-        if not self.enabled:
-            return
-        if self.tb is not None:
-            from PIL import Image
-            from tensorboard.compat.proto.summary_pb2 import Summary
-
-            data = Path(png).read_bytes()
-            with Image.open(png) as img:
-                width, height, bands = img.width, img.height, len(img.getbands())
-            image = Summary.Image(height=height, width=width, colorspace=bands, encoded_image_string=data)
-            self.tb.file_writer.add_summary(Summary(value=[Summary.Value(tag=name, image=image)]), step)
-            self.tb.flush()
-        if self.trackers is not None:
-            self.trackers.image(name, png, step)
+        """A sample grid already written to `png`."""
+        if self.enabled:
+            self.sink.image(name, png, step)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.trackers is not None:
-            self.trackers.close()
+        self.sink.close()

@@ -9,9 +9,10 @@ in TensorBoard; the row's `kimg` too), each tick's sample grid (W&B: an image; M
 artifact under samples/), the resolved config as the run's parameters (dotted keys), and the records
 of `ganpipe eval`/`watch` as `Metrics/{metric}_{extractor}` at the snapshot's cur_nimg.
 
-TensorBoard stays our own SummaryWriter in RUN/tb (stats.py): Accelerate's TensorBoard tracker writes
-to logging_dir/project_name, which would move the event files that users, tests and the evaluator
-already use. W&B and MLflow are Accelerate's `WandBTracker` and `MLflowTracker`: the trainer passes
+Training and evaluation write through one `Sink`: TensorBoard (our own `TensorBoard` writer of
+RUN/tb, training's events and the evaluator's `.eval` file side by side: Accelerate's TensorBoard
+tracker writes to logging_dir/project_name, which would move the event files users already use)
+and the W&B / MLflow runs. W&B and MLflow are Accelerate's `WandBTracker` and `MLflowTracker`: the trainer passes
 `log_with` to its Accelerator and calls `init_trackers` (rank 0 only: Accelerate starts no tracker on
 the other ranks). W&B runs offline unless WANDB_MODE says otherwise (RUN/wandb/offline-run-*, no
 network needed); MLflow logs to the file store RUN/mlruns unless `log.mlflow_uri` names another
