@@ -96,7 +96,7 @@ def config_arguments(p: argparse.ArgumentParser) -> None:
 def sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshot", required=True, type=Path, help="snapshot .json (or .safetensors) from RUN/snapshots")
     p.add_argument("--num", type=int, default=64, help="number of images")
-    p.add_argument("--out", required=True, type=Path, help="a .png file for a grid, or a directory")
+    p.add_argument("--out", required=True, type=Path, help="an image file (.png, .jpg, .webp) for a grid, or a directory")
     p.add_argument("--seed", type=int, default=0, help="seed: image i depends only on (seed, i)")
     p.add_argument("--start", type=int, default=0, help="index of the first image of the seeded sequence")
     p.add_argument("--label", type=int, default=None, help="class for every image (conditional snapshots)")

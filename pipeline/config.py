@@ -459,16 +459,17 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def diff_configs(a: Config, b: Config) -> list[str]:
-    """Dotted keys whose values differ between two configs."""
-    def flat(d: dict, prefix: str = "") -> dict:
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """The resolved config as {dotted key: value}; lists stay lists."""
+    def walk(d: dict, prefix: str) -> dict:
         out = {}
         for k, v in d.items():
-            key = f"{prefix}{k}"
-            if isinstance(v, dict):
-                out.update(flat(v, key + "."))
-            else:
-                out[key] = v
+            out.update(walk(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
-    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    return walk(to_dict(cfg), "")
+
+
+def diff_configs(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    fa, fb = flat_config(a), flat_config(b)
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))

@@ -176,20 +176,29 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).cpu().numpy()
 
 
+# What an image file name's suffix asks for: the format and its options.
+IMAGE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg": ("JPEG", {"quality": 95}),
+                 ".webp": ("WEBP", {"lossless": True})}
+
+
 def _png(array: np.ndarray, path: Path, compress_level: int = 6) -> None:
-    """Write a uint8 (C, H, W) array (C = 1 or 3) as PNG, atomically (zlib level 6 is PIL's default)."""
+    """Write a uint8 (C, H, W) array (C = 1 or 3) atomically, as PNG (zlib level `compress_level`;
+    6 is PIL's default) or in the format its suffix names (IMAGE_FORMATS)."""
     from PIL import Image
 
     img = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
+    fmt, options = IMAGE_FORMATS.get(path.suffix.lower(), IMAGE_FORMATS[".png"])
+    if fmt == "PNG":
+        options = {"compress_level": compress_level}
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG", compress_level=compress_level)
+        img.save(tmp, format=fmt, **options)
 
 
 def save_grid(x: torch.Tensor, path: str | Path, compress_level: int = 6) -> torch.Tensor | None:
-    """Write float images in [-1, 1] as one square-ish PNG grid (round(sqrt(N)) per row, 2-pixel
-    black gaps), atomically. Returns the grid as float (3, H, W) in [0, 1], or None (nothing
-    written) for flat data, which has no image to show. The trainer's tick grids use zlib level 1:
-    4x faster to write than the default 6 for a 64-digit grid, for a larger file."""
+    """Write float images in [-1, 1] as one square-ish grid (round(sqrt(N)) per row, 2-pixel
+    black gaps), atomically, as PNG or the format `path`'s suffix names. Returns the grid as float
+    (3, H, W) in [0, 1], or None (nothing written) for flat data, which has no image to show. The
+    trainer's tick grids use zlib level 1: faster to write than the default 6, for a larger file."""
     from torchvision.utils import make_grid
 
     if x.dim() != 4:
@@ -208,8 +217,8 @@ def save_pngs(x: torch.Tensor, directory: str | Path, start: int = 0) -> None:
 
 
 def sample_command(args: argparse.Namespace) -> int:
-    """`ganpipe sample`: an output ending in .png gets one grid; otherwise OUT is a directory of
-    PNGs named by image index (START, START+1, ...)."""
+    """`ganpipe sample`: an output with an image suffix (.png, .jpg, .jpeg, .webp) gets one grid in
+    that format; otherwise OUT is a directory of PNGs named by image index (START, START+1, ...)."""
     from pipeline.training.snapshot import load_snapshot
 
     for flag, value, low in (("--num", args.num, 1), ("--seed", args.seed, 0), ("--start", args.start, 0),
@@ -232,7 +241,7 @@ def sample_command(args: argparse.Namespace) -> int:
     psi, cutoff = getattr(args, "psi", 1.0), getattr(args, "cutoff", None)
     truncation(G, psi, cutoff)          # refuse a psi this G cannot apply before writing anything
     kw = dict(seed=args.seed, label=args.label, device=device, batch=args.batch, psi=psi, cutoff=cutoff)
-    if args.out.suffix.lower() == ".png":
+    if args.out.suffix.lower() in IMAGE_FORMATS:
         save_grid(images(G, start=args.start, count=args.num, **kw), args.out)
     else:
         # A directory may take many images: one group at a time, on micro-batch boundaries so

@@ -17,6 +17,7 @@ RUN/ is the user's record of a run (docs/architecture.md):
     FINISHED        training reached train.total_kimg (removed when a run is extended)
     PREEMPTED       a checkpoint was written on a signal: requeue and run again
     STOP            a request (by hand or `ganpipe watch --stop-on-alert`) to stop at the next tick
+    .train.lock     who is training the run (host, pid, since): one trainer at a time (TrainerLock)
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
+from pipeline.errors import UserError
 from pipeline.io import write_json_atomic
 
 
@@ -46,6 +51,7 @@ class RunDir:
     TRACKERS = "trackers.json"
     MLRUNS = "mlruns"
     WATCH_LOCK = ".watch.lock"
+    TRAIN_LOCK = ".train.lock"
     FINISHED = "FINISHED"
     PREEMPTED = "PREEMPTED"
     STOP = "STOP"
@@ -76,6 +82,7 @@ class RunDir:
     trackers = property(lambda self: self.path / self.TRACKERS)
     mlruns = property(lambda self: self.path / self.MLRUNS)
     watch_lock = property(lambda self: self.path / self.WATCH_LOCK)
+    train_lock = property(lambda self: self.path / self.TRAIN_LOCK)
     finished = property(lambda self: self.path / self.FINISHED)
     preempted = property(lambda self: self.path / self.PREEMPTED)
     stop = property(lambda self: self.path / self.STOP)
@@ -142,6 +149,83 @@ class RunDir:
         for pattern in self.TRAINER_TEMPORARIES:
             for path in self.path.glob(pattern):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+class TrainerLock:
+    """One trainer per run directory, on any filesystem: RUN/.train.lock is created with O_EXCL
+    (atomic on local disks, NFS v3+ and Lustre, where flock may not work) and holds who owns it.
+    The owner refreshes its mtime every `HEARTBEAT_S` from a thread. A lock is stale when its
+    process is gone (same host) or its heartbeat is older than `STALE_S` (another host: a killed
+    job or a lost node); a stale lock is taken over by renaming it away first, which only one
+    newcomer can do."""
+
+    HEARTBEAT_S = 30.0
+    STALE_S = 180.0
+
+    def __init__(self, run: RunDir):
+        self.path, self.owner, self._stop = run.train_lock, None, threading.Event()
+
+    def acquire(self) -> None:
+        """Take the lock or raise UserError saying who holds it and what to do."""
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "attempt": attempt()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder, age = self._holder()
+                if not self._stale(holder, age):
+                    raise UserError(
+                        f"{self.path.parent} is being trained by {holder.get('host', '?')} pid {holder.get('pid', '?')} "
+                        f"since {holder.get('since', '?')} (lock {self.path}, heartbeat {age:.0f} s ago); wait for "
+                        f"it to finish or stop it (touch {RunDir(self.path.parent).stop}), or, if that process "
+                        f"is gone, run again after {self.STALE_S:.0f} s without a heartbeat") from None
+                try:        # stale: move it aside (one newcomer wins), then try again
+                    os.rename(self.path, self.path.with_name(f"{self.path.name}.stale-{os.getpid()}"))
+                except FileNotFoundError:
+                    pass
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.owner = me
+            threading.Thread(target=self._beat, name="ganpipe-train-lock", daemon=True).start()
+            for old in self.path.parent.glob(f"{self.path.name}.stale-*"):
+                old.unlink(missing_ok=True)
+            return
+        raise UserError(f"{self.path}: could not take the trainer lock (another trainer is starting?); try again")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self.owner is not None and self._holder()[0] == self.owner:
+            self.path.unlink(missing_ok=True)
+        self.owner = None
+
+    def _holder(self) -> tuple[dict, float]:
+        """(what the lock file says, seconds since its last heartbeat); ({}, 0) when it is gone."""
+        try:
+            age = time.time() - self.path.stat().st_mtime
+            holder = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}, 0.0
+        return (holder if isinstance(holder, dict) else {}), age
+
+    def _stale(self, holder: dict, age: float) -> bool:
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return True                 # its process is gone
+            except PermissionError:
+                pass                        # alive, another user's
+            return False
+        return age > self.STALE_S
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
 
 
 def attempt() -> str:

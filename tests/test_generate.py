@@ -109,6 +109,16 @@ def test_sample_grid_is_the_one_grid_writer(tmp_path):
     assert theirs.shape == (3, 2 + 3 * 30, 2 + 3 * 30) and np.array_equal(theirs, mine)
     assert torch.equal((grid * 255).round().to(torch.uint8), torch.from_numpy(mine))
     assert save_grid(torch.zeros(4, 2), tmp_path / "flat.png") is None and not (tmp_path / "flat.png").exists()
+    # An image suffix means a grid in that format, never a directory of that name.
+    from PIL import Image
+
+    for name, fmt in (("grid.jpg", "JPEG"), ("grid.JPEG", "JPEG"), ("grid.webp", "WEBP")):
+        cli("sample", "--snapshot", str(snap), "--num", "9", "--seed", "4", "--out", str(tmp_path / name))
+        assert (tmp_path / name).is_file()
+        with Image.open(tmp_path / name) as img:
+            assert img.format == fmt and img.size == (2 + 3 * 30, 2 + 3 * 30)
+    with Image.open(tmp_path / "grid.webp") as img:                # lossless: the PNG grid exactly
+        assert np.array_equal(np.asarray(img.convert("RGB")).transpose(2, 0, 1), theirs)
 
 
 def test_sample_explains_bad_input(tmp_path):

@@ -176,3 +176,5 @@ def test_resume_with_a_conflicting_config_names_the_keys(tmp_path, mnist_dir):
     train(run, mnist_dir, "train.total_kimg=0.032", "train.tick_kimg=0.032")
     out = train(run, mnist_dir, "train.total_kimg=0.064", "loss.name=hinge", "optim.g_lr=0.001", check=False)
     assert out.returncode == 2 and "loss.name, optim.g_lr differ" in out.stderr
+    # ... with what the run recorded and what the command asked for.
+    assert "loss.name: 'nonsaturating' there, 'hinge' now; optim.g_lr: 0.0002 there, 0.001 now" in out.stderr

@@ -36,10 +36,10 @@ from pipeline.training import schedules, trackers
 from pipeline.catalog import check
 from pipeline.config import Config, config_hash, config_yaml, to_dict
 from pipeline.data.loader import ShardSet, StreamLoader
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, UserError
 from pipeline.io import write_text_atomic
 from pipeline.networks import build_networks
-from pipeline.rundir import RunDir
+from pipeline.rundir import RunDir, TrainerLock
 from pipeline.training.checkpoint import load_checkpoint, load_newest_checkpoint, save_checkpoint
 from pipeline.training.ema import EMA, PowerEMA
 from pipeline.training.phases import (MicroBatch, NonFiniteGuard, accumulate, autocast_for, build_phases, first_layers,
@@ -86,9 +86,27 @@ def crossed(prev_nimg: int, cur_nimg: int, every_kimg: float) -> bool:
     return math.floor(cur_nimg / every) > math.floor(prev_nimg / every)
 
 
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on: its affinity mask (Slurm's --cpus-per-task, taskset),
+    capped by a cgroup CPU quota (containers, Kubernetes limits); never os.cpu_count(), which counts
+    the whole node."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for quota_file, period_file in ((cgroup / "cpu.max", None),
+                                    (cgroup / "cpu" / "cpu.cfs_quota_us", cgroup / "cpu" / "cpu.cfs_period_us")):
+        try:
+            fields = quota_file.read_text().split()
+            quota, period = fields[0], (fields[1] if period_file is None else period_file.read_text().strip())
+            if quota not in ("max", "-1"):
+                cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+            break
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(1, cpus)
+
+
 def start_processes(threads: int, peer_timeout_s: float, log_with: list[str] | None = None) -> Accelerator:
     """The Accelerator (with the trackers `log_with`, trackers.py), and torch threads so that all local
-    processes together fill the cores."""
+    processes together fill the CPUs this process may use (`usable_cpus`)."""
     # broadcast_buffers=False is what we mean (BatchNorm statistics stay per rank, no in-place
     # broadcast between D's forwards); torch calls it deprecated in favour of an option that would
     # still sync buffers at init. mixed_precision="no": autocast and scalers are ours.
@@ -97,7 +115,7 @@ def start_processes(threads: int, peer_timeout_s: float, log_with: list[str] | N
                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False),
                                        dist.process_group_timeout(peer_timeout_s)])
     local = dist.launch_env().local_world_size if acc.num_processes > 1 else 1
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
+    torch.set_num_threads(threads or max(1, usable_cpus() // local))
     return acc
 
 
@@ -429,24 +447,25 @@ def training_loop(cfg: Config, run_dir: Path, dry_run: bool = False) -> int:
                     f"{state.networks['D'].num_params():,} params, one batch {tuple(real.shape)} read; nothing written")
         return 0
 
-    # Record the run: only now that it really starts (a failed start leaves RUN as it was).
+    # Claim and record the run: only now that it really starts (a failed start leaves RUN as it was).
     total_nimg, progress = int(cfg.train.total_kimg * 1000), state.progress
     run.path.mkdir(parents=True, exist_ok=True)
-    if session.main:
-        record_config(cfg, run)
-        run.clear_start_markers(total_nimg, progress.cur_nimg)
-        if run.stop_request():
-            session.log(f"{run.stop} exists: training stops at the first tick (remove the file to train on)")
-    upkeep = Upkeep(cfg, run, session, state, loader, shards)
-    session.log(f"training {cfg.model.name} G {state.networks['G'].num_params():,} / D "
-                f"{state.networks['D'].num_params():,} params on {session.world} x {session.device.type} (batch "
-                f"{cfg.data.batch_size} = {session.world} x {session.accum} x {session.per_proc}, precision "
-                f"{session.dtype or 'fp32'}, {loader.num_workers} loader workers per process) to "
-                f"{cfg.train.total_kimg} kimg")
-    if upkeep.startup_s is not None:
-        session.log(f"first step {upkeep.startup_s:.1f} s after the process started")
-
+    lock, upkeep = claim(run, session), None
     try:
+        if session.main:
+            record_config(cfg, run)
+            run.clear_start_markers(total_nimg, progress.cur_nimg)
+            if run.stop_request():
+                session.log(f"{run.stop} exists: training stops at the first tick (remove the file to train on)")
+        upkeep = Upkeep(cfg, run, session, state, loader, shards)
+        session.log(f"training {cfg.model.name} G {state.networks['G'].num_params():,} / D "
+                    f"{state.networks['D'].num_params():,} params on {session.world} x {session.device.type} (batch "
+                    f"{cfg.data.batch_size} = {session.world} x {session.accum} x {session.per_proc}, precision "
+                    f"{session.dtype or 'fp32'}, {torch.get_num_threads()} threads and {loader.num_workers} loader "
+                    f"workers per process) to {cfg.train.total_kimg} kimg")
+        if upkeep.startup_s is not None:
+            session.log(f"first step {upkeep.startup_s:.1f} s after the process started")
+
         with dist.Preemption() as preemption, dist.peer_failures("training", cfg.train.peer_timeout_s):
             while progress.cur_nimg < total_nimg:
                 prev_nimg = progress.cur_nimg
@@ -487,11 +506,13 @@ def training_loop(cfg: Config, run_dir: Path, dry_run: bool = False) -> int:
                                 f"{progress.cur_nimg / 1000:.3f}; exiting with status {EXIT_PREEMPTED} (run the "
                                 "same command again to resume)")
                     return EXIT_PREEMPTED
+        if session.main:
+            run.mark_finished(progress.cur_nimg, upkeep.last_checkpoint)
     finally:
-        upkeep.close()
+        if upkeep is not None:
+            upkeep.close()
+        lock.release()
 
-    if session.main:
-        run.mark_finished(progress.cur_nimg, upkeep.last_checkpoint)
     session.log(f"done: {progress.cur_nimg / 1000:.3f} kimg in {time.time() - upkeep.start_time:.0f} s; "
                 f"run directory {run}")
     session.acc.end_training()
@@ -502,6 +523,19 @@ def stop_requested(run: RunDir, main: bool) -> str:
     """What RUN/STOP says, as rank 0 read it, on every rank; "" when there is none. A collective:
     every rank calls it at the same (tick) steps."""
     return dist.broadcast_object(run.stop_request() if main else "")
+
+
+def claim(run: RunDir, session: Session) -> TrainerLock:
+    """The run's trainer lock, taken by rank 0; a refusal (another live trainer) is raised on every rank."""
+    lock, refused = TrainerLock(run), ""
+    if session.main:
+        try:
+            lock.acquire()
+        except UserError as exc:
+            refused = str(exc)
+    if refused := dist.broadcast_object(refused):
+        raise UserError(refused)
+    return lock
 
 
 def record_config(cfg: Config, run: RunDir) -> None:

@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.catalog import load_config
-from pipeline.config import Config, diff_configs
+from pipeline.config import Config, diff_configs, flat_config
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
 
@@ -38,8 +38,10 @@ def resolve_run_config(config: str | None, run_dir: Path, overrides: list[str]) 
         new = load_config(config or recorded, overrides)
         conflicts = [k for k in diff_configs(old, new) if k not in RESUMABLE]
         if conflicts:
+            was, now = flat_config(old), flat_config(new)
+            values = "; ".join(f"{k}: {was.get(k)!r} there, {now.get(k)!r} now" for k in conflicts)
             raise UserError(f"{run_dir} was trained with a different config: {', '.join(conflicts)} differ from "
-                            f"{recorded}; resume with the same values or start a new --run-dir")
+                            f"{recorded} ({values}); resume with the same values or start a new --run-dir")
         return new
     if config is None:
         raise UserError(f"{run_dir} has no config.yaml: pass --config FILE to start a new run")

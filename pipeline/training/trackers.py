@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.config import Config, to_dict
+from pipeline.config import Config, flat_config
 from pipeline.errors import ConfigError
 from pipeline.io import write_json_atomic
 from pipeline.rundir import RunDir
@@ -64,16 +64,6 @@ def chosen(cfg: Config) -> list[str]:
                               f"pip install 'ganpipe[trackers]' (or {name}), or drop it from log.trackers")
         out.append(name)
     return out
-
-
-def flat_config(cfg: Config) -> dict[str, Any]:
-    """The resolved config as {dotted key: value}; lists stay lists (W&B shows them, MLflow stores str)."""
-    def walk(d: dict, prefix: str) -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(walk(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-    return walk(to_dict(cfg), "")
 
 
 def read_ids(run_dir: Path) -> dict:

@@ -1,0 +1,93 @@
+"""What a new user's trial hit (issue 25): two trainers on one run, threads on shared nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from pipeline.errors import UserError
+from pipeline.rundir import RunDir, TrainerLock
+from pipeline.training.loop import usable_cpus
+from test_train import TINY
+
+
+def start_trainer(run: Path, data: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--config", "configs/mnist_dcgan.yaml",
+                             "--run-dir", str(run), f"data.path={data}", *TINY, *extra], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_a_second_trainer_on_the_same_run_is_refused_and_a_dead_ones_lock_is_not_in_the_way(tmp_path, mnist_dir):
+    run = tmp_path / "run"
+    first = start_trainer(run, mnist_dir, "train.total_kimg=100", "train.tick_kimg=0.032")
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "stats.jsonl").is_file():
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        holder = json.loads(RunDir(run).train_lock.read_text())
+        assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
+        second = start_trainer(run, mnist_dir, "train.total_kimg=100", "train.tick_kimg=0.032")
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 2, out + err
+        assert f"is being trained by {socket.gethostname()} pid {first.pid} since {holder['since']}" in err
+        assert first.poll() is None                      # the first one trains on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)             # a trainer killed -9 leaves its lock behind ...
+        first.communicate()
+    assert RunDir(run).train_lock.is_file()
+    third = start_trainer(run, mnist_dir, "train.total_kimg=0.064", "train.tick_kimg=0.032")
+    out, err = third.communicate(timeout=300)
+    assert third.returncode == 0, out + err              # ... which does not block a restart
+    assert "resumed from" in out or "training dcgan" in out
+    assert not RunDir(run).train_lock.exists()           # released at the end
+
+
+def test_a_lock_from_another_host_is_stale_only_without_a_heartbeat(tmp_path):
+    run = RunDir(tmp_path)
+    run.train_lock.write_text(json.dumps({"host": "node-17", "pid": 4242, "since": "2026-12-04 03:00:00"}))
+    with pytest.raises(UserError, match="being trained by node-17 pid 4242 since 2026-12-04 03:00:00"):
+        TrainerLock(run).acquire()
+    old = time.time() - TrainerLock.STALE_S - 5          # a lost node: no heartbeat for too long
+    os.utime(run.train_lock, (old, old))
+    lock = TrainerLock(run)
+    lock.acquire()
+    assert json.loads(run.train_lock.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not run.train_lock.exists()
+
+
+def test_threads_follow_the_cpus_this_process_may_use(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")       # a 1.5-CPU container quota
+    assert usable_cpus(tmp_path) == min(2, len(os.sched_getaffinity(0)))
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("50000\n")   # cgroup v1, half a CPU
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(tmp_path) == 1
+    # An affinity mask of one CPU (Slurm's --cpus-per-task=1, taskset): one thread, shown at start.
+    probe = subprocess.run(["taskset", "-c", "0", sys.executable, "-c",
+                            "from pipeline.training.loop import usable_cpus; print(usable_cpus())"],
+                           cwd=REPO, capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "1"
+
+
+def test_the_start_line_shows_the_threads(tmp_path, mnist_dir):
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "pipeline", "train", "--config",
+                          "configs/mnist_dcgan.yaml", "--run-dir", str(tmp_path / "run"), f"data.path={mnist_dir}",
+                          *TINY, "train.threads=0", "train.total_kimg=0.016", "train.tick_kimg=0.016"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "1 threads and 0 loader workers per process" in out.stdout
