@@ -82,6 +82,24 @@ def check(cfg: Config, world_size: int | None = None) -> None:
     if cfg.model.spectral_norm and cfg.model.name in NO_SPECTRAL_NORM:
         raise ConfigError(f"model.spectral_norm: {NO_SPECTRAL_NORM[cfg.model.name]}; leave it unset or choose "
                           "model.name=resnet")
+    if cfg.model.d_norm != "none":
+        if cfg.model.name != "dcgan":
+            raise ConfigError(f"model.d_norm={cfg.model.d_norm}: only model.name=dcgan offers D normalisation "
+                              f"(the {cfg.model.name} D has its own design); set model.d_norm=none")
+        # A BatchNorm D mixes the samples of a batch: a gradient penalty's per-sample input gradient
+        # is then not the sample's own (WGAN-GP paper, Sec. 4).
+        per_sample = [n for n in names if PENALTIES.get(n).side == "D"]
+        if per_sample:
+            raise ConfigError(f"model.d_norm={cfg.model.d_norm} with loss.penalties {', '.join(per_sample)}: a "
+                              "BatchNorm D couples the samples of a batch, so a per-sample gradient penalty is not "
+                              "each sample's own; set model.d_norm=none or remove the penalty")
+
+    # The optimizer: RMSProp has no betas to schedule.
+    o = cfg.optim
+    if o.name != "adam" and (o.beta2_schedule.kind != "constant" or o.beta2_schedule.start != 1.0
+                             or o.beta2_schedule.warmup_kimg > 0):
+        raise ConfigError(f"optim.beta2_schedule schedules Adam's beta2; optim.name={o.name} has none: "
+                          "remove the schedule or set optim.name=adam")
 
     # What D sees: one augmentation, each spelled right.
     a = cfg.augment

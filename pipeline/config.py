@@ -69,6 +69,7 @@ class ModelConfig:
     d_width: float = opt(1.0, min=1e-3, max=64.0)  # multiplier on D's published layer widths (feature maps or units)
     conditional: bool = opt(False)      # class-conditional G and D; needs labelled data
     spectral_norm: bool | None = opt(None)  # spectral norm in D, and in G for biggan (null = family default: on for resnet and biggan only)
+    d_norm: str = opt("none", choices=("none", "batch"))  # dcgan: normalisation of D's layers (batch: BatchNorm after every conv but the first, as Radford et al.; refused with r1, r2, wgan-gp)
     blocks_per_stage: int = opt(0, min=0, max=64)  # r3gan: residual blocks at each side in G and in D (0 = family default: 2)
     expansion: int = opt(0, min=0, max=64)         # r3gan: a residual block's hidden maps per input map (0 = family default: 2)
     group_width: int = opt(0, min=0, max=65536)    # r3gan: maps per group of the grouped 3x3 conv (0 = family default: 16)
@@ -127,9 +128,10 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam for G and D, and the course of its settings over training."""
-    g_lr: float = opt(2e-4, min=0.0)             # Adam learning rate of G
-    d_lr: float = opt(2e-4, min=0.0)             # Adam learning rate of D
+    """The optimizer of G and D (Adam, or RMSProp for the original WGAN), and the course of its settings over training."""
+    name: str = opt("adam", choices=("adam", "rmsprop"))  # optimizer of G and D (rmsprop: the original WGAN's, torch's alpha 0.99 and eps 1e-8; the betas are then unused)
+    g_lr: float = opt(2e-4, min=0.0)             # learning rate of G (Adam or RMSProp)
+    d_lr: float = opt(2e-4, min=0.0)             # learning rate of D (Adam or RMSProp)
     g_betas: list[float] = opt([0.5, 0.999], min=0.0, below=1.0, length=2)     # Adam (beta1, beta2) of G
     d_betas: list[float] = opt([0.5, 0.999], min=0.0, below=1.0, length=2)     # Adam (beta1, beta2) of D
     lazy_adjust: bool = opt(True)                # scale D's (G's) lr and betas by k/(k+1) for a D (G) penalty every k D (G) steps (StyleGAN2)
@@ -144,6 +146,7 @@ class EMAConfig:
     halflife_kimg: float = opt(10.0, min=0.0)  # half-life of G's EMA in kimg (0 = EMA is a plain copy)
     rampup: float = opt(0.05, min=0.0)       # EMA half-life at most this x kimg seen (0 = no ramp-up)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)    # course of halflife_kimg
+    standing_stats: int = opt(0, min=0, max=100_000)  # batches of G's own samples (train.batch_per_process images each) each snapshot's BatchNorm statistics are recomputed from (BigGAN's standing statistics; 0 = the EMA's averaged statistics)
     posthoc_std: list[float] = opt([], min=1e-3, below=0.2886)  # relative EMA lengths (sigma_rel) of EDM2 power-function EMA profiles kept in snapshots for `ganpipe posthoc-ema` ([] = off; EDM2: [0.05, 0.1])
 
 

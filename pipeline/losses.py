@@ -271,7 +271,8 @@ class Penalty:
 
 
 def joint_penalty(penalties: list[Penalty], D: nn.Module, real: Tensor | None, fake: Tensor | None,
-                  labels: Tensor | None = None, *, scaler=None, augment=None) -> tuple[Tensor, dict[str, Tensor]]:
+                  labels: Tensor | None = None, *, scaler=None, augment=None,
+                  observe_real=None) -> tuple[Tensor, dict[str, Tensor]]:
     """The sum of several D penalties (R1 and R2, say) from one forward of D and one input gradient,
     on the concatenation of their points: each sample's gradient is its own when D treats samples
     independently (`not D.mixes_batch`), so this equals calling each penalty and adding the losses
@@ -279,6 +280,8 @@ def joint_penalty(penalties: list[Penalty], D: nn.Module, real: Tensor | None, f
 
     With `augment`, D sees augment(x) of each penalty's points (augmented one penalty at a time, in
     order, as separate calls would) and the gradient is still taken w.r.t. x (StyleGAN2-ADA).
+    `observe_real`, if given, is called with D's detached logits of the real images (R1's points):
+    a lazy R1 step's logits count towards ADA's r_t, as StyleGAN2-ADA counts them.
     """
     parts = [p.points(real, fake).detach() for p in penalties]
     x = (parts[0] if len(parts) == 1 else torch.cat(parts)).requires_grad_(True)
@@ -295,6 +298,10 @@ def joint_penalty(penalties: list[Penalty], D: nn.Module, real: Tensor | None, f
     # does not reach the input gradient), so under DDP every parameter gets a gradient in the
     # backward and the reducer never waits for a missing one (StyleGAN2-ADA does the same).
     loss, stats = 0 * logits.float().sum(), {}
+    if observe_real is not None:
+        for p, part in zip(penalties, logits.detach().split(sizes)):
+            if getattr(p, "on", None) == "real":
+                observe_real(part)
     for p, part in zip(penalties, norm_sq.split(sizes)):
         value = p.per_sample(part).mean()
         loss = loss + value * (p.weight * p.interval)
@@ -422,11 +429,16 @@ class PathLength(GPenalty):
 
 @PENALTIES.register("ortho")
 class Orthogonal(GPenalty):
-    """Orthogonal regularisation of BigGAN (Brock et al. 2019, Sec. 3.1, Eq. 2):
-    beta sum_W ||W W^T (.) (1 - I)||_F^2 over G's weight matrices, each parameter with 2 or more
-    dimensions reshaped to (outputs, -1) (a conv's filters are its rows), class embeddings
-    excluded; only the filters' mutual cosines are pushed to 0, not their norms. beta = 1e-4 in the
-    paper. It needs no images; computed in fp32 whatever the autocast."""
+    """Orthogonal regularisation of BigGAN (Brock et al. 2019, Sec. 3.1, Eq. 2) at the strength of
+    the authors' released code (BigGAN-PyTorch's `ortho`, the code whose CIFAR-10 script and numbers
+    configs/cifar10_biggan.yaml follows): the loss is beta/2 sum_W ||W W^T (.) (1 - I)||_F^2 over
+    G's weight matrices, so that its gradient is that code's 2 beta (W W^T (.) (1 - I)) W at the
+    same beta = 1e-4 (checked numerically in tests/test_papers.py). Eq. 2 as printed,
+    beta ||...||_F^2 without the 1/2, would push twice as hard (gradient 4 beta (...) W). Each
+    parameter with 2 or more dimensions is reshaped to (outputs, -1) (a conv's filters are its
+    rows), class embeddings excluded; only the filters' mutual cosines are pushed to 0, not their
+    norms. `Loss/G/ortho` reports sum_W ||...||_F^2 itself. It needs no images; computed in fp32
+    whatever the autocast."""
 
     name = "ortho"
 
@@ -449,7 +461,7 @@ class Orthogonal(GPenalty):
     def __call__(self, G: nn.Module, z: Tensor | None = None, labels: Tensor | None = None, *,
                  scaler=None) -> tuple[Tensor, dict[str, Tensor]]:
         value = self.value(G)
-        return value * (self.weight * self.interval), {"Loss/G/ortho": value.detach()}
+        return value * (0.5 * self.weight * self.interval), {"Loss/G/ortho": value.detach()}
 
 
 def build_penalties(loss_cfg) -> list[Penalty]:

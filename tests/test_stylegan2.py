@@ -152,11 +152,11 @@ def test_ortho_matches_the_hand_computed_value_and_gradient():
     loss, stats = Orthogonal(weight=1e-2, interval=2)(net)
     # ||W W^T (.) (1 - I)||_F^2 = 2 (w0 . w1)^2: fc 2 * 2^2 = 8, conv (rows [1,0,0,1], [1,1,0,0]) 2 * 1^2 = 2.
     assert stats["Loss/G/ortho"].item() == pytest.approx(10.0)
-    assert loss.item() == pytest.approx(1e-2 * 2 * 10.0)
+    assert loss.item() == pytest.approx(1e-2 * 2 * 10.0 / 2)       # beta/2 (BigGAN's released code)
     loss.backward()
-    # d/dW 2 (w0 . w1)^2 = 4 (w0 . w1) [w1; w0], times beta x interval.
+    # d/dW 1/2 * 2 (w0 . w1)^2 = 2 (w0 . w1) [w1; w0], times beta x interval.
     fc = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0]])
-    torch.testing.assert_close(net.fc.weight.grad, 0.02 * 4 * 2 * fc.flip(0))
+    torch.testing.assert_close(net.fc.weight.grad, 0.02 * 2 * 2 * fc.flip(0))
     torch.testing.assert_close(net.orthogonal.weight.grad, torch.zeros(2, 2))
     assert net.embed.weight.grad is None and net.fc.bias.grad is None
 

@@ -1,8 +1,11 @@
 """`dcgan`: Radford et al. (2016), generalised to 28, 32, 64, 128 and 256 pixels.
 
 G: z -> (transposed conv, BatchNorm, ReLU) blocks doubling the side -> Tanh. D: strided convs with
-LeakyReLU(0.2), optional spectral norm. D has no BatchNorm: it would couple the samples of a batch,
-which breaks the per-sample gradient penalties (WGAN-GP paper, Sec. 4) and DDP with two forwards.
+LeakyReLU(0.2), optional spectral norm, and with `model.d_norm=batch` the paper's BatchNorm after
+every conv but the first (and the last, which gives the logit). The default is no normalisation in
+D: BatchNorm couples the samples of a batch, which breaks the per-sample gradient penalties
+(WGAN-GP paper, Sec. 4; `catalog.check` refuses r1, r2 and wgan-gp with it), and D's reals and
+fakes then need separate forwards (`Network.mixes_batch`), as the authors' code runs them.
 Widths follow the paper (64 feature maps at the image side, doubling per halving, at most 512),
 times `model.g_width`/`model.d_width`.
 
@@ -68,15 +71,17 @@ class Generator(Network):
 
 class Discriminator(Network):
     def __init__(self, *, resolution: int, channels: int, num_classes: int = 0, base: int = BASE,
-                 spectral_norm: bool = False):
+                 spectral_norm: bool = False, norm: str = "none"):
         super().__init__(resolution=resolution, channels=channels, num_classes=num_classes,
                          family="dcgan", resolutions=RESOLUTIONS)
         start, steps = resolution_plan(resolution)
         widths = list(reversed(_widths(steps, base)))
         layers: list[nn.Module] = []
         c_in = channels
-        for c_out in widths:
-            layers += [sn(init(nn.Conv2d(c_in, c_out, 4, 2, 1)), spectral_norm), nn.LeakyReLU(0.2)]
+        for i, c_out in enumerate(widths):
+            bn = norm == "batch" and i > 0          # the paper: not on the layer that sees the image
+            conv = sn(init(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=not bn)), spectral_norm)
+            layers += [conv, *([init(nn.BatchNorm2d(c_out))] if bn else []), nn.LeakyReLU(0.2)]
             c_in = c_out
         self.features = nn.Sequential(*layers)
         self.out = sn(init(nn.Conv2d(c_in, 1, start, 1, 0)), spectral_norm)
@@ -92,5 +97,5 @@ def build(cfg, *, resolution: int, channels: int, num_classes: int) -> tuple[Gen
     G = Generator(resolution=resolution, channels=channels, z_dim=cfg.z_dim or Z_DIM,
                   num_classes=num_classes, base=scaled(BASE, cfg.g_width))
     D = Discriminator(resolution=resolution, channels=channels, num_classes=num_classes,
-                      base=scaled(BASE, cfg.d_width), spectral_norm=bool(cfg.spectral_norm))
+                      base=scaled(BASE, cfg.d_width), spectral_norm=bool(cfg.spectral_norm), norm=cfg.d_norm)
     return G, D

@@ -177,9 +177,12 @@ class Generator(Network):
         start, steps = resolution_plan(resolution)
         ch = [scaled(stage_width(start * 2 ** i), width) for i in range(steps + 1)]
         total = blocks * len(ch)
-        # The class embedding is as long as z, N(0, 1) like z, and concatenated to it (the paper's
-        # conditional G).
+        # The class embedding is as long as z and concatenated to it (the paper's conditional G).
+        # N(0, 1/C) for C classes, as the authors' code: there it is a bias-free linear layer on the
+        # one-hot label with He's N(0, 1/fan_in) and fan_in = C.
         self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
+        if self.embed is not None:
+            nn.init.normal_(self.embed.weight, 0.0, 1 / math.sqrt(num_classes))
         self.basis = GenerativeBasis(z_dim * (2 if num_classes else 1), ch[0], start)
         stages = [nn.Sequential(*_blocks(ch[0], blocks, expansion, group_width, total))]
         for c_in, c_out in zip(ch[:-1], ch[1:]):
@@ -216,8 +219,9 @@ class Discriminator(Network):
         self.out = _init(nn.Linear(c, out, bias=False), 1.0)
         self.embed = nn.Embedding(num_classes, out) if num_classes else None
         if self.embed is not None:
-            # <embed(y), h> then has about the variance of one entry of h.
-            nn.init.normal_(self.embed.weight, 0.0, 1 / math.sqrt(out))
+            # N(0, 1/(E C)) for E = `out` numbers and C classes, as the authors' code (a linear layer
+            # on the one-hot label, fan_in C, gain 1/sqrt(E)).
+            nn.init.normal_(self.embed.weight, 0.0, 1 / math.sqrt(out * num_classes))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         labels = self._check_labels(x, labels)

@@ -19,7 +19,9 @@ kimg. p is a Python float computed from all-reduced numbers, so every rank holds
 The pipeline (paper, Sec. 2.3 and Appendix B), in this order, each transform applied to each
 image independently with probability p (one Bernoulli draw per image per transform):
 
-    blit   xflip       mirror left-right
+    blit   xflip       mirror left-right, i ~ U{0,1}: a fair coin behind the gate, so the flip rate
+                       is p/2 and stays below 1/2, where D could no longer tell a flip from none and
+                       the flip would leak into G (paper, Sec. 2.2; the reference draws it so)
            rot90       k * 90 degrees, k ~ U{0,1,2,3}
            xint        integer shift, t ~ U(-0.125, 0.125) of the side per axis, rounded to pixels
     geom   scale       isotropic, s ~ lognormal(0, (0.2 ln 2)^2)
@@ -138,7 +140,7 @@ def _blit(x: torch.Tensor, p: float, ops: frozenset[str]) -> torch.Tensor:
     cos, sin = torch.ones_like(flip), torch.zeros_like(flip)
     tx, ty = torch.zeros_like(flip), torch.zeros_like(flip)
     if "xflip" in ops:
-        flip = 1 - 2 * _coin(n, p, dev).long()
+        flip = 1 - 2 * torch.randint(0, 2, (n,), device=dev) * _coin(n, p, dev).long()
     if "rot90" in ops:
         k = torch.randint(0, 4, (n,), device=dev) * _coin(n, p, dev)
         cos, sin = (k == 0).long() - (k == 2).long(), (k == 1).long() - (k == 3).long()

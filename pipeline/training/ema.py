@@ -5,8 +5,20 @@
 
 beta = 0.5 ** (batch / halflife_nimg), with halflife_nimg = min(halflife_kimg * 1000,
 rampup * cur_nimg) during the ramp-up: the average forgets the random initial weights quickly,
-and the result does not depend on batch size or the number of processes. Buffers (BatchNorm
-statistics) are copied, not averaged. The EMA model stays in eval mode with gradients off.
+and the result does not depend on batch size or the number of processes. The EMA model stays in
+eval mode with gradients off.
+
+Buffers: BatchNorm running means and variances are averaged with the same beta as the weights,
+so the statistics that eval-mode BatchNorm uses belong to the averaged weights rather than to the
+raw G of the last step (BigGAN's authors average them too); every other buffer (BatchNorm's
+`num_batches_tracked`, spectral norm's u and v, StyleGAN2's w_avg and fixed noise) is copied, as
+StyleGAN2-ADA copies all of them. Standing statistics go further (Brock et al. 2019, Appendix C):
+
+    G_snap = standing_stats(ema.model, batches=16, batch=64, seed=0, device=device)   # ema.standing_stats
+
+recomputes the BatchNorm statistics of a copy of the EMA G from its own samples, as an equal
+average over `batches` forwards with only the BatchNorms in training mode; the trainer does it at
+snapshot time when `ema.standing_stats` > 0, and the EMA itself goes on unchanged.
 
 Power-function EMA profiles for post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the
 Training Dynamics of Diffusion Models" (EDM2), sec. 3):
@@ -17,6 +29,7 @@ Training Dynamics of Diffusion Models" (EDM2), sec. 3):
 Profile k averages G with weights proportional to tau^gamma_k over the steps tau = 1..t so far:
 beta_t = (1 - 1/t)^(gamma + 1), so step s carries (s^(gamma+1) - (s-1)^(gamma+1)) / t^(gamma+1),
 exactly the integral over (s-1, s] of the continuous profile (gamma+1) tau^gamma / t^(gamma+1).
+BatchNorm statistics are averaged with the same profile, other buffers copied, as for `EMA`.
 Its width relative to t, sigma_rel = sqrt(gamma+1) / ((gamma+2) sqrt(gamma+3)) (the standard
 deviation of that density on [0, 1]), names a profile: 0.05 and 0.10 are gamma 16.97 and 6.94.
 The profile has no length in kimg to choose: it scales with the run, and `ganpipe posthoc-ema`
@@ -34,11 +47,61 @@ import torch
 from torch import nn
 
 
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of `model` that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def averaged_buffers(model: nn.Module) -> set[str]:
+    """Names of the buffers an average of `model` averages: BatchNorm running means and variances."""
+    bns = {id(m) for m in batchnorms(model)}
+    return {f"{name}.{b}" if name else b for name, m in model.named_modules() if id(m) in bns
+            for b in ("running_mean", "running_var")}
+
+
+def follow_buffers(average: nn.Module, G: nn.Module, averaged: set[str], weight) -> None:
+    """Move the `averaged` buffers of `average` towards G's by `weight` (a number or a device
+    scalar) and copy the others (buffers are paired in order: `average` is a copy of G)."""
+    for (name, b_avg), b in zip(average.named_buffers(), G.buffers()):
+        if name in averaged:
+            b_avg.lerp_(b.to(b_avg.dtype), weight.to(b_avg.dtype) if torch.is_tensor(weight) else weight)
+        else:
+            b_avg.copy_(b)
+
+
+@torch.no_grad()
+def standing_stats(model: nn.Module, batches: int, batch: int, seed: int, device: torch.device) -> nn.Module:
+    """A copy of `model` (a G) whose BatchNorm statistics are recomputed from `batches` forwards of
+    its own samples (`batch` latents each, labels drawn uniformly for a conditional G), averaged
+    equally, with only the BatchNorms in training mode; `model` itself when it has no BatchNorm
+    or `batches` is 0. The draws come from a generator seeded with `seed`, so the global RNG (what
+    exact resume restores) is left alone."""
+    if batches <= 0 or not batchnorms(model):
+        return model
+    net = copy.deepcopy(model).eval()
+    bns = batchnorms(net)
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None                   # cumulative average: each forward counts the same
+        m.train()
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    for _ in range(batches):
+        z = torch.randn(batch, net.z_dim, generator=gen, device=device)
+        labels = (torch.randint(net.num_classes, (batch,), generator=gen, device=device)
+                  if net.num_classes else None)
+        net(z, labels)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    return net.eval()
+
+
 class EMA:
     def __init__(self, G: nn.Module, halflife_kimg: float, rampup: float = 0.05):
         self.model = copy.deepcopy(G).eval().requires_grad_(False)
         self.halflife_kimg = halflife_kimg
         self.rampup = rampup
+        self.averaged = averaged_buffers(self.model)
 
     def beta(self, cur_nimg: int, batch: int) -> float:
         halflife_nimg = self.halflife_kimg * 1000.0
@@ -54,12 +117,12 @@ class EMA:
         params = list(self.model.parameters())
         # One fused call over all tensors: per-parameter lerp_ calls cost more than the math.
         if taken is None:
-            torch._foreach_lerp_(params, [p.detach() for p in G.parameters()], 1.0 - beta)
+            weight = 1.0 - beta
+            torch._foreach_lerp_(params, [p.detach() for p in G.parameters()], weight)
         else:
             weight = taken.to(params[0].dtype) * (1.0 - beta)
             torch._foreach_lerp_(params, [p.detach() for p in G.parameters()], [weight] * len(params))
-        for b_ema, b in zip(self.model.buffers(), G.buffers()):
-            b_ema.copy_(b)
+        follow_buffers(self.model, G, self.averaged, weight)
         return beta
 
     def state_dict(self) -> dict:
@@ -106,6 +169,7 @@ class PowerEMA:
             raise ValueError(f"ema.posthoc_std {self.stds}: each value once")
         self.gammas = [gamma_for(s) for s in self.stds]
         self.models = [copy.deepcopy(G).eval().requires_grad_(False) for _ in self.stds]
+        self.averaged = averaged_buffers(G)
         self.t = 0              # G steps averaged in so far
 
     def to(self, device: torch.device) -> "PowerEMA":
@@ -121,8 +185,7 @@ class PowerEMA:
         for gamma, model in zip(self.gammas, self.models):
             beta = (1.0 - 1.0 / t) ** (gamma + 1)
             torch._foreach_lerp_(list(model.parameters()), src, 1.0 - beta)
-            for b_ema, b in zip(model.buffers(), G.buffers()):
-                b_ema.copy_(b)
+            follow_buffers(model, G, self.averaged, 1.0 - beta)
 
     def variants(self) -> dict[str, tuple[nn.Module, dict]]:
         """Snapshot variants: name -> (model, what the reconstruction needs to know of it)."""

@@ -231,11 +231,21 @@ def lazy_ratio(intervals: list[int], adjust: bool) -> float:
     return 1 / (1 + extra) if adjust else 1.0
 
 
-def adam(module: nn.Module, lr: float, betas: list[float], ratio: float = 1.0, impl: str = "fused") -> torch.optim.Adam:
-    """Adam with the lazy adjustment; `impl` is torch's implementation: fused (one kernel, and a
-    skipped step without a host read), foreach (batched ops) or for-loop (per parameter)."""
-    kind = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[impl]
-    return torch.optim.Adam(unwrap(module).parameters(), lr=lr * ratio, betas=tuple(b ** ratio for b in betas), **kind)
+def build_optimizer(module: nn.Module, side: str, optim, ratio: float = 1.0) -> torch.optim.Optimizer:
+    """The optimizer of G or D (`side`) from the `optim` section, with the lazy adjustment `ratio`.
+
+    `optim.name=adam`: Adam with the side's lr and betas, lr x ratio and betas ^ ratio.
+    `optim.name=rmsprop`: RMSProp with the side's lr x ratio and torch's defaults otherwise (alpha
+    0.99, eps 1e-8, no momentum), as the original WGAN's code; the betas are unused.
+    `optim.adam_impl` is torch's implementation: fused (one kernel, and a skipped step without a
+    host read), foreach (batched ops) or for-loop (per parameter). RMSProp has no fused kernel in
+    torch, so fused means foreach there (a skipped step then costs one host read)."""
+    lr, betas = (optim.g_lr, optim.g_betas) if side == "G" else (optim.d_lr, optim.d_betas)
+    params = unwrap(module).parameters()
+    if optim.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr * ratio, foreach=optim.adam_impl != "for-loop")
+    kind = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}[optim.adam_impl]
+    return torch.optim.Adam(params, lr=lr * ratio, betas=tuple(b ** ratio for b in betas), **kind)
 
 
 def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.device, dtype: torch.dtype | None,
@@ -256,8 +266,8 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
     scaler_G = torch.amp.GradScaler(device.type, enabled=fp16)    # recipe needs D's own scale
     ratio = lazy_ratio([p.interval for p in on_D], cfg.optim.lazy_adjust)
     ratio_G = lazy_ratio([p.interval for p in on_G], cfg.optim.lazy_adjust)
-    opt_D = adam(D, cfg.optim.d_lr, cfg.optim.d_betas, ratio, cfg.optim.adam_impl)
-    opt_G = adam(G, cfg.optim.g_lr, cfg.optim.g_betas, ratio_G, cfg.optim.adam_impl)
+    opt_D = build_optimizer(D, "D", cfg.optim, ratio)
+    opt_G = build_optimizer(G, "G", cfg.optim, ratio_G)
     clean = cfg.loss.penalty_inputs == "clean"
     fwd_G, fwd_D = compiled(G, cfg.speed.compile), compiled(D, cfg.speed.compile)     # the main phases' forwards
 
@@ -283,14 +293,20 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
 
     def penalty_term(group: list) -> Term:
         """One term for D penalties that run together: one forward on their points' concatenation
-        (`joint_penalty`) when D is per-sample and `speed.joint_d_forward`, else one each."""
+        (`joint_penalty`) when D is per-sample and `speed.joint_d_forward`, else one each. In a
+        lazy step R1's logits of the reals count towards ADA's r_t (StyleGAN2-ADA's Dreg does so);
+        an every-step R1 joins D's main step, whose reals are counted already."""
+        lazy = group[0].interval > 1
+        observe = ada.observe if ada is not None and lazy else None
+
         def term(mb: MicroBatch) -> Tensor:
             # clean: the gradient w.r.t. the un-augmented image, taken through the augmentation
             # (StyleGAN2-ADA); augmented: w.r.t. the augmented image itself.
             real, fake, aug = (mb.real, mb.fake, augment) if clean else (augment(mb.real), augment(mb.fake), None)
             value = 0
             for part in ([group] if joint else [[p] for p in group]):
-                loss_part, stats = joint_penalty(part, D, real, fake, mb.labels, scaler=scaler_D, augment=aug)
+                loss_part, stats = joint_penalty(part, D, real, fake, mb.labels, scaler=scaler_D, augment=aug,
+                                                 observe_real=observe)
                 value = value + loss_part
                 for name, v in stats.items():
                     report(name, v)

@@ -1,7 +1,7 @@
 """Schedules over images seen: a value's multiple of its configured value at `cur_nimg`.
 
     factor(ScheduleConfig(kind="cosine", end=0.25), nimg=50_000, total_nimg=100_000)   # 0.625
-    values = apply(cfg, phases, ema, cur_nimg)     # set lr, beta2, penalty weights, EMA half-life, ADA's fixed p
+    values = apply(cfg, phases, ema, cur_nimg)     # set lr, Adam's beta2, penalty weights, EMA half-life, ADA's fixed p
 
 Shapes, with t the fraction of the schedule done (after the warm-up), s = `start` and e = `end`:
 `constant` s; `linear` s + (e - s) t (the linear decay of SNGAN's and WGAN-GP's CIFAR runs with
@@ -43,8 +43,11 @@ def apply(cfg: Config, phases, ema, nimg: int) -> dict[str, float]:
         for group in phase.optimizer.param_groups:
             # A lazy regulariser's adjustment (phases.lazy_ratio) applies on top of the schedule.
             group["lr"] = base_lr * lr * phase.ratio
-            group["betas"] = (beta1 ** phase.ratio, b2 ** phase.ratio)
-        out[f"Schedule/lr_{phase.side}"], out[f"Schedule/beta2_{phase.side}"] = base_lr * lr, b2
+            if "betas" in group:        # Adam's; RMSProp has none
+                group["betas"] = (beta1 ** phase.ratio, b2 ** phase.ratio)
+        out[f"Schedule/lr_{phase.side}"] = base_lr * lr
+        if cfg.optim.name == "adam":
+            out[f"Schedule/beta2_{phase.side}"] = b2
     for penalty, base, schedule in phases.penalties:
         penalty.weight = base * factor(schedule, nimg, total)
         out[f"Schedule/weight_{penalty.name}"] = penalty.weight
