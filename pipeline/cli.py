@@ -85,6 +85,7 @@ def train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", required=True, type=Path, help="run directory; resumed when it has checkpoints")
     p.add_argument("--dry-run", action="store_true",
                    help="build the networks, phases and data loader, read one batch, write nothing, exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the same as log.progress=false)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_kimg=50 loss.name=hinge")
 
 
@@ -447,7 +448,15 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    # Overrides belong anywhere on the line: argparse takes a positional list only before the first
+    # option that follows it, so `key=value` words it left over join the command's overrides.
+    args, rest = parser.parse_known_args(argv)
+    strays = [w for w in rest if w.startswith("-") or "=" not in w or not hasattr(args, "overrides")]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     args._argv = argv
     # `--weights raw|ema` (the name users also reach for) chooses the generator when no such file exists.
     if hasattr(args, "generator") and getattr(args, "inception_weights", None) in ("raw", "ema") \

@@ -198,11 +198,13 @@ class Preemption:
 
     def __init__(self):
         self.flag = False
+        self._main = True
         self._old: dict = {}
         self._pending = None                # (work, flags) of the all-reduce issued by the last check
         self._group = None
 
     def __enter__(self) -> "Preemption":
+        self._main = rank() == 0            # one message for the whole job: Ctrl-C reaches every rank
         self._old = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
         return self
 
@@ -220,8 +222,9 @@ class Preemption:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
             # os.write, not print: a handler that prints can interrupt a print (reentrant write).
-            os.write(2, b"\ninterrupted: finishing this step and writing a checkpoint "
-                        b"(press Ctrl-C again to abort without one)\n")
+            if self._main:
+                os.write(2, b"\ninterrupted: finishing this step and writing a checkpoint "
+                            b"(press Ctrl-C again to abort without one)\n")
         self.flag = True
 
     def requested(self) -> bool:

@@ -18,6 +18,7 @@ RUN/ is the user's record of a run (docs/architecture.md):
     PREEMPTED       a checkpoint was written on a signal: requeue and run again
     STOP            a request (by hand or `ganpipe watch --stop-on-alert`) to stop at the next tick
     .train.lock     who is training the run (host, pid, since): one trainer at a time (TrainerLock)
+    .claims/        one file per snapshot being scored, per protocol (host, pid, since): one scorer each
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class RunDir:
     PLOT = "metrics.png"
     TRACKERS = "trackers.json"
     MLRUNS = "mlruns"
+    WANDB = "wandb"
     WATCH_LOCK = ".watch.lock"
     TRAIN_LOCK = ".train.lock"
+    CLAIMS = ".claims"
     FINISHED = "FINISHED"
     PREEMPTED = "PREEMPTED"
     STOP = "STOP"
@@ -81,8 +84,10 @@ class RunDir:
     plot = property(lambda self: self.path / self.PLOT)
     trackers = property(lambda self: self.path / self.TRACKERS)
     mlruns = property(lambda self: self.path / self.MLRUNS)
+    wandb = property(lambda self: self.path / self.WANDB)
     watch_lock = property(lambda self: self.path / self.WATCH_LOCK)
     train_lock = property(lambda self: self.path / self.TRAIN_LOCK)
+    claims = property(lambda self: self.path / self.CLAIMS)
     finished = property(lambda self: self.path / self.FINISHED)
     preempted = property(lambda self: self.path / self.PREEMPTED)
     stop = property(lambda self: self.path / self.STOP)
@@ -94,6 +99,10 @@ class RunDir:
     def snapshot(self, name: str) -> Path:
         """A snapshot's JSON record by name (`snapshot-000002000`)."""
         return self.snapshots / (name if name.endswith(".json") else f"{name}.json")
+
+    def claim(self, key: str) -> Path:
+        """The claim file of one (snapshot, protocol) being scored (`key` names both)."""
+        return self.claims / f"{key}.claim"
 
     def has_checkpoints(self) -> bool:
         return self.checkpoints.is_dir()

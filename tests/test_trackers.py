@@ -193,3 +193,33 @@ def test_neither_library_is_imported_unless_chosen():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_sites_tracker_settings_are_honoured_and_a_crash_ends_the_runs_as_failed(tmp_path, mnist_dir,
+                                                                                      monkeypatch):
+    """MLFLOW_TRACKING_URI (a team's server or store) and WANDB_DIR / WANDB_PROJECT are the
+    environment's word unless the config says otherwise; a run that dies of an error ends its
+    MLflow run FAILED and its W&B run with a nonzero exit code."""
+    from mlflow import MlflowClient
+
+    store, wandb_dir = (tmp_path / "team-mlruns").resolve().as_uri(), tmp_path / "team-wandb"
+    wandb_dir.mkdir()
+    env = {"MLFLOW_TRACKING_URI": store, "MLFLOW_ALLOW_FILE_STORE": "true", "WANDB_DIR": str(wandb_dir),
+           "WANDB_PROJECT": "team-project", "WANDB_MODE": "offline"}
+    run = tmp_path / "run"
+    # D's loss is NaN from step 1 on: the run stops with an error after 2 skipped steps in a row.
+    out = cli("train", "--config", "configs/mnist_dcgan.yaml", "--run-dir", str(run), f"data.path={mnist_dir}", *TINY,
+              "log.trackers=[wandb,mlflow]", "train.total_kimg=0.256", "train.max_nonfinite_steps=2",
+              env=env, faults=["nan-d-steps=" + ",".join(map(str, range(1, 20)))], check=False)
+    assert out.returncode != 0 and "consecutive D steps with non-finite gradients" in out.stderr, out.stderr[-2000:]
+    ids = json.loads((run / "trackers.json").read_text())
+    assert ids["mlflow"]["uri"] == store and ids["mlflow"]["experiment"] == "team-project"
+    assert not (run / "mlruns").exists() and not (run / "wandb").exists()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    got = MlflowClient(store).get_run(ids["mlflow"]["id"])
+    assert got.info.status == "FAILED"
+    (segment,) = wandb_dir.glob(f"wandb/offline-run-*-{ids['wandb']['id']}/run-{ids['wandb']['id']}.wandb")
+    exits = [r.exit.exit_code for r in wandb_records(segment) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [1]
+    runs = [r.run for r in wandb_records(segment) if r.WhichOneof("record_type") == "run"]
+    assert runs[0].project == "team-project"

@@ -91,3 +91,25 @@ def test_the_start_line_shows_the_threads(tmp_path, mnist_dir):
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "1 threads and 0 loader workers per process" in out.stdout
+
+
+def test_overrides_anywhere_on_the_line_and_no_progress(tmp_path, mnist_dir):
+    from conftest import cli
+
+    out = cli("train", "--config", "configs/mnist_dcgan.yaml", f"data.path={mnist_dir}", "--run-dir",
+              str(tmp_path / "run"), "data.batch_size=8", "--no-progress", "log.grid_size=4", "--dry-run")
+    assert "one batch (8, 1, 28, 28) read" in out.stdout
+    bad = cli("config", "--config", "configs/mnist_dcgan.yaml", "data.batch_size=8", "--bogus", check=False)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+
+
+def test_ctrl_c_to_two_processes_says_so_once(tmp_path, mnist_dir):
+    from test_train_faults import LONG, finish, start, wait_for_ticks
+
+    run = tmp_path / "ddp"
+    proc = start(run, mnist_dir, *LONG, procs=2, port=29547)
+    wait_for_ticks(proc, run)
+    os.killpg(proc.pid, signal.SIGINT)            # a terminal's Ctrl-C: the launcher and both ranks
+    _, out = finish(proc)
+    assert (run / "PREEMPTED").is_file(), out
+    assert out.count("interrupted: finishing this step") == 1, out

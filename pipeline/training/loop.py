@@ -169,8 +169,12 @@ class Session:
     main = property(lambda self: self.acc.is_main_process)
 
     def log(self, msg: str) -> None:
+        """A line on rank 0's stdout, above the progress bar when there is one."""
         if self.main:
-            print(msg, flush=True)
+            from tqdm import tqdm
+
+            tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
 
     def autocast(self):
         return autocast_for(self.device, self.dtype)()
@@ -341,8 +345,9 @@ class Upkeep:
         self.last_checkpoint: Path | None = state.good_checkpoint
 
     def advance(self, images: int) -> None:
+        """Move the bar, never past its end (the last step may end beyond train.total_kimg)."""
         if self.bar is not None:
-            self.bar.update(images / 1000)
+            self.bar.update(min(images / 1000, self.bar.total - self.bar.n))
 
     def tick(self, scheduled: dict) -> None:
         """One stats row (means over every rank since the last tick), the status line and a grid."""
@@ -352,7 +357,7 @@ class Upkeep:
                **({"Timing/startup_s": self.startup_s} if self.startup_s is not None else {})}
         self.writer.write(row, progress.cur_nimg)
         if session.main:
-            self.bar.write(status_line(row)) if self.bar is not None else session.log(status_line(row))
+            session.log(status_line(row))
             png = self.run.grid(progress.cur_nimg)
             grid = generate.save_grid(generate.images(state.ema.model, seed=self.cfg.seed, start=0,
                                                       count=self.cfg.log.grid_size, device=session.device), png,
@@ -415,17 +420,20 @@ class Upkeep:
         if finite:
             state.good_checkpoint = self.last_checkpoint
 
-    def close(self) -> None:
+    def close(self, failed: bool) -> None:
+        """Close the progress bar and the sink (`failed`: training ended in an error, and the tracker
+        runs are marked so)."""
         if self.bar is not None:
             self.bar.close()
-        self.writer.close()
+        self.writer.close(failed)
 
 
 def status_line(row: dict) -> str:
     return (f"kimg {row['kimg']:.2f}  D {row.get('Loss/D/main', float('nan')):.3f}  "
             f"G {row.get('Loss/G/main', float('nan')):.3f}  D(real) {row.get('D/real', 0):+.2f}  "
             f"D(fake) {row.get('D/fake', 0):+.2f}  {row['Timing/sec_per_kimg']:.1f} s/kimg  "
-            f"{row['Timing/images_per_s']:.0f} img/s  skipped {row['Steps/skipped_nonfinite']}")
+            f"{row['Timing/images_per_s']:.0f} img/s  skipped {row['Steps/skipped_nonfinite']}"
+            + (f"  ADA p {row['Augment/p']:.3f}" if "Augment/p" in row else ""))
 
 
 def training_loop(cfg: Config, run_dir: Path, dry_run: bool = False) -> int:
@@ -510,7 +518,7 @@ def training_loop(cfg: Config, run_dir: Path, dry_run: bool = False) -> int:
             run.mark_finished(progress.cur_nimg, upkeep.last_checkpoint)
     finally:
         if upkeep is not None:
-            upkeep.close()
+            upkeep.close(failed=sys.exc_info()[0] is not None)     # an error on its way out
         lock.release()
 
     session.log(f"done: {progress.cur_nimg / 1000:.3f} kimg in {time.time() - upkeep.start_time:.0f} s; "

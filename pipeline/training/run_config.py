@@ -49,7 +49,8 @@ def resolve_run_config(config: str | None, run_dir: Path, overrides: list[str]) 
 
 
 def train_command(args: argparse.Namespace) -> int:
-    cfg = resolve_run_config(args.config, args.run_dir, args.overrides)
+    overrides = [*args.overrides, *(["log.progress=false"] if args.no_progress else [])]
+    cfg = resolve_run_config(args.config, args.run_dir, overrides)
     from pipeline.training.loop import training_loop
 
     return training_loop(cfg, args.run_dir, dry_run=args.dry_run)

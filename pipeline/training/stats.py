@@ -84,5 +84,5 @@ class StatsWriter:
         if self.enabled:
             self.sink.image(name, png, step)
 
-    def close(self) -> None:
-        self.sink.close()
+    def close(self, failed: bool = False) -> None:
+        self.sink.close(failed)

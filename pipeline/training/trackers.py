@@ -15,8 +15,9 @@ tracker writes to logging_dir/project_name, which would move the event files use
 and the W&B / MLflow runs. W&B and MLflow are Accelerate's `WandBTracker` and `MLflowTracker`: the trainer passes
 `log_with` to its Accelerator and calls `init_trackers` (rank 0 only: Accelerate starts no tracker on
 the other ranks). W&B runs offline unless WANDB_MODE says otherwise (RUN/wandb/offline-run-*, no
-network needed); MLflow logs to the file store RUN/mlruns unless `log.mlflow_uri` names another
-store or a server. MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE is set: we set it
+network needed; WANDB_DIR, WANDB_PROJECT and WANDB_ENTITY are honoured); MLflow logs to
+`log.mlflow_uri`, else the site's MLFLOW_TRACKING_URI, else the file store RUN/mlruns. A training
+run that ends in an error ends its tracker runs as failed. MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE is set: we set it
 (if unset) for our default store only.
 
 RUN/trackers.json keeps each tracker's run id and where that run lives; a resumed run passes them
@@ -37,6 +38,7 @@ use `kimg` as the x axis.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -82,13 +84,33 @@ def wandb_mode() -> dict:
     return {} if os.environ.get("WANDB_MODE") else {"mode": "offline"}
 
 
+def wandb_dir(run_dir: Path) -> str:
+    """Where W&B keeps its files: the user's WANDB_DIR, else the run directory (RUN/wandb)."""
+    return os.environ.get("WANDB_DIR") or str(run_dir)
+
+
+def tracker_project(cfg: Config, names: list[str]) -> str:
+    """The W&B project / MLflow experiment: `log.tracker_project`, unless it is left at its default
+    and the environment names one (WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME; the first chosen tracker's)."""
+    default = next(f.default for f in dataclasses.fields(type(cfg.log)) if f.name == "tracker_project")
+    if cfg.log.tracker_project == default:
+        for name in names:
+            if env := os.environ.get({"wandb": "WANDB_PROJECT", "mlflow": "MLFLOW_EXPERIMENT_NAME"}[name]):
+                return env
+    return cfg.log.tracker_project
+
+
+def mlflow_uri(cfg: Config, run_dir: Path) -> str:
+    """`log.mlflow_uri`, else the site's MLFLOW_TRACKING_URI, else the file store RUN/mlruns."""
+    return cfg.log.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or RunDir(run_dir).mlruns.resolve().as_uri()
+
+
 def use_mlflow_store(cfg: Config, run_dir: Path) -> str:
-    """Point MLflow at the run's store and return its URI: log.mlflow_uri, else the file store RUN/mlruns."""
+    """Point MLflow at the run's store (`mlflow_uri`) and return its URI."""
     import mlflow
 
-    uri = cfg.log.mlflow_uri
-    if not uri:
-        uri = RunDir(run_dir).mlruns.resolve().as_uri()
+    uri = mlflow_uri(cfg, run_dir)
+    if uri == RunDir(run_dir).mlruns.resolve().as_uri():
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow's own opt-in; read when a store opens
     mlflow.set_tracking_uri(uri)
     return uri
@@ -117,10 +139,18 @@ class RunTrackers:
             elif t.name == "mlflow":
                 t.log_artifact(str(png), artifact_path="samples")
 
-    def close(self) -> None:
-        """Finish every tracker run; the list is emptied so that `acc.end_training()` finishes none twice."""
+    def close(self, failed: bool = False) -> None:
+        """Finish every tracker run, marked failed when training ended in an error; the list is
+        emptied so that `acc.end_training()` finishes none twice."""
         for t in self.trackers:
-            t.finish()
+            if failed and t.name == "mlflow":
+                import mlflow
+
+                mlflow.end_run(status="FAILED")
+            elif failed and t.name == "wandb":
+                t.run.finish(exit_code=1)
+            else:
+                t.finish()
         self.trackers.clear()
 
 
@@ -129,17 +159,17 @@ def open_training(acc, cfg: Config, run_dir: Path, names: list[str], log: Callab
     `acc` was built with `log_with=names`; call on every rank (Accelerate starts them on rank 0)."""
     if not names or not acc.is_main_process:
         return RunTrackers()
-    project, ids = cfg.log.tracker_project, read_ids(run_dir)
+    project, ids = tracker_project(cfg, names), read_ids(run_dir)
     kwargs: dict[str, dict] = {}
     if "wandb" in names:
         prev = ids.get("wandb", {})
         run_id = prev["id"] if prev.get("project") == project and prev.get("id") else secrets.token_hex(4)
-        kwargs["wandb"] = {"dir": str(run_dir), "id": run_id, "resume": "allow", "name": run_dir.name,
+        kwargs["wandb"] = {"dir": wandb_dir(run_dir), "id": run_id, "resume": "allow", "name": run_dir.name,
                            "group": run_id, "job_type": "train", **wandb_mode()}
     if "mlflow" in names:
         uri = use_mlflow_store(cfg, run_dir)
         prev = ids.get("mlflow", {})
-        same = (prev.get("experiment"), prev.get("uri")) == (project, cfg.log.mlflow_uri)
+        same = (prev.get("experiment"), prev.get("uri")) == (project, uri)
         kwargs["mlflow"] = {"run_id": prev.get("id") if same else None, "run_name": run_dir.name}
     acc.init_trackers(project, config=None, init_kwargs=kwargs)
     params, where = flat_config(cfg), []
@@ -148,10 +178,10 @@ def open_training(acc, cfg: Config, run_dir: Path, names: list[str], log: Callab
             t.store_init_configuration(params)
             ids["wandb"] = {"id": t.tracker.id, "project": project}
             where.append(f"wandb {t.tracker.id} ({kwargs['wandb'].get('mode') or os.environ['WANDB_MODE']}, "
-                         f"{run_dir / 'wandb'})")
+                         f"{wandb_dir(run_dir)}/{RunDir.WANDB})")
         elif t.name == "mlflow":
             _mlflow_params(t, params)
-            ids["mlflow"] = {"id": t.tracker.info.run_id, "experiment": project, "uri": cfg.log.mlflow_uri}
+            ids["mlflow"] = {"id": t.tracker.info.run_id, "experiment": project, "uri": uri}
             where.append(f"mlflow {t.tracker.info.run_id} ({uri})")
     write_json_atomic(RunDir(run_dir).trackers, ids)
     log(f"trackers: {'; '.join(where)}")
@@ -197,7 +227,7 @@ class EvalTrackers:
                 import wandb
 
                 train = ids["wandb"]
-                self.wandb = wandb.init(project=train["project"], dir=str(self.run_dir), id=f"{train['id']}-eval",
+                self.wandb = wandb.init(project=train["project"], dir=wandb_dir(self.run_dir), id=f"{train['id']}-eval",
                                         resume="allow", group=train["id"], job_type="eval",
                                         name=f"{self.run_dir.name}-eval", **wandb_mode())
                 self.wandb.define_metric("kimg")
@@ -309,9 +339,12 @@ class Sink:
         if isinstance(self.others, EvalTrackers):
             self.others.log(records)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close everything; `failed`: training ended in an error, and its tracker runs say so."""
         if self.tensorboard is not None:
             self.tensorboard.close()
             self.tensorboard = None
-        if self.others is not None:
+        if isinstance(self.others, RunTrackers):
+            self.others.close(failed)
+        elif self.others is not None:
             self.others.close()
