@@ -146,7 +146,7 @@ class EMAConfig:
     halflife_kimg: float = opt(10.0, min=0.0)  # half-life of G's EMA in kimg (0 = EMA is a plain copy)
     rampup: float = opt(0.05, min=0.0)       # EMA half-life at most this x kimg seen (0 = no ramp-up)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)    # course of halflife_kimg
-    standing_stats: int = opt(0, min=0, max=100_000)  # batches of G's own samples (train.batch_per_process images each) each snapshot's BatchNorm statistics are recomputed from (BigGAN's standing statistics; 0 = the EMA's averaged statistics)
+    standing_stats: int = opt(0, min=0, max=100_000)  # batches of G's own samples (one per-process batch each) each snapshot's BatchNorm statistics are recomputed from (BigGAN's standing statistics; 0 = the EMA's averaged statistics)
     posthoc_std: list[float] = opt([], min=1e-3, below=0.2886)  # relative EMA lengths (sigma_rel) of EDM2 power-function EMA profiles kept in snapshots for `ganpipe posthoc-ema` ([] = off; EDM2: [0.05, 0.1])
 
 
