@@ -100,12 +100,86 @@ def sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="an image file (.png, .jpg, .webp) for a grid, or a directory")
     p.add_argument("--seed", type=int, default=0, help="seed: image i depends only on (seed, i)")
     p.add_argument("--start", type=int, default=0, help="index of the first image of the seeded sequence")
-    p.add_argument("--label", type=int, default=None, help="class for every image (conditional snapshots)")
+    _label_argument(p)
     p.add_argument("--batch", type=int, default=256,
                    help="images generated per group; G runs on 16-image micro-batches; does not change the images")
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     _generator_argument(p)
     _truncation_arguments(p)
+
+
+def _label_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--label", default=None, metavar="CLASS",
+                   help="class of every image (conditional snapshots): its name, as `ganpipe prepare` kept it in "
+                        "the manifest of the snapshot's data, or its index")
+
+
+def _snapshot_image_arguments(p: argparse.ArgumentParser) -> None:
+    """What every command that draws a snapshot's images takes besides its own options."""
+    p.add_argument("--snapshot", required=True, type=Path, help="snapshot .json (or .safetensors) from RUN/snapshots")
+    p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
+    _generator_argument(p)
+    _truncation_arguments(p)
+
+
+_SEEDS_HELP = ("images as `ganpipe sample` numbers them, comma-separated: SEED (its image 0), SEED-SEED, "
+               "SEED:INDEX or SEED:INDEX-INDEX (e.g. 0-7 or 3,5,9:2)")
+
+
+def video_arguments(p: argparse.ArgumentParser) -> None:
+    _snapshot_image_arguments(p)
+    p.add_argument("--out", required=True, type=Path, help="video file: .mp4 (H.264; the video extra) or .gif")
+    p.add_argument("--seeds", default="0-7", help=f"keyframes: {_SEEDS_HELP}; keyframe k of cell c is image "
+                                                  "k * cells + c (default 0-7)")
+    p.add_argument("--grid", default="1x1", metavar="COLSxROWS",
+                   help="cells of the frame, each its own walk (default 1x1)")
+    p.add_argument("--classes", default=None, metavar="CLASSES",
+                   help="a class sweep: each cell (one --seeds image per cell) walks through these classes: all, "
+                        "or names, indices and ranges, comma-separated")
+    _label_argument(p)
+    p.add_argument("--frames-per-key", type=int, default=30, help="frames from one keyframe to the next (default 30)")
+    p.add_argument("--fps", type=float, default=30.0, help="frames per second (default 30)")
+    p.add_argument("--no-loop", action="store_true",
+                   help="end on the last keyframe (default: walk back to the first, for a seamless loop)")
+    p.add_argument("--space", default="auto", choices=("auto", "z", "w"),
+                   help="interpolate w (lerp; stylegan2) or z (slerp); auto = w where G has one (default)")
+    p.add_argument("--crf", type=int, default=18, help="MP4 quality: 0 (best) to 51 (default 18)")
+    p.add_argument("--batch", type=int, default=64, help="frames' images per G forward (default 64)")
+
+
+def figure_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="figure", metavar="FIGURE", required=True)
+    q = sub.add_parser("style-mix", help="StyleGAN's style mixing: row images with styles from column images",
+                       description="Rows x columns of images; cell (r, c) is row image r with the --styles ws of "
+                                   "column image c (stylegan2).")
+    _snapshot_image_arguments(q)
+    q.add_argument("--rows", default="0-4", help=f"row images: {_SEEDS_HELP} (default 0-4)")
+    q.add_argument("--cols", default="5-9", help="column images, as --rows (default 5-9)")
+    q.add_argument("--styles", default="coarse",
+                   help="ws taken from the columns: coarse (0-3), middle (4-7), fine (8 on), or indices such as "
+                        "0-1,6 (default coarse)")
+    _label_argument(q)
+    q.add_argument("--out", required=True, type=Path, help="image file (.png, .jpg, .webp)")
+    q = sub.add_parser("classes", help="one row per class, labelled with the class names",
+                       description="Row c: the images `ganpipe sample --label c --seed S --start I --num N` writes, "
+                                   "labelled with the class's name from the manifest of the snapshot's data.")
+    _snapshot_image_arguments(q)
+    q.add_argument("--num", type=int, default=8, help="images per class (default 8)")
+    q.add_argument("--seed", type=int, default=0, help="seed of every row (default 0)")
+    q.add_argument("--start", type=int, default=0, help="index of each row's first image (default 0)")
+    q.add_argument("--classes", default=None,
+                   help="rows: names, indices and ranges, comma-separated (default: every class, up to 100)")
+    q.add_argument("--batch", type=int, default=256, help="images generated per group (changes no image)")
+    q.add_argument("--out", required=True, type=Path, help="image file (.png, .jpg, .webp)")
+
+
+def preview_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=Path, metavar="DATA", help="a directory written by `ganpipe prepare`")
+    p.add_argument("--out", required=True, type=Path, help="image file (.png, .jpg, .webp)")
+    p.add_argument("--split", default="train", help="split to show (default train)")
+    p.add_argument("--num", type=int, default=64, help="images in the grid, first in shard order (default 64)")
+    p.add_argument("--per-class", type=int, default=None, metavar="N",
+                   help="instead: one row of N images per class (up to 100 classes), labelled with the class names")
 
 
 def _generator_argument(p: argparse.ArgumentParser) -> None:
@@ -361,6 +435,21 @@ def _sample(args: argparse.Namespace) -> int:
     return sample_command(args)
 
 
+def _video(args: argparse.Namespace) -> int:
+    from pipeline.video import video_command
+    return video_command(args)
+
+
+def _figure(args: argparse.Namespace) -> int:
+    from pipeline.figures import figure_command
+    return figure_command(args)
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from pipeline.figures import preview_command
+    return preview_command(args)
+
+
 def _export(args: argparse.Namespace) -> int:
     from pipeline.export import export_command
     return export_command(args)
@@ -415,6 +504,12 @@ COMMANDS: dict[str, Command] = {
                             index_arguments, _index_shards),
     "train": Command("train a GAN (resumes RUN automatically); see configs/", train_arguments, _train),
     "sample": Command("write images or a grid from a snapshot", sample_arguments, _sample),
+    "video": Command("a latent walk (or class sweep) through given images of a snapshot, as MP4 or GIF",
+                     video_arguments, _video),
+    "figure": Command("a figure from a snapshot: style-mix (stylegan2), classes (one named row per class)",
+                      figure_arguments, _figure),
+    "preview": Command("a grid of a prepared dataset's real images (or one named row per class)", preview_arguments,
+                       _preview),
     "export": Command("a snapshot's EMA generator as ONNX or TorchScript, checked against PyTorch",
                       export_arguments, _export),
     "refstats": Command("compute and cache reference feature statistics of a data split", refstats_arguments,

@@ -5,10 +5,14 @@ trainer's tick grid and `ganpipe eval` all call `images()` here, and one grid wr
     ganpipe sample --snapshot ... --num 1000 --start 5000 --out samples/ --label 3 --seed 1
     ganpipe sample --snapshot ... --num 64 --psi 0.7 --cutoff 8 --out truncated.png
     ganpipe sample --snapshot ... --num 64 --generator raw --out raw.png      # the raw G (train.snapshot_raw)
+    ganpipe sample --snapshot ... --num 16 --label cat --out cats.png         # a class by name or index
 
     x = images(G, seed=0, start=0, count=64)           # float32 (64, C, H, W) in [-1, 1], on the CPU
     grid = save_grid(x, RUN / "samples" / "fakes-000004000.png")
     u8 = to_uint8(x)                                   # what a saved PNG holds; what eval scores
+    refs = parse_image_list("3,7,9:0-3")               # images by (seed, index): seed 3 and 7's image 0, seed 9's 0..3
+    x = images_of(G, refs)                             # the very images `ganpipe sample` writes for them
+    z, noise, labels = inputs_of(G, refs)              # and the inputs they are made from (video, figures)
 
 The convention: image i of seed S is made from a `torch.Generator` seeded by (S, i) alone (mixed
 by numpy's SeedSequence), which draws the latent z (z_dim normals) and then, for networks with
@@ -35,19 +39,18 @@ method (a per-row, deterministic map, e.g. BigGAN's truncation trick) gets its l
 through it; any other generator refuses psi != 1 naming its family. Truncation acts per image, so
 the properties above hold for every psi; eval records psi and cutoff as part of the protocol.
 
-Changed in the refactor that introduced this module: `ganpipe sample --seed S` used to draw all
-latents from one generator seeded with S and ran G in --batch-sized forwards, and
-`ganpipe eval` drew them in seeded chunks of 1000; stylegan2's noise came from the global RNG
-(its FID depended on batch size, process count and what was scored before). Images for a given
-seed therefore changed once; `ganpipe sample` and `ganpipe eval` now agree: same seed, same
-index, same image.
+Class names (`--label cat`) come from the manifest of the data the snapshot was trained on (its
+record's `data_path`, as `ganpipe prepare` wrote it); any other integer is a class index, so a
+name wins where classes are named by numbers (`--label 1` of classes "1", "10", "2" is class 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -104,6 +107,144 @@ def labels_for(G: torch.nn.Module, start: int, count: int, label: int | None = N
     if not 0 <= label < G.num_classes:
         raise UserError(f"label {label} outside 0..{G.num_classes - 1} (the generator has {G.num_classes} classes)")
     return torch.full((count,), label, dtype=torch.long)
+
+
+class ImageRef(NamedTuple):
+    """One image of the convention: image `index` of `seed`, of class `label` (None: the convention's
+    index % num_classes, or none for an unconditional G)."""
+    seed: int
+    index: int = 0
+    label: int | None = None
+
+
+_IMAGE_ITEM = re.compile(r"(\d+)(?:-(\d+))?(?::(\d+)(?:-(\d+))?)?")
+
+
+def parse_image_list(spec: str, flag: str = "--seeds", label: int | None = None) -> list[ImageRef]:
+    """`3,7`: image 0 of seeds 3 and 7 (what `ganpipe sample --seed 3 --num 1` writes); `0-5`: seeds
+    0 to 5; `9:4`: image 4 of seed 9 (`--seed 9 --start 4`); `9:0-15`: its images 0 to 15. Items
+    are comma-separated; ranges include both ends. `flag` names the option in errors."""
+    refs: list[ImageRef] = []
+    for item in spec.replace(" ", "").split(","):
+        m = _IMAGE_ITEM.fullmatch(item)
+        if not m:
+            raise UserError(f"{flag} {spec!r}: {item!r} is not SEED, SEED-SEED, SEED:INDEX or SEED:INDEX-INDEX "
+                            "(e.g. 0-7 or 3,5,9:2)")
+        s0, s1, i0, i1 = m.groups()
+        seeds = range(int(s0), int(s1 or s0) + 1)
+        indices = range(int(i0 or 0), int(i1 or i0 or 0) + 1)
+        if not seeds or not indices or (s1 and i1):
+            raise UserError(f"{flag} {spec!r}: {item!r} is an empty or two-way range (a range of seeds, or of "
+                            "the indices of one seed, from low to high)")
+        refs += [ImageRef(seed, index, label) for seed in seeds for index in indices]
+    if len(refs) > 100_000:
+        raise UserError(f"{flag} {spec!r}: {len(refs)} images; at most 100000")
+    return refs
+
+
+def inputs_of(G: torch.nn.Module, refs: list[ImageRef]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
+    """CPU inputs of the listed images, as `images()` draws them: z (N, z_dim) before truncation,
+    G's noise maps (one (N, *shape) tensor per entry of `G.noise_shapes()`) and the labels (None
+    for an unconditional G)."""
+    if not refs:
+        z, noise = draw(G, 0, 0, 0)
+        return z, noise, (torch.empty(0, dtype=torch.long) if G.num_classes else None)
+    drawn = [draw(G, ref.seed, ref.index, 1) for ref in refs]
+    z = torch.cat([d[0] for d in drawn])
+    noise = [torch.cat([d[1][k] for d in drawn]) for k in range(len(drawn[0][1]))]
+    labels = [labels_for(G, ref.index, 1, ref.label) for ref in refs]
+    return z, noise, (torch.cat(labels) if G.num_classes else None)
+
+
+def images_of(G: torch.nn.Module, refs: list[ImageRef], **kw) -> torch.Tensor:
+    """The listed images, bit for bit as `images()` (hence `ganpipe sample`) makes each of them:
+    one `images()` call per run of refs in one micro-batch of one seed and class. `kw`: images()'s
+    device, batch, psi, cutoff."""
+    if not refs:
+        return images(G, seed=0, count=0, **kw)
+    groups: dict[tuple[int, int | None, int], list[int]] = {}
+    for j, ref in enumerate(refs):
+        groups.setdefault((ref.seed, ref.label, ref.index // MICRO_BATCH), []).append(j)
+    out: list[torch.Tensor | None] = [None] * len(refs)
+    for (seed, label, _), members in groups.items():
+        lo = min(refs[j].index for j in members)
+        hi = max(refs[j].index for j in members) + 1
+        x = images(G, seed=seed, start=lo, count=hi - lo, label=label, **kw)
+        for j in members:
+            out[j] = x[refs[j].index - lo]
+    return torch.stack(out)
+
+
+def class_names(meta: dict, num_classes: int) -> tuple[list[str] | None, str]:
+    """(the class names, "") of a snapshot's generator, read from the manifest of the data it was
+    trained on (the record's `data_path`), or (None, why they cannot be known)."""
+    from pipeline.data.manifest import MANIFEST, read_manifest
+    from pipeline.errors import DataError
+
+    where = meta.get("data_path")
+    if not num_classes:
+        return None, "the generator is unconditional"
+    if not isinstance(where, str) or not where:
+        return None, "the snapshot's record names no data directory"
+    directory = Path(where).expanduser()
+    if not (directory / MANIFEST).is_file():
+        return None, f"the data it was trained on, {where!r}, has no {MANIFEST} here"
+    try:
+        names = read_manifest(directory).get("classes")
+    except DataError as exc:
+        return None, str(exc)
+    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, str) for n in names):
+        return None, f"{where}/{MANIFEST} does not name the generator's {num_classes} classes"
+    return names, ""
+
+
+def resolve_label(value: str | int | None, G: torch.nn.Module, meta: dict, flag: str = "--label") -> int | None:
+    """The class index `value` names: a class name of the snapshot's data (see `class_names`), else
+    an integer index. A name wins over an index: where classes are named "1", "10", "2", `1` is
+    the class named "1". None stays None (the convention's classes)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not G.num_classes:
+        raise UserError(f"{flag} {text} given but the generator is unconditional (no classes)")
+    names, why = class_names(meta, G.num_classes)
+    if names is not None and text in names:
+        return names.index(text)
+    if re.fullmatch(r"[+-]?\d+", text):
+        if not 0 <= int(text) < G.num_classes:
+            raise UserError(f"{flag} {text} outside 0..{G.num_classes - 1} (the generator has {G.num_classes} "
+                            "classes)")
+        return int(text)
+    if names is None:
+        raise UserError(f"{flag} {text!r}: class names are unknown ({why}); give the class index, "
+                        f"0..{G.num_classes - 1}")
+    import difflib
+
+    close = difflib.get_close_matches(text, names, 1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    shown = ", ".join(repr(n) for n in names[:20]) + (", ..." if len(names) > 20 else "")
+    raise UserError(f"{flag} {text!r}: no class of that name; {hint}classes: {shown}")
+
+
+def resolve_classes(spec: str, G: torch.nn.Module, meta: dict, flag: str = "--classes") -> list[int]:
+    """Class indices of a comma-separated list of class names, indices and index ranges (`0-9`), or
+    `all`; names as `resolve_label` reads them (a class named `t-shirt` is a name, not a range)."""
+    if not G.num_classes:
+        raise UserError(f"{flag} {spec}: the generator is unconditional (no classes)")
+    if spec.strip() == "all":
+        return list(range(G.num_classes))
+    names = class_names(meta, G.num_classes)[0] or []
+    out: list[int] = []
+    for item in (i.strip() for i in spec.split(",")):
+        span = re.fullmatch(r"(\d+)-(\d+)", item)
+        if span and item not in names:
+            lo, hi = int(span[1]), int(span[2])
+            if not lo <= hi < G.num_classes:
+                raise UserError(f"{flag} {spec}: range {item} is not within 0..{G.num_classes - 1}")
+            out += range(lo, hi + 1)
+        else:
+            out.append(resolve_label(item, G, meta, flag))
+    return out
 
 
 def truncation(G: torch.nn.Module, psi: float = 1.0, cutoff: int | None = None):
@@ -181,11 +322,12 @@ IMAGE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg"
                  ".webp": ("WEBP", {"lossless": True})}
 
 
-def _png(array: np.ndarray, path: Path, compress_level: int = 6) -> None:
+def write_image(array: np.ndarray, path: str | Path, compress_level: int = 6) -> None:
     """Write a uint8 (C, H, W) array (C = 1 or 3) atomically, as PNG (zlib level `compress_level`;
     6 is PIL's default) or in the format its suffix names (IMAGE_FORMATS)."""
     from PIL import Image
 
+    path = Path(path)
     img = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
     fmt, options = IMAGE_FORMATS.get(path.suffix.lower(), IMAGE_FORMATS[".png"])
     if fmt == "PNG":
@@ -194,18 +336,27 @@ def _png(array: np.ndarray, path: Path, compress_level: int = 6) -> None:
         img.save(tmp, format=fmt, **options)
 
 
-def save_grid(x: torch.Tensor, path: str | Path, compress_level: int = 6) -> torch.Tensor | None:
-    """Write float images in [-1, 1] as one square-ish grid (round(sqrt(N)) per row, 2-pixel
-    black gaps), atomically, as PNG or the format `path`'s suffix names. Returns the grid as float
-    (3, H, W) in [0, 1], or None (nothing written) for flat data, which has no image to show. The
-    trainer's tick grids use zlib level 1: faster to write than the default 6, for a larger file."""
+def grid_array(u8: np.ndarray | torch.Tensor, nrow: int | None = None) -> np.ndarray:
+    """uint8 images (N, C, H, W) as one uint8 (3, H', W') grid (grey images repeated into RGB):
+    `nrow` images per row (default round(sqrt(N))), 2-pixel black gaps, the last row filled with
+    black. Every grid ganpipe writes (samples, videos, figures, previews) is laid out here."""
     from torchvision.utils import make_grid
 
+    t = torch.as_tensor(u8)
+    return make_grid(t, nrow=nrow or int(math.sqrt(len(t)) + 0.5), padding=2, pad_value=0).numpy()
+
+
+def save_grid(x: torch.Tensor, path: str | Path, compress_level: int = 6, nrow: int | None = None
+              ) -> torch.Tensor | None:
+    """Write float images in [-1, 1] as one grid (`grid_array`; round(sqrt(N)) per row unless
+    `nrow`), atomically, as PNG or the format `path`'s suffix names. Returns the grid as float
+    (3, H, W) in [0, 1], or None (nothing written) for flat data, which has no image to show. The
+    trainer's tick grids use zlib level 1: faster to write than the default 6, for a larger file."""
     if x.dim() != 4:
         return None
-    grid = make_grid(torch.from_numpy(to_uint8(x)), nrow=int(math.sqrt(len(x)) + 0.5), padding=2, pad_value=0)
-    _png(grid.numpy(), Path(path), compress_level)
-    return grid.float() / 255
+    grid = grid_array(to_uint8(x), nrow)
+    write_image(grid, path, compress_level)
+    return torch.from_numpy(grid).float() / 255
 
 
 def save_pngs(x: torch.Tensor, directory: str | Path, start: int = 0) -> None:
@@ -213,34 +364,37 @@ def save_pngs(x: torch.Tensor, directory: str | Path, start: int = 0) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(to_uint8(x)):
-        _png(img, directory / f"{start + i:06d}.png")
+        write_image(img, directory / f"{start + i:06d}.png")
 
 
-def sample_command(args: argparse.Namespace) -> int:
-    """`ganpipe sample`: an output with an image suffix (.png, .jpg, .jpeg, .webp) gets one grid in
-    that format; otherwise OUT is a directory of PNGs named by image index (START, START+1, ...)."""
+def load_generator(args: argparse.Namespace) -> tuple[torch.nn.Module, dict, torch.device]:
+    """(G, its snapshot record, device) for a command that makes images from `args.snapshot`
+    (`--generator`, `--device`); a UserError for a G of flat vectors, which makes no images."""
+    from pipeline.dist import default_device
     from pipeline.training.snapshot import load_snapshot
 
-    for flag, value, low in (("--num", args.num, 1), ("--seed", args.seed, 0), ("--start", args.start, 0),
-                             ("--batch", args.batch, 1)):
-        if value < low:
-            raise UserError(f"{flag} {value}: must be at least {low}")
     # cuda when there is one: sampling a snapshot needs no process group.
-    from pipeline.dist import default_device
-
     device = default_device(args.device)
     which = getattr(args, "generator", "ema")      # the EMA G, or the raw G (train.snapshot_raw)
     G, meta = load_snapshot(args.snapshot, device=device, weights=which)
     if not G.resolution:
         raise UserError(f"{args.snapshot}: this generator makes flat vectors (resolution 0), not images; "
-                        "there is nothing to write as PNG")
-    if args.label is not None and not G.num_classes:
-        raise UserError(f"--label {args.label} given but {args.snapshot} is unconditional")
-    if args.label is not None and not 0 <= args.label < G.num_classes:
-        raise UserError(f"--label {args.label} outside 0..{G.num_classes - 1} (classes of {args.snapshot})")
+                        "there is nothing to write as an image")
+    return G, meta, device
+
+
+def sample_command(args: argparse.Namespace) -> int:
+    """`ganpipe sample`: an output with an image suffix (.png, .jpg, .jpeg, .webp) gets one grid in
+    that format; otherwise OUT is a directory of PNGs named by image index (START, START+1, ...)."""
+    for flag, value, low in (("--num", args.num, 1), ("--seed", args.seed, 0), ("--start", args.start, 0),
+                             ("--batch", args.batch, 1)):
+        if value < low:
+            raise UserError(f"{flag} {value}: must be at least {low}")
+    G, meta, device = load_generator(args)
+    label = resolve_label(args.label, G, meta)
     psi, cutoff = getattr(args, "psi", 1.0), getattr(args, "cutoff", None)
     truncation(G, psi, cutoff)          # refuse a psi this G cannot apply before writing anything
-    kw = dict(seed=args.seed, label=args.label, device=device, batch=args.batch, psi=psi, cutoff=cutoff)
+    kw = dict(seed=args.seed, label=label, device=device, batch=args.batch, psi=psi, cutoff=cutoff)
     if args.out.suffix.lower() in IMAGE_FORMATS:
         save_grid(images(G, start=args.start, count=args.num, **kw), args.out)
     else:
@@ -251,6 +405,8 @@ def sample_command(args: argparse.Namespace) -> int:
             first, last = max(lo, args.start), min(lo + step, end)
             save_pngs(images(G, start=first, count=last - first, **kw), args.out, start=first)
     trunc = f", psi {psi}" + (f" cutoff {cutoff}" if cutoff is not None else "") if psi != 1 else ""
-    print(f"wrote {args.num} images (seed {args.seed}, indices {args.start}..{args.start + args.num - 1}{trunc}) "
-          f"from {args.snapshot} ({which} G, kimg {meta['kimg']:.1f}) to {args.out}")
+    named = class_names(meta, G.num_classes)[0] if label is not None else None
+    cls = "" if label is None else f", class {label}" + (f" {named[label]!r}" if named else "")
+    print(f"wrote {args.num} images (seed {args.seed}, indices {args.start}..{args.start + args.num - 1}{cls}{trunc}) "
+          f"from {args.snapshot} ({meta['generator']} G, kimg {meta['kimg']:.1f}) to {args.out}")
     return 0

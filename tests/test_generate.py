@@ -167,3 +167,43 @@ def test_explicit_noise_enters_as_the_random_draw_does():
         H, _ = tiny(name)
         with torch.no_grad():
             assert H.noise_shapes() == [] and torch.equal(H(z[:, :H.z_dim], None, noise=[]), H(z[:, :H.z_dim]))
+
+
+def test_image_lists_name_images_as_sample_numbers_them():
+    from pipeline.errors import UserError
+    from pipeline.generate import ImageRef, parse_image_list
+
+    assert parse_image_list("3, 7") == [ImageRef(3, 0), ImageRef(7, 0)]
+    assert parse_image_list("0-2,9:4,5:1-3", label=2) == [
+        ImageRef(0, 0, 2), ImageRef(1, 0, 2), ImageRef(2, 0, 2), ImageRef(9, 4, 2),
+        ImageRef(5, 1, 2), ImageRef(5, 2, 2), ImageRef(5, 3, 2)]
+    for bad in ("", "a", "3-1", "1-2:0-3", "-1", "2:", "0-200000"):
+        with pytest.raises(UserError, match="--rows"):
+            parse_image_list(bad, "--rows")
+
+
+@pytest.mark.parametrize("name", ["dcgan", "stylegan2"])
+def test_images_of_listed_refs_are_the_images_of_their_ranges(name):
+    from pipeline.generate import ImageRef, images_of, inputs_of
+
+    G, _ = tiny(name, CLASSES)
+    refs = [ImageRef(5, 17), ImageRef(2, 0), ImageRef(5, 3), ImageRef(5, 16, 1), ImageRef(2, 0, 3), ImageRef(5, 40)]
+    got = images_of(G, refs, batch=7)
+    for ref, x in zip(refs, got):
+        assert torch.equal(x, images(G, seed=ref.seed, start=ref.index, count=1, label=ref.label)[0]), ref
+    assert images_of(G, []).shape == (0, 3, 28, 28)
+    # The inputs are what images() draws: the same z (and noise maps) as draw(), labels as labels_for().
+    z, noise, labels = inputs_of(G, refs)
+    assert torch.equal(z[0], latents(5, 17, 1, G.z_dim)[0]) and torch.equal(z[1], latents(2, 0, 1, G.z_dim)[0])
+    assert labels.tolist() == [17 % CLASSES, 0, 3 % CLASSES, 1, 3, 40 % CLASSES]
+    assert [tuple(n.shape[1:]) for n in noise] == G.noise_shapes() and all(len(n) == len(refs) for n in noise)
+    with torch.no_grad():       # one forward of the drawn inputs makes the images (to float rounding)
+        assert torch.allclose(G(z, labels, noise=noise), got, atol=1e-4)
+
+
+def test_save_grid_takes_a_row_length(tmp_path):
+    x = images(tiny("dcgan")[0], seed=0, count=6)
+    save_grid(x, tmp_path / "wide.png", nrow=6)
+    save_grid(x, tmp_path / "square.png")
+    assert read_png(tmp_path / "wide.png").shape == (3, 2 + 30, 2 + 6 * 30)
+    assert read_png(tmp_path / "square.png").shape == (3, 2 + 3 * 30, 2 + 2 * 30)    # round(sqrt(6)) = 2 a row
