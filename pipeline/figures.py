@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -154,11 +155,34 @@ def figure_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def real_images(shards, full: Callable[[dict], bool], by_class: bool = False) -> tuple[dict[int, list[np.ndarray]], int]:
+    """The real images of `shards` in their order, grouped by class (`by_class`) or all under 0,
+    until `full(found)`: (class -> uint8 images, bad samples skipped). Read with the loader's own
+    reader, each shard checked against its manifest entry."""
+    from pipeline.data.shards import read_samples
+
+    shape = dict(channels=shards.channels, resolution=shards.resolution, num_classes=shards.num_classes)
+    found: dict[int, list[np.ndarray]] = {}
+    bad = 0
+    for shard in range(len(shards.urls)):
+        if full(found):
+            break
+        samples = read_samples(shards.open(shard), Path(shards.urls[shard]).name, **shape, require_label=by_class)
+        with contextlib.closing(samples):
+            for _, _, image, label, problem in samples:
+                if problem is not None:
+                    bad += 1
+                    continue
+                found.setdefault(label if by_class else 0, []).append(image)
+                if full(found):
+                    break
+    return found, bad
+
+
 def preview_command(args: argparse.Namespace) -> int:
     """`ganpipe preview DATA`: a grid of a prepared split's real images, or one named row per class."""
     from pipeline.data.loader import ShardSet
     from pipeline.data.manifest import read_manifest
-    from pipeline.data.shards import read_samples
 
     m = read_manifest(args.data)
     if args.split not in m["splits"]:
@@ -170,29 +194,14 @@ def preview_command(args: argparse.Namespace) -> int:
     if args.num < 1:
         raise UserError(f"--num {args.num}: must be at least 1")
     shards = ShardSet.resolve(str(args.data), args.split)
-    shape = dict(channels=shards.channels, resolution=shards.resolution, num_classes=shards.num_classes)
-    found: dict[int, list[np.ndarray]] = {}         # class (or 0 for all) -> images
     shown = range(min(m["num_classes"], MAX_ROWS))  # the classes of a --per-class figure
-    bad = 0
 
-    def full() -> bool:
+    def full(found: dict[int, list]) -> bool:
         if per_class is None:
             return len(found.get(0, [])) >= args.num
         return all(len(found.get(c, [])) >= per_class for c in shown)
 
-    for shard in range(len(shards.urls)):
-        if full():
-            break
-        name = Path(shards.urls[shard]).name
-        samples = read_samples(shards.open(shard), name, **shape, require_label=per_class is not None)
-        with contextlib.closing(samples):
-            for _, _, image, label, problem in samples:
-                if problem is not None:
-                    bad += 1
-                    continue
-                found.setdefault(0 if per_class is None else label, []).append(image)
-                if full():
-                    break
+    found, bad = real_images(shards, full, by_class=per_class is not None)
     skipped = f"; {bad} bad sample(s) skipped (ganpipe verify {args.data} lists them)" if bad else ""
     if not found:
         raise UserError(f"{args.data}: split {args.split} has no readable image{skipped}")

@@ -11,6 +11,7 @@ RUN/ is the user's record of a run (docs/architecture.md):
     config.yaml     resolved config, written when training really starts
     stats.jsonl     one row per tick          tb/            TensorBoard events
     samples/        fixed-z grids             snapshots/     EMA G for eval and sampling
+    reals.png       a grid of real images, written when a run starts, to set beside the fakes
     checkpoints/    full training state       posthoc/       post-hoc EMA rebuilds
     metrics.jsonl   every score               best.json      best snapshot per metric
     metrics.png     score-vs-kimg plot        trackers.json  ids of W&B / MLflow runs
@@ -43,6 +44,7 @@ class RunDir:
     STATS = "stats.jsonl"
     TB = "tb"
     SAMPLES = "samples"
+    REALS = "reals.png"
     SNAPSHOTS = "snapshots"
     CHECKPOINTS = "checkpoints"
     POSTHOC = "posthoc"
@@ -76,6 +78,7 @@ class RunDir:
     stats = property(lambda self: self.path / self.STATS)
     tb = property(lambda self: self.path / self.TB)
     samples = property(lambda self: self.path / self.SAMPLES)
+    reals = property(lambda self: self.path / self.REALS)
     snapshots = property(lambda self: self.path / self.SNAPSHOTS)
     checkpoints = property(lambda self: self.path / self.CHECKPOINTS)
     posthoc = property(lambda self: self.path / self.POSTHOC)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO
@@ -113,3 +114,22 @@ def test_ctrl_c_to_two_processes_says_so_once(tmp_path, mnist_dir):
     _, out = finish(proc)
     assert (run / "PREEMPTED").is_file(), out
     assert out.count("interrupted: finishing this step") == 1, out
+
+
+def test_a_new_run_writes_a_grid_of_real_images_beside_its_fakes(tmp_path, mnist_dir):
+    from PIL import Image
+
+    from conftest import cli
+    from pipeline.data.loader import ShardSet
+    from pipeline.figures import real_images
+    from pipeline.generate import grid_array
+
+    run = tmp_path / "run"
+    cli("train", "--config", "configs/mnist_dcgan.yaml", "--run-dir", str(run), f"data.path={mnist_dir}", *TINY,
+        "train.total_kimg=0.016", "train.tick_kimg=0.016")
+    with Image.open(RunDir(run).reals) as img:
+        grid = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
+    found, _ = real_images(ShardSet.resolve(str(mnist_dir)), lambda f: len(f.get(0, [])) >= 16)
+    assert np.array_equal(grid, grid_array(np.stack(found[0][:16])))     # log.grid_size=16 of TINY
+    with Image.open(next(RunDir(run).samples.glob("fakes-*.png"))) as fakes:
+        assert fakes.size == (grid.shape[2], grid.shape[1])              # the same layout as the fakes

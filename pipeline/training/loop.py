@@ -27,6 +27,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
@@ -463,6 +464,8 @@ def training_loop(cfg: Config, run_dir: Path, dry_run: bool = False) -> int:
         if session.main:
             record_config(cfg, run)
             run.clear_start_markers(total_nimg, progress.cur_nimg)
+            if progress.cur_nimg == 0:
+                write_reals(run, shards, cfg.log.grid_size)
             if run.stop_request():
                 session.log(f"{run.stop} exists: training stops at the first tick (remove the file to train on)")
         upkeep = Upkeep(cfg, run, session, state, loader, shards)
@@ -544,6 +547,16 @@ def claim(run: RunDir, session: Session) -> TrainerLock:
     if refused := dist.broadcast_object(refused):
         raise UserError(refused)
     return lock
+
+
+def write_reals(run: RunDir, shards: ShardSet, count: int) -> None:
+    """RUN/reals.png: the data's first `count` images as the grid the fakes are set beside."""
+    from pipeline.figures import real_images
+
+    if shards.resolution:
+        found, _ = real_images(shards, lambda f: len(f.get(0, [])) >= count)
+        if found:
+            generate.write_image(generate.grid_array(np.stack(found[0][:count])), run.reals)
 
 
 def record_config(cfg: Config, run: RunDir) -> None:
