@@ -42,3 +42,32 @@ class TruncatedTar(EOFError):
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message names the last good checkpoint."""
+
+
+def printable(text: str | bytes, max_chars: int = 300) -> str:
+    """`text` as it may be printed: an untrusted name (a tar member, a key, a file name, a manifest
+    entry) with its control characters (ANSI escapes, carriage returns, bidi overrides) written
+    out as `repr` writes them and backslashes doubled, so it can neither draw on the terminal nor
+    pass for other text. Undecodable bytes, which the readers keep as surrogates
+    (`surrogateescape`), come out as the byte they were (`\\xff`), so no encoder fails on them.
+    Every message that quotes such a name goes through this function. A name longer than
+    `max_chars` is cut there, and says so.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "surrogateescape")
+    cut = ""
+    if len(text) > max_chars:
+        text, cut = text[:max_chars], f"...({len(text)} characters)"
+    if text.isprintable() and "\\" not in text:
+        return text + cut
+    out = []
+    for ch in text:
+        if "\udc80" <= ch <= "\udcff":
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1])
+    return "".join(out) + cut

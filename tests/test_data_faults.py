@@ -131,6 +131,9 @@ def test_verify_reports_broken_shards_and_manifests_in_one_line(small_dir):
 def test_a_data_error_in_a_loader_worker_is_one_line(small_dir):
     t = small_dir / "train-000002.tar"
     t.write_bytes(t.read_bytes()[:3000])
+    m = json.loads((small_dir / MANIFEST).read_text())      # the manifest vouches for the damage
+    m["splits"]["train"]["shards"][2].update(bytes=t.stat().st_size, sha256=sha256_file(t))
+    write_manifest(small_dir, m)
     ld = StreamLoader(ShardSet.resolve(str(small_dir)), batch_size=10, seed=0, rank=0, world_size=1,
                       num_workers=2, shuffle_buffer=0, max_bad_fraction=0.2)
     with pytest.raises(DataError) as err:
@@ -146,12 +149,24 @@ def test_a_data_error_in_a_loader_worker_is_one_line(small_dir):
 
 TRAINER = textwrap.dedent("""
     import json, os, signal, sys, time
+    from pathlib import Path
     import torch.multiprocessing as mp
+    import pipeline.data.loader as loader_module
     from pipeline.data.loader import ShardSet, StreamLoader
 
     got = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):     # like dist.Preemption
         signal.signal(sig, lambda s, f: got.append(signal.Signals(s).name))
+    if "hold-start-up" in sys.argv:
+        # Each worker stops at the start of its worker_init_fn until the test has signalled the
+        # group: the signals arrive while every worker is starting up, however loaded the machine.
+        marks, init_worker = Path(sys.argv[-1]), loader_module._init_worker
+        def held(*args):
+            (marks / f"starting-{os.getpid()}").touch()
+            while not (marks / "signalled").exists():
+                time.sleep(0.01)
+            init_worker(*args)
+        loader_module._init_worker = held
     loader = StreamLoader(ShardSet.resolve(sys.argv[1]), batch_size=8, seed=0, rank=0, world_size=1,
                           num_workers=2, shuffle_buffer=0)
     loader.next()
@@ -165,13 +180,16 @@ TRAINER = textwrap.dedent("""
 """)
 
 
-def _start_trainer(tmp_path: Path, data: Path, *extra: str) -> tuple[subprocess.Popen, list[int]]:
+def _start_trainer(tmp_path: Path, data: Path, *extra: str, before_batch=None
+                   ) -> tuple[subprocess.Popen, list[int]]:
     script = tmp_path / "trainer.py"
     script.write_text(TRAINER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(script), str(data), *extra], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
+    if before_batch is not None:
+        before_batch(proc)
     line = proc.stdout.readline()
     if not line:
         proc.kill()
@@ -198,22 +216,46 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_loader_workers_survive_signals_sent_to_the_whole_process_group(tmp_path, small_dir):
+GROUP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+@pytest.mark.parametrize("when", ["during start-up", "after start-up"])
+def test_loader_workers_survive_signals_sent_to_the_whole_process_group(tmp_path, small_dir, when):
     # What Slurm, `kill -- -PGID` and launchers do: the trainer's handlers take the signals, and
     # the workers, which get them too, must not die of them (the trainer would then lose its
-    # checkpoint to "DataLoader worker ... is killed by signal: Terminated").
-    proc, workers = _start_trainer(tmp_path, small_dir)
-    try:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    # checkpoint to "DataLoader worker ... is killed by signal: Terminated"). A worker is exposed
+    # from its fork on: torch's own SIGTERM handler is in place before worker_init_fn runs, so
+    # "during start-up" holds both workers there (each waits at the start of its init) and
+    # signals then; "after start-up" signals once the first batch is in.
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def signal_during_start_up(proc):
+        deadline = time.monotonic() + 120
+        while len(list(marks.glob("starting-*"))) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.01)
+        for sig in GROUP_SIGNALS:
             os.killpg(proc.pid, sig)
+        (marks / "signalled").touch()
+
+    if when == "during start-up":
+        proc, workers = _start_trainer(tmp_path, small_dir, "hold-start-up", str(marks),
+                                       before_batch=signal_during_start_up)
+    else:
+        proc, workers = _start_trainer(tmp_path, small_dir)
+    try:
+        if when == "after start-up":
+            for sig in GROUP_SIGNALS:
+                os.killpg(proc.pid, sig)
         time.sleep(0.5)
         assert all(_alive(w) for w in workers)
         out, err = proc.communicate("go\n", timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 0, err[-3000:]
-    assert sorted(json.loads(out.strip().splitlines()[-1])["signals"]) == ["SIGINT", "SIGTERM", "SIGUSR1"]
-    assert _gone(workers, 5)                                 # and they still stop when the loader ends
+    assert set(json.loads(out.strip().splitlines()[-1])["signals"]) == {"SIGINT", "SIGTERM", "SIGUSR1"}
+    assert _gone(workers, 30)                                # and they still stop when the loader ends
 
 
 def test_loader_workers_exit_when_the_trainer_is_killed(tmp_path, small_dir):

@@ -6,6 +6,7 @@ snapshots in a run directory whose data is the session's prepared MNIST).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import shutil
@@ -264,7 +265,11 @@ def test_refstats_are_cached_beside_the_data_and_keyed(tmp_path, mnist_dir, mnis
     out = cli("refstats", str(data), "--split", "test", "--extractor", "mnist")
     info = json.loads(out.stdout)
     path = Path(info["path"])
-    sha = hashlib.sha256((data / "manifest.json").read_bytes()).hexdigest()
+    # Keyed by the split's shards as the manifest lists them (each checked against its file).
+    shards = json.loads((data / "manifest.json").read_text())["splits"]["test"]["shards"]
+    identity = {"resolution": 28, "channels": 1, "shards": [[s["name"], s["bytes"], s["sha256"], s["num_samples"]]
+                                                            for s in shards]}
+    sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     assert path == data / "refstats" / f"test-mnist-clean28-{sha[:12]}.npz"
     assert (info["num"], info["split"], info["extractor"], info["feature_dim"]) == (1000, "test", "mnist", 64)
     stamp = path.stat().st_mtime_ns
@@ -273,9 +278,14 @@ def test_refstats_are_cached_beside_the_data_and_keyed(tmp_path, mnist_dir, mnis
     fresh = compute_refstats(data, "test", mnist_ext)
     np.testing.assert_allclose(stats.mu, fresh.mu, rtol=1e-12)
     assert stats.sigma.shape == (64, 64) and stats.feats.shape == (1000, 64)
-    # A re-prepared data set (another manifest) gets its own key; an unwritable place falls back.
+    # Other shards (here the same images gzip-compressed, as a re-index would list them) get their
+    # own key; an unwritable place falls back.
     manifest = json.loads((data / "manifest.json").read_text())
-    (data / "manifest.json").write_text(json.dumps({**manifest, "note": "changed"}))
+    for shard in manifest["splits"]["test"]["shards"]:
+        f = data / shard["name"]
+        f.write_bytes(gzip.compress(f.read_bytes(), mtime=0))
+        shard.update(bytes=f.stat().st_size, sha256=hashlib.sha256(f.read_bytes()).hexdigest())
+    (data / "manifest.json").write_text(json.dumps(manifest))
     shutil.rmtree(data / "refstats")
     (data / "refstats").write_text("not a directory")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

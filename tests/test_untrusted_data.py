@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, make_npz
-from pipeline.data.loader import ShardSet, StreamLoader
+from pipeline.data.loader import ShardSet
 from pipeline.errors import DataError
 
 TINY = ["model.g_width=0.125", "model.d_width=0.125", "data.batch_size=16", "data.shuffle_buffer=50",
@@ -65,11 +65,8 @@ def test_a_manifest_entry_naming_a_command_is_a_missing_file(dataset, monkeypatc
     entry["path"] = entry["name"] = "pipe:touch PWNED;cat train-000000.tar"
     (dataset / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.chdir(dataset)
-    shards = ShardSet.resolve(".")
-    assert not shards.remote and all(Path(u).is_absolute() for u in shards.urls)
-    loader = StreamLoader(shards, batch_size=8, rank=0, world_size=1, shuffle_buffer=8)
-    with pytest.raises(DataError, match="no sample could be read|could not be read|samples bad"):
-        next(iter(loader))
+    with pytest.raises(DataError, match=r"shard .*/pipe:touch PWNED;cat train-000000\.tar is missing"):
+        ShardSet.resolve(".")
     assert not (dataset / "PWNED").exists()
 
 

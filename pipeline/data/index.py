@@ -11,7 +11,8 @@ files, expanded as webdataset expands URLs (`::` joins several). The manifest go
 (default: the directory indexed; required for a pattern); shards outside --out are listed with
 their absolute path, shards below it relative to it, so DIR can move with them. Every shard is
 read once: its size and sha256, its samples counted, each sample's image decoded with
-`decode_sample` (the loader's decoder: PNG, JPEG or WebP), its `cls` read when present. The first
+`decode_sample` (the loader's decoder: PNG, JPEG or WebP), its `cls` read when present (a sample
+over the reader's bounds of members or bytes is a problem, never read whole). The first
 image fixes the resolution and channels; every other image must agree, every sample must have an
 image, keys must not repeat within a shard, and either every sample has a class or none has. Any
 disagreement is listed (shard and key) and no manifest is written: a manifest that lied about its
@@ -34,9 +35,9 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.data.manifest import FORMAT, FORMAT_VERSION, MANIFEST, write_manifest
-from pipeline.data.shards import IMAGE_EXTS, decode_image, decode_sample, iter_tar_samples
+from pipeline.data.shards import IMAGE_EXTS, decode_image, decode_sample, iter_tar_samples, key_digest
 from pipeline.data.verify import SHARD_SUFFIXES
-from pipeline.errors import BadSample, DataError, TruncatedTar, UserError
+from pipeline.errors import BadSample, DataError, TruncatedTar, UserError, printable
 from pipeline.io import sha256_file
 
 NAMED_SPLITS = ("test", "val", "validation")
@@ -46,6 +47,11 @@ MAX_LISTED = 20                 # problems named in the error (all are counted)
 def split_of(name: str, default: str) -> str:
     head = re.split(r"[-_.]", name, maxsplit=1)[0].lower()
     return head if head in NAMED_SPLITS else default
+
+
+def _at(path: Path, key: str | None = None) -> str:
+    """A shard, and a sample's key in it, as a message may show them."""
+    return printable(path.name) + ("" if key is None else f" key {printable(key)}")
 
 
 def image_ext(files: dict[str, bytes]) -> str | None:
@@ -62,10 +68,10 @@ def first_image(path: Path) -> tuple[int, int]:
             with Image.open(io.BytesIO(files[ext])) as img:
                 width, height = img.size
         except Exception as exc:
-            raise DataError(f"{path.name} key {key}: the first image cannot be read "
-                            f"({type(exc).__name__}: {exc})") from None
+            raise DataError(f"{_at(path, key)}: the first image cannot be read "
+                            f"({type(exc).__name__}: {printable(str(exc))})") from None
         if width != height:
-            raise DataError(f"{path.name} key {key}: images are {width}x{height}; ganpipe trains on squares: "
+            raise DataError(f"{_at(path, key)}: images are {width}x{height}; ganpipe trains on squares: "
                             "re-prepare them with `ganpipe prepare --source folder:... --crop center|pad`")
         for channels in (3, 1, 4, 2):         # what the decoder delivers: RGB, grey, with alpha
             try:
@@ -73,11 +79,11 @@ def first_image(path: Path) -> tuple[int, int]:
             except BadSample:
                 continue
             if channels not in (1, 3):
-                raise DataError(f"{path.name} key {key}: images with an alpha channel; ganpipe trains on grey "
+                raise DataError(f"{_at(path, key)}: images with an alpha channel; ganpipe trains on grey "
                                 "or RGB: re-prepare with `ganpipe prepare`, which composites transparency")
             return channels, width
-        raise DataError(f"{path.name} key {key}: the first image does not decode (PNG, JPEG or WebP expected)")
-    raise DataError(f"{path.name}: no sample with an image entry (.{', .'.join(IMAGE_EXTS)})")
+        raise DataError(f"{_at(path, key)}: the first image does not decode (PNG, JPEG or WebP expected)")
+    raise DataError(f"{_at(path)}: no sample with an image entry (.{', .'.join(IMAGE_EXTS)})")
 
 
 def find_shards(source: str | Path) -> tuple[list[Path], Path | None]:
@@ -86,11 +92,11 @@ def find_shards(source: str | Path) -> tuple[list[Path], Path | None]:
     if path.is_dir():
         shards = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(SHARD_SUFFIXES))
         if not shards:
-            raise UserError(f"no shards in {path} (expected *.tar, *.tar.gz or *.tgz at its top level)")
+            raise UserError(f"no shards in {printable(str(path))} (expected *.tar, *.tar.gz or *.tgz at its top level)")
         return shards, path
     source = str(source)
     if source.startswith("pipe:") or "://" in source:
-        raise UserError(f"{source}: index-shards reads local files (a directory or a brace pattern such as "
+        raise UserError(f"{printable(source)}: index-shards reads local files (a directory or a brace pattern such as "
                         "'shards/train-{000000..000009}.tar'); copy remote shards first, or train on the URL "
                         "with data.resolution, data.channels and data.num_classes set")
     from webdataset.shardlists import expand_urls
@@ -98,7 +104,8 @@ def find_shards(source: str | Path) -> tuple[list[Path], Path | None]:
     shards = [Path(u.removeprefix("file:")).expanduser() for u in dict.fromkeys(expand_urls(source))]
     missing = [p for p in shards if not p.is_file()]
     if missing:
-        raise UserError(f"{source}: {len(missing)} of {len(shards)} shards are not files (first: {missing[0]}); "
+        raise UserError(f"{printable(source)}: {len(missing)} of {len(shards)} shards are not files "
+                        f"(first: {printable(str(missing[0]))}); "
                         "give a directory of shards or a brace pattern of existing ones")
     return shards, None
 
@@ -123,21 +130,32 @@ def index_shards(source: str | Path, out: Path | None = None, default_split: str
     shards, found_in = find_shards(source)
     if out is None:
         if found_in is None:
-            raise UserError(f"{source} is a pattern: give --out DIR, the directory the manifest is written to")
+            raise UserError(f"{printable(str(source))} is a pattern: give --out DIR, the directory the manifest "
+                            "is written to")
         out = found_in
     data_dir = Path(out).expanduser()
     if (data_dir / MANIFEST).exists():
-        raise UserError(f"{data_dir / MANIFEST} exists already: this directory is indexed (or prepared); "
+        raise UserError(f"{printable(str(data_dir / MANIFEST))} exists already: this directory is indexed "
+                        "(or prepared); "
                         "`ganpipe verify` checks it, or delete the manifest to index again")
     if data_dir.exists() and not data_dir.is_dir():
-        raise UserError(f"--out {data_dir} is a file, not a directory")
+        raise UserError(f"--out {printable(str(data_dir))} is a file, not a directory")
     names: dict[str, Path] = {}
     for p in shards:
         if names.setdefault(p.name, p) != p:
-            raise UserError(f"two shards are named {p.name} ({names[p.name]}, {p}): a manifest lists shards by "
+            raise UserError(f"two shards are named {printable(p.name)} ({printable(str(names[p.name]))}, "
+                            f"{printable(str(p))}): a manifest lists shards by "
                             "file name; index each directory into its own --out")
     channels, resolution = first_image(shards[0])
-    problems: list[str] = []
+    problems: list[str] = []    # the first MAX_LISTED; all are counted
+    n_problems = 0
+
+    def problem(text: str) -> None:
+        nonlocal n_problems
+        n_problems += 1
+        if len(problems) < MAX_LISTED:
+            problems.append(text)
+
     splits: dict[str, dict] = {}
     class_counts: dict[str, dict[int, int]] = {}
     formats: dict[str, int] = {}
@@ -149,15 +167,16 @@ def index_shards(source: str | Path, out: Path | None = None, default_split: str
         try:
             for key, files in iter_tar_samples(open(path, "rb"), path.name):
                 n += 1
-                if key in seen:
-                    problems.append(f"{path.name} key {key}: duplicate key (an earlier sample has it)")
+                digest = key_digest(key)
+                if digest in seen:
+                    problem(f"{_at(path, key)}: duplicate key (an earlier sample has it)")
                     continue
-                seen.add(key)
+                seen.add(digest)
                 try:
                     _, label = decode_sample(files, channels=channels, resolution=resolution, num_classes=0,
                                              require_label=False)
                 except BadSample as exc:
-                    problems.append(f"{path.name} key {key}: {exc}")
+                    problem(f"{_at(path, key)}: {exc}")
                     continue
                 if label < 0:
                     unlabelled += 1
@@ -165,7 +184,7 @@ def index_shards(source: str | Path, out: Path | None = None, default_split: str
                     counts[label] = counts.get(label, 0) + 1
                 formats[image_ext(files)] = formats.get(image_ext(files), 0) + 1
         except (TruncatedTar, OSError) as exc:
-            problems.append(f"{path.name}: unreadable after {n} samples ({type(exc).__name__}: {exc})")
+            problem(f"{_at(path)}: unreadable after {n} samples ({type(exc).__name__}: {exc})")
         entry = splits.setdefault(split, {"num_samples": 0, "shards": []})
         record = {"name": path.name, "num_samples": n, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
         where = _entry_path(path, data_dir)
@@ -175,14 +194,13 @@ def index_shards(source: str | Path, out: Path | None = None, default_split: str
         entry["num_samples"] += n
     labelled = sum(sum(c.values()) for c in class_counts.values())
     if labelled and unlabelled:
-        problems.append(f"{labelled} samples have a class (.cls) and {unlabelled} have none: label all or none")
+        problem(f"{labelled} samples have a class (.cls) and {unlabelled} have none: label all or none")
     if any(label < 0 for c in class_counts.values() for label in c):
-        problems.append("negative classes in .cls entries; classes are 0, 1, ...")
-    if problems:
-        listed = "; ".join(problems[:MAX_LISTED]) + (f"; ... ({len(problems)} in all)"
-                                                     if len(problems) > MAX_LISTED else "")
-        raise DataError(f"{source}: {len(problems)} problem(s), no manifest written (the shape of the first "
-                        f"image of {shards[0].name} is {channels}x{resolution}x{resolution}): {listed}")
+        problem("negative classes in .cls entries; classes are 0, 1, ...")
+    if n_problems:
+        listed = "; ".join(problems) + (f"; ... ({n_problems} in all)" if n_problems > len(problems) else "")
+        raise DataError(f"{printable(str(source))}: {n_problems} problem(s), no manifest written (the shape of the "
+                        f"first image of {_at(shards[0])} is {channels}x{resolution}x{resolution}): {listed}")
     num_classes = max((label + 1 for c in class_counts.values() for label in c), default=0)
     for split, entry in splits.items():
         entry["class_counts"] = [class_counts[split].get(i, 0) for i in range(num_classes)]
@@ -212,7 +230,7 @@ def index_shards_command(args: argparse.Namespace) -> int:
     out = args.out if args.out is not None else Path(args.source).expanduser()
     parts = ", ".join(f"{name} {e['num_samples']} samples in {len(e['shards'])} shards"
                       for name, e in m["splits"].items())
-    print(f"{args.source}: indexed {parts}; {m['channels']}x{m['resolution']}x{m['resolution']} "
+    print(f"{printable(str(args.source))}: indexed {parts}; {m['channels']}x{m['resolution']}x{m['resolution']} "
           f"({', '.join(f'{n} {ext}' for ext, n in m['image_formats'].items())}), "
-          f"{m['num_classes'] or 'no'} classes; wrote {out / MANIFEST}")
+          f"{m['num_classes'] or 'no'} classes; wrote {printable(str(out / MANIFEST))}")
     return 0

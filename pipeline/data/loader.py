@@ -20,6 +20,9 @@ such as a `pipe:` command that fails, is an error naming its URL unless data.max
 A shard named by a manifest or a local pattern is opened as a local file, always; only a
 `data.path` the user wrote with a URL scheme (`pipe:`, `https://`, ...) goes through webdataset's
 `gopen`, so no file name and no manifest entry can make the loader run a command (docs/data.md).
+A manifest's shards must be what it lists: every size is checked when the loader is built, and
+each shard's sha256 when a process first opens it, before any of its samples is used (a
+`DataError` naming the shard otherwise: the run's record names the manifest, so it would lie).
 Each stream decodes and checks each sample
 (`shards.read_samples`, the reader `ganpipe verify` uses too), feeds a shuffle buffer, and emits
 whole batches. Every batch carries the stream's state after it: epoch, shard position, sample
@@ -30,14 +33,17 @@ would have produced.
 
 Worker processes ignore the signals the trainer handles (`dist.Preemption`: SIGTERM, SIGUSR1,
 SIGINT): Slurm, `kill -- -PGID` and launchers signal the whole process group, and a worker that
-died of it would take the preemption checkpoint with it. Only a SIGTERM sent by the worker's own
-parent (how DataLoader stops a worker that does not exit in time) ends it. On Linux a worker is
-also killed when its parent dies (PR_SET_PDEATHSIG), so a SIGKILLed trainer leaves no workers. A DataError
+died of it would take the preemption checkpoint with it. The signals are blocked while the
+workers are forked, so a worker is covered from its first instruction, not only once
+`worker_init_fn` runs. Only a SIGTERM sent by the worker's own parent (how DataLoader stops a
+worker that does not exit in time) ends it. On Linux a worker is also killed when its parent dies
+(PR_SET_PDEATHSIG), so a SIGKILLed trainer leaves no workers. A DataError
 in a worker travels to the main process as a record and is raised there as one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -47,7 +53,7 @@ import signal
 import sys
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -56,9 +62,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import dist
-from pipeline.data.manifest import read_manifest, shard_path
+from pipeline.data.manifest import check_shard, read_manifest, shard_path
 from pipeline.data.shards import read_samples
-from pipeline.errors import DataError
+from pipeline.errors import DataError, printable
 
 
 URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
@@ -73,14 +79,33 @@ class ShardSet:
     channels: int
     num_classes: int                # 0 = unlabelled or unknown
     remote: bool = False            # urls are the user's own URL pattern (gopen); else local file paths
+    data_dir: Path | None = None    # the manifest's directory (None for URL patterns)
+    entries: list[dict] | None = None   # per shard, its manifest entry: what the file must be
+    verified: set[int] = field(default_factory=set, repr=False)   # shards hashed by this process
 
     def open(self, shard: int):
-        """A binary stream of shard `shard`: a local file, or (remote only) webdataset's gopen."""
+        """A binary stream of shard `shard`: a local file, or (remote only) webdataset's gopen.
+
+        A shard of a manifest is hashed the first time this process opens it, from the very
+        file object then read, and a `DataError` ends the run when it is not the manifest's.
+        """
         if not self.remote:
-            return open(self.urls[shard], "rb")
+            f = open(self.urls[shard], "rb")
+            if self.entries is not None and shard not in self.verified:
+                try:
+                    check_shard(self.data_dir, self.entries[shard], fileobj=f)
+                except BaseException:
+                    f.close()
+                    raise
+                self.verified.add(shard)
+            return f
         from webdataset.gopen import gopen
 
         return gopen(self.urls[shard], "rb")
+
+    def name(self, shard: int) -> str:
+        """Shard `shard` as it may be printed in a message."""
+        return printable(self.urls[shard])
 
     @staticmethod
     def resolve(path: str, split: str = "train", resolution: int = 0, channels: int = 0,
@@ -98,16 +123,21 @@ class ShardSet:
         if p.is_dir():
             m = read_manifest(p)
             if split not in m["splits"]:
-                raise DataError(f"{p}: no split '{split}' in the manifest (has: {', '.join(m['splits'])}); "
+                raise DataError(f"{printable(str(p))}: no split '{printable(split)}' in the manifest "
+                                f"(has: {printable(', '.join(m['splits']))}); "
                                 "set data.split")
             if num_classes and num_classes != m["num_classes"]:
-                raise DataError(f"data.num_classes={num_classes} but {p}'s manifest says {m['num_classes']} "
+                raise DataError(f"data.num_classes={num_classes} but {printable(str(p))}'s manifest says "
+                                f"{m['num_classes']} "
                                 "classes; set data.num_classes=0 (the manifest's count) or point data.path "
                                 "at the intended data")
             shards = m["splits"][split]["shards"]
+            # Every size now (a stat each), every hash when its shard is first read (`open`).
+            for shard in shards:
+                check_shard(p, shard, full=False)
             # Absolute local paths: a manifest entry is a file name, never a URL or a command.
             return ShardSet([str(shard_path(p, s).absolute()) for s in shards], [s["num_samples"] for s in shards],
-                            m["resolution"], m["channels"], m["num_classes"])
+                            m["resolution"], m["channels"], m["num_classes"], data_dir=p, entries=shards)
         from webdataset.shardlists import expand_urls
 
         remote = bool(URL_SCHEME.match(path)) and not path.startswith("file:")
@@ -116,10 +146,11 @@ class ShardSet:
             urls = [str(Path(u.removeprefix("file:")).expanduser().absolute()) for u in urls]
             missing = [u for u in urls if not Path(u).is_file()]
             if missing:
-                raise DataError(f"data.path '{path}': {len(missing)} of {len(urls)} shards do not exist "
-                                f"(first: {missing[0]}); point it at a prepared directory or existing shards")
+                raise DataError(f"data.path '{printable(path)}': {len(missing)} of {len(urls)} shards do not exist "
+                                f"(first: {printable(missing[0])}); point it at a prepared directory or existing "
+                                "shards")
         if not resolution or not channels:
-            raise DataError(f"data.path '{path}' is a URL pattern without a manifest: set data.resolution "
+            raise DataError(f"data.path '{printable(path)}' is a URL pattern without a manifest: set data.resolution "
                             "and data.channels to the shape of its images")
         return ShardSet(list(urls), [None] * len(urls), resolution, channels, num_classes, remote)
 
@@ -151,18 +182,50 @@ def auto_workers(configured: int, device: torch.device | str | None) -> int:
     return AUTO_WORKERS_GPU if device is not None and torch.device(device).type == "cuda" else 0
 
 
+@contextlib.contextmanager
+def _signals_held(signals) -> Iterator[None]:
+    """Block `signals` in this thread while DataLoader forks its workers, then restore the mask.
+
+    A forked child inherits the mask, so a signal sent to the whole group while a worker starts
+    up stays pending until `_init_worker` has decided what it means: before that, torch's own
+    SIGTERM handler (installed before `worker_init_fn` runs) would end the worker, and with it
+    the preemption checkpoint. Here, what arrives meanwhile is delivered when the mask is restored.
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _init_worker(trainer_pid: int, direct_child: bool, worker_id: int) -> None:
     """DataLoader `worker_init_fn`: survive the trainer's signals, die with the trainer."""
     # The main process turns these into a checkpoint and a clean exit; a worker must not die of
     # them first (the main process then fails with "DataLoader worker ... killed by signal").
+    # They are blocked since the fork (`_signals_held`): one that came while this worker started
+    # is pending, and ignoring a signal discards it.
+    linux = sys.platform.startswith("linux")
+    if linux:
+        # ... but a pending SIGTERM from the trainer itself (below) still means "stop". (Blocked
+        # here too: a forkserver's children do not inherit the trainer's mask.)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        while (info := signal.sigtimedwait({signal.SIGTERM}, 0)) is not None:
+            if info.si_pid == trainer_pid:
+                os._exit(0)
     for sig in dist.Preemption.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    if not sys.platform.startswith("linux"):
+    if not linux:
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, dist.Preemption.SIGNALS)
         return
     # Yet the trainer itself stops workers with SIGTERM (one slow to shut down; exiting with the
     # loader still alive). Only it means it: take SIGTERM synchronously, where the sender's pid is
-    # visible, and exit when the sender is the trainer.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})   # threads started later inherit it
+    # visible, and exit when the sender is the trainer. SIGTERM stays blocked (threads started
+    # later inherit that); the others need not be.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(dist.Preemption.SIGNALS) - {signal.SIGTERM})
     threading.Thread(target=_exit_on_sigterm_from, args=(trainer_pid,), daemon=True,
                      name="sigterm-from-trainer").start()
     if not direct_child:
@@ -265,6 +328,8 @@ class ShardStreamDataset(IterableDataset):
                 if record:
                     entries.append((index, image, label, kind))
                 yield index, image, label
+        except DataError:          # not the manifest's shard: nothing of it may be used
+            raise
         except Exception as exc:  # TruncatedTar, a failed pipe or file: skip the rest, go on
             counts["read_error"] += 1
             where = f"after sample {index}" if index >= 0 else "before its first sample"
@@ -298,7 +363,7 @@ class ShardStreamDataset(IterableDataset):
         missing = [(int(s), int(i)) for s, i in refs if (int(s), int(i)) not in found]
         if missing:
             s, i = missing[0]
-            raise DataError(f"resume: sample {i} of shard {self.shards.urls[s]} can no longer be read "
+            raise DataError(f"resume: sample {i} of shard {self.shards.name(s)} can no longer be read "
                             f"({len(missing)} buffered samples missing); the shards changed since the "
                             "checkpoint; restore them or start a new run")
         return [(int(s), int(i), *found[(int(s), int(i))]) for s, i in refs]
@@ -311,11 +376,14 @@ class ShardStreamDataset(IterableDataset):
         if expected is None and seen == 0 and pass_counts["read_error"] and self.max_bad_fraction < 1:
             # Nothing says how many samples were lost (no manifest): the whole shard is, as the
             # manifest's count would make it. A failed `pipe:` command ends here, in one line.
-            raise DataError(f"shard {self.shards.urls[shard]} could not be read: {self.last_error}; check the "
+            raise DataError(f"shard {self.shards.name(shard)} could not be read: {self.last_error}; check the "
                             "URL (for pipe: run its command by hand), or set data.max_bad_fraction=1 to skip "
                             "unreadable shards")
         if expected is not None:
-            total = len([i for i in range(part, expected, parts) if i >= start])
+            # Indices i >= start with i % parts == part below `expected`, counted (not listed: the
+            # manifest's count is bounded by the shard's size, yet may be large).
+            first = part + max(0, -(-(start - part) // parts)) * parts
+            total = max(0, -(-(expected - first) // parts))
             missing = total - seen
             if missing > 0:
                 pass_counts["truncated"] += missing
@@ -325,7 +393,7 @@ class ShardStreamDataset(IterableDataset):
         if total and bad / total > self.max_bad_fraction:
             detail = f"; {self.last_error}" if pass_counts["read_error"] else ""
             raise DataError(
-                f"shard {self.shards.urls[shard]}: {bad} of {total} samples bad ({dict(pass_counts)}{detail}), "
+                f"shard {self.shards.name(shard)}: {bad} of {total} samples bad ({dict(pass_counts)}{detail}), "
                 f"above data.max_bad_fraction={self.max_bad_fraction}; run `ganpipe verify` on the data, "
                 "re-prepare it, or raise data.max_bad_fraction")
 
@@ -368,7 +436,7 @@ class ShardStreamDataset(IterableDataset):
                     if self.last_error:
                         cause += f"; last read error: {self.last_error}"
                     raise DataError(f"stream {sid} read a whole epoch of shards without one usable sample "
-                                    f"(first shard: {self.shards.urls[0]}; {cause}); check data.path, "
+                                    f"(first shard: {self.shards.name(0)}; {cause}); check data.path, "
                                     "data.resolution and data.channels, and run `ganpipe verify`")
                 epoch, pos = epoch + 1, 0
 
@@ -418,7 +486,7 @@ class StreamLoader:
             raise DataError(f"loader rank {rank} is outside world_size {world_size}: start the process group "
                             "before building the loader, or pass rank and world_size that match the launch")
         if require_labels and shards.num_classes == 0:
-            raise DataError(f"labels are required but the data ({shards.urls[0]} ...) has no classes; "
+            raise DataError(f"labels are required but the data ({shards.name(0)} ...) has no classes; "
                             "prepare labelled data (for a URL pattern, set data.num_classes), or train an "
                             "unconditional model (model.conditional=false, data.require_labels=false)")
         self.shards = shards
@@ -470,7 +538,8 @@ class StreamLoader:
                             # Its own generator: starting workers draws a base seed, and drawing it
                             # from the global RNG would shift training randomness on every resume.
                             generator=torch.Generator().manual_seed(self.seed))
-        return iter(loader)
+        with _signals_held(dist.Preemption.SIGNALS):       # workers start with them blocked
+            return iter(loader)
 
     def next_raw(self) -> dict:
         """The next batch as produced by its stream (uint8 images, numpy), recording its state."""

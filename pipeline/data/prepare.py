@@ -43,7 +43,7 @@ from pipeline import __version__
 from pipeline.data.manifest import FORMAT, FORMAT_VERSION, write_manifest
 from pipeline.data.shards import decode_image, encode_image
 from pipeline.data.sources import SourceOptions, open_payload, parse_source
-from pipeline.errors import BadSample, UserError
+from pipeline.errors import BadSample, UserError, printable
 from pipeline.io import atomic_path, sha256_file
 
 # At most this many skipped paths are listed in the manifest (all are counted).
@@ -150,7 +150,7 @@ def write_split(split: str, items: list, out: Path, enc: Encoding, shard_size: i
                                                          disable=not progress, desc=f"prepare {split}", unit="img"):
         if data is None:
             error = ext_or_error
-            print(f"skipped unreadable image {ident}: {error}")
+            print(f"skipped unreadable image {printable(str(ident))}: {printable(str(error))}")
             skipped.append((ident, error))
             continue
         if writer is None:
@@ -262,12 +262,13 @@ def prepare(source_spec: str, out: Path, *, resolution: int | None = None, chann
 
 
 def summary(manifest: dict, out: Path) -> str:
-    lines = [f"{out}: {manifest['source']} at {manifest['channels']}x{manifest['resolution']}x"
-             f"{manifest['resolution']}, {manifest['num_classes'] or 'no'} classes"]
+    lines = [f"{printable(str(out))}: {printable(str(manifest['source']))} at "
+             f"{manifest['channels']}x{manifest['resolution']}x{manifest['resolution']}, "
+             f"{manifest['num_classes'] or 'no'} classes"]
     for name, s in manifest["splits"].items():
         size = sum(sh["bytes"] for sh in s["shards"])
         stored = ", ".join(f"{n} {ext}" for ext, n in s.get("image_formats", {}).items())
-        lines.append(f"  {name}: {s['num_samples']} images in {len(s['shards'])} shards ({size / 1e6:.1f} MB"
+        lines.append(f"  {printable(name)}: {s['num_samples']} images in {len(s['shards'])} shards ({size / 1e6:.1f} MB"
                      + (f"; {stored})" if stored else ")"))
     if manifest["skipped"]["count"]:
         lines.append(f"  skipped {manifest['skipped']['count']} unreadable images (listed in the manifest)")

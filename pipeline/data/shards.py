@@ -15,7 +15,10 @@ may be PNG (what `ganpipe prepare` writes, via `encode_png`), JPEG or WebP; `cls
 index as text. The loader, `ganpipe verify` and whole-split reading all go through
 `read_samples` and `decode_sample`, so they agree on which samples are good.
 
-No byte sequence may crash or exhaust the process. torchvision's libpng binding dies with SIGSEGV
+No byte sequence may crash or exhaust the process. The tar reader bounds what it holds (a
+sample's members and bytes, a member, a name record: the MAX_* constants below), and a header it
+cannot trust (bad checksum, a size that is not octal digits) ends the shard as `TruncatedTar`,
+counted, never a silent end or a traceback. torchvision's libpng binding dies with SIGSEGV
 on any libpng error raised while it reads the image rows (a flipped bit in the compressed data, a
 wrong filter byte, too little data: 35% of the fuzz's damaged images), and every decoder allocates
 what the header claims before it looks further. So each image is checked before it is decoded:
@@ -33,6 +36,7 @@ small datasets are decoded once per worker anyway.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import struct
 import warnings
@@ -43,7 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.errors import BadSample, TruncatedTar
+from pipeline.errors import BadSample, TruncatedTar, printable
 
 # Extensions of the image entry, in the order looked for when a sample has more than one.
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -51,6 +55,14 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 # A tar member larger than this ends the shard (TruncatedTar): no image a shard can hold at
 # data.resolution <= 8192 comes near it, and a gzip bomb must not be read into memory.
 MAX_MEMBER_BYTES = 256 << 20
+# One sample's members together: more bytes or more members than this make the sample bad
+# (`OversizedSample`, counted as "oversized"), and the reader holds no more than this while it
+# finds out: a member that would go over is skipped unread. A sample is an image, a class and
+# perhaps a few more entries (a mask, a caption, JSON).
+MAX_SAMPLE_BYTES = MAX_MEMBER_BYTES
+MAX_SAMPLE_MEMBERS = 64
+# A PAX or GNU long-name record above this is not a file name: a corrupt or hostile header.
+MAX_NAME_RECORD_BYTES = 64 << 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +315,7 @@ def decode_image(data: bytes, channels: int, resolution: int) -> np.ndarray:
     try:
         arr = _decode_png(data) if data.startswith(_PNG_SIGNATURE) else _decode_torchvision(data)
     except Exception as exc:  # codec errors on broken data come in many types
-        raise _bad(f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}") from None
+        raise _bad(f"{type(exc).__name__}: {printable(str(exc).splitlines()[0][:120]) if str(exc) else ''}") from None
     if arr.dtype != np.uint8:
         raise BadSample(f"image dtype {arr.dtype}, expected 8-bit", "wrong_shape")
     expected = (channels, resolution, resolution)
@@ -331,11 +343,14 @@ def decode_label(data: bytes | None, num_classes: int, required: bool) -> int:
 def decode_sample(files: dict[str, bytes], *, channels: int, resolution: int, num_classes: int,
                   require_label: bool) -> tuple[np.ndarray, int]:
     """One sample's {ext: bytes} -> (uint8 CHW image, label or -1); `BadSample` says what is wrong."""
+    if isinstance(files, OversizedSample):
+        raise BadSample(files.problem, "oversized")
     for ext in IMAGE_EXTS:
         if ext in files:
             break
     else:
-        raise BadSample(f"no image entry (.{', .'.join(IMAGE_EXTS)}); has: {', '.join(sorted(files)) or 'nothing'}")
+        has = ", ".join(printable(e) for e in sorted(files)[:10]) + (", ..." if len(files) > 10 else "")
+        raise BadSample(f"no image entry (.{', .'.join(IMAGE_EXTS)}); has: {has or 'nothing'}")
     image = decode_image(files[ext], channels, resolution)
     return image, decode_label(files.get("cls"), num_classes, require_label)
 
@@ -364,11 +379,13 @@ class _Prefixed:
 
 
 def _octal(field: bytes, what: str, name: str) -> int:
-    try:
-        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        raise TruncatedTar(f"{name}: tar header {what} {bytes(field)!r} is not a number "
-                           "(corrupt or not a tar)") from None
+    """A numeric header field: octal digits, NUL- or space-terminated (as tarfile reads it, less
+    the signs and underscores Python's int() would also take)."""
+    digits = field.split(b"\0", 1)[0].strip(b" ")
+    if digits.strip(b"01234567"):
+        raise TruncatedTar(f"{printable(name)}: tar header {what} {bytes(field)!r} is not a number "
+                           "(octal digits expected; corrupt or not a tar)")
+    return int(digits or b"0", 8)
 
 
 def _text(field: bytes) -> str:
@@ -386,7 +403,7 @@ def _pax_path(data: bytes, name: str) -> str | None:
         digits = data[pos:space] if space > pos else b""
         end = pos + (int(digits) if digits.isdigit() else 0)
         if end <= space + 1 or end > n or data[end - 1] != 0x0A:
-            raise TruncatedTar(f"{name}: malformed PAX header record at byte {pos} (corrupt tar)")
+            raise TruncatedTar(f"{printable(name)}: malformed PAX header record at byte {pos} (corrupt tar)")
         keyword, _, value = data[space + 1:end - 1].partition(b"=")
         if keyword == b"path":
             path = value.decode("utf-8", "surrogateescape")
@@ -394,50 +411,84 @@ def _pax_path(data: bytes, name: str) -> str | None:
     return path
 
 
-def _tar_members(stream, name: str):
-    """(member name, bytes) of the regular files in a tar stream, read sequentially.
+class _Member:
+    """A regular file of a tar stream: its name and size; `read()` returns its bytes. A member the
+    caller does not read is skipped in bounded chunks, never held whole."""
+
+    __slots__ = ("name", "size", "_stream", "_shard", "_consumed")
+
+    def __init__(self, name: str, size: int, stream, shard: str):
+        self.name, self.size, self._stream, self._shard, self._consumed = name, size, stream, shard, False
+
+    def read(self) -> bytes:
+        self._consumed = True
+        return _read_data(self._stream, self.size, self._shard)
+
+    def skip(self) -> None:
+        if self._consumed:
+            return
+        self._consumed = True
+        left = (self.size + 511) & ~511
+        while left:
+            got = len(self._stream.read(min(left, 1 << 20)))
+            if not got:
+                raise TruncatedTar(f"{printable(self._shard)}: truncated data ({self.size} bytes announced)")
+            left -= got
+
+
+def _read_data(stream, size: int, shard: str) -> bytes:
+    """The `size` bytes of a member and its padding to the next 512-byte block, from `stream`."""
+    padded = (size + 511) & ~511
+    data = stream.read(padded)
+    if len(data) < padded:
+        raise TruncatedTar(f"{printable(shard)}: truncated data ({len(data)} of {padded} bytes)")
+    return data[:size]
+
+
+def _tar_members(stream, name: str) -> Iterator[_Member]:
+    """The regular files of a tar stream, read sequentially, as `_Member`s.
 
     A small reader of our own: the standard `tarfile` module parses every header field in Python
     and costs more than decoding a small PNG. This reads only what a shard needs (name, size,
     type), checks every header's checksum (unsigned, or signed as old Sun tars wrote it), and
     understands ustar name prefixes and the PAX and GNU long-name records other writers emit,
     giving the names `tarfile` (hence webdataset) gives. Where `tarfile` silently ends the archive
-    at a damaged header, this raises: a short read, a bad header or a member over
-    MAX_MEMBER_BYTES raises `TruncatedTar`, so lost samples are counted, not unnoticed.
+    at a damaged header, this raises: a short read, a bad header (a checksum that does not add
+    up, a size that is not an octal number or is negative), a member over MAX_MEMBER_BYTES or a
+    name record over MAX_NAME_RECORD_BYTES raises `TruncatedTar`, so lost samples are counted,
+    not unnoticed. A member the caller did not `read()` is skipped when the next one is asked for.
     """
-    long_name = None
+    long_name, shown = None, printable(name)
     while True:
         header = stream.read(512)
         if len(header) == 0:
             return                                   # no end-of-archive blocks: tolerate
         if len(header) < 512:
-            raise TruncatedTar(f"{name}: truncated header")
+            raise TruncatedTar(f"{shown}: truncated header")
         if header == _ZERO_BLOCK:
             return                                   # end of archive
         checksum = _octal(header[148:156], "checksum", name)
         if checksum != sum(header[:148]) + 256 + sum(header[156:]) and \
                 checksum != 256 + sum(b - 256 if b > 127 else b for b in header[:148] + header[156:]):
-            raise TruncatedTar(f"{name}: bad tar header checksum (corrupt or not a tar)")
+            raise TruncatedTar(f"{shown}: bad tar header checksum (corrupt or not a tar)")
         size_field = header[124:136]
+        if size_field[0] == 0xFF:                    # GNU base-256, negative
+            raise TruncatedTar(f"{shown}: tar header size is negative (corrupt tar)")
         size = (int.from_bytes(size_field[1:], "big") if size_field[0] & 0x80
                 else _octal(size_field, "size", name))
         if size > MAX_MEMBER_BYTES:
-            raise TruncatedTar(f"{name}: a member of {size} bytes, above the {MAX_MEMBER_BYTES >> 20} MiB "
+            raise TruncatedTar(f"{shown}: a member of {size} bytes, above the {MAX_MEMBER_BYTES >> 20} MiB "
                                "a shard entry may have (corrupt, or not an image shard)")
         kind = header[156:157]
-        padded = (size + 511) & ~511
-        data = stream.read(padded)
-        if len(data) < padded:
-            raise TruncatedTar(f"{name}: truncated data ({len(data)} of {padded} bytes)")
-        data = data[:size]
-        if kind == b"x":                             # PAX extended header for the next member
-            long_name = _pax_path(data, name) or long_name
-            continue
-        if kind == b"L":                             # GNU long name for the next member
-            long_name = _text(data)
+        if kind in (b"x", b"L"):                     # PAX extended header / GNU long name of the next member
+            if size > MAX_NAME_RECORD_BYTES:
+                raise TruncatedTar(f"{shown}: a name record of {size} bytes (corrupt tar)")
+            data = _read_data(stream, size, name)
+            long_name = (_pax_path(data, name) or long_name) if kind == b"x" else _text(data)
             continue
         if kind not in (b"0", b"\0", b"7"):          # directories, links, global headers: skip
             long_name = None
+            _Member("", size, stream, name).skip()
             continue
         if long_name is not None:
             member, long_name = long_name, None
@@ -446,7 +497,19 @@ def _tar_members(stream, name: str):
             member, prefix = _text(header[:100]), _text(header[345:500])
             if prefix:
                 member = prefix + "/" + member
-        yield member, data
+        entry = _Member(member, size, stream, name)
+        yield entry
+        if not entry._consumed:
+            entry.skip()
+
+
+class OversizedSample(dict):
+    """The files of a sample with more members or bytes than a sample may have: empty (what was
+    read is dropped, the rest never read), with `problem` saying which bound it broke."""
+
+    def __init__(self, problem: str):
+        super().__init__()
+        self.problem = problem
 
 
 def _open_tar_stream(fileobj, name: str):
@@ -499,25 +562,35 @@ def iter_tar_samples(fileobj, name: str = "tar") -> Iterator[tuple[str, dict[str
     second sample (`read_samples` counts it as a duplicate). Where webdataset raises on a member
     whose extension the current sample already has, this starts a new sample with the same key
     (a counted duplicate again), so the good samples are those webdataset yields with a skipping
-    handler. Works on pipes (reads sequentially); the file object is closed at the end (a pipe's
-    exit status is checked then; a reader that stops early closes it quietly). A truncated or
-    corrupt tar (or gzip stream) raises `TruncatedTar` after the last whole sample (a partial one
-    is dropped).
+    handler. A sample with more than MAX_SAMPLE_MEMBERS members or MAX_SAMPLE_BYTES bytes comes
+    out as an empty `OversizedSample` (every consecutive member with its key belongs to it);
+    members skipped or past a bound are never held in memory. Works on pipes (reads
+    sequentially); the file object is closed at the end (a pipe's exit status is checked then; a
+    reader that stops early closes it quietly). A truncated or corrupt tar (or gzip stream) raises
+    `TruncatedTar` after the last whole sample (a partial one is dropped).
     """
-    key, files = None, {}
+    key, files, members, held = None, {}, 0, 0
     try:
         stream = _open_tar_stream(fileobj, name)
         try:
-            for member, data in _tar_members(stream, name):
-                if is_metadata(member) or (split := sample_key(member)) is None:
+            for member in _tar_members(stream, name):
+                if is_metadata(member.name) or (split := sample_key(member.name)) is None:
                     continue
                 base, ext = split[0], split[1].lower()
-                if base != key or ext in files:
+                oversized = isinstance(files, OversizedSample)
+                if base != key or (ext in files and not oversized):
                     if key is not None:
                         yield key, files
-                    key, files = base, {}
-                if ext not in RESERVED_EXTS:
-                    files[ext] = data
+                    key, files, members, held = base, {}, 0, 0
+                elif oversized:
+                    continue                         # the rest of a sample already over a bound
+                members, held = members + 1, held + member.size
+                if members > MAX_SAMPLE_MEMBERS or held > MAX_SAMPLE_BYTES:
+                    files = OversizedSample(
+                        f"sample has more than {MAX_SAMPLE_MEMBERS} members" if members > MAX_SAMPLE_MEMBERS else
+                        f"sample holds more than {MAX_SAMPLE_BYTES >> 20} MiB")
+                elif ext not in RESERVED_EXTS:
+                    files[ext] = member.read()
             if isinstance(stream, gzip.GzipFile):
                 # The gzip CRC is checked at the end of the stream, after the tar's end blocks:
                 # read on (a little) so that damage it catches is not missed.
@@ -527,7 +600,8 @@ def iter_tar_samples(fileobj, name: str = "tar") -> Iterator[tuple[str, dict[str
         except (zlib.error, EOFError, gzip.BadGzipFile) as exc:
             if isinstance(exc, TruncatedTar):
                 raise
-            raise TruncatedTar(f"{name}: corrupt or truncated gzip stream ({type(exc).__name__}: {exc})") from None
+            raise TruncatedTar(f"{printable(name)}: corrupt or truncated gzip stream "
+                               f"({type(exc).__name__}: {exc})") from None
     except GeneratorExit:
         # Stopped early: a pipe's command may now die of SIGPIPE or report a write error; no news.
         try:
@@ -546,6 +620,11 @@ def iter_tar_samples(fileobj, name: str = "tar") -> Iterator[tuple[str, dict[str
         yield key, files
 
 
+def key_digest(key: str) -> bytes:
+    """A short stand-in for a sample key in a set of the keys seen (they may be 64 KiB each)."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
 def read_samples(fileobj, name: str, *, channels: int, resolution: int, num_classes: int,
                  require_label: bool, select: Callable[[int], bool] | None = None
                  ) -> Iterator[tuple[int, str, np.ndarray | None, int, BadSample | None]]:
@@ -556,10 +635,11 @@ def read_samples(fileobj, name: str, *, channels: int, resolution: int, num_clas
     sample of the shard had: webdataset would merge or reorder them, so it is skipped, not kept
     twice). A truncated or corrupt tar raises `TruncatedTar` after the last whole sample.
     """
-    seen: set[str] = set()
+    seen: set[bytes] = set()        # digests: a shard of many long keys must not fill the memory
     for index, (key, files) in enumerate(iter_tar_samples(fileobj, name)):
-        duplicate = key in seen
-        seen.add(key)
+        digest = key_digest(key)
+        duplicate = digest in seen
+        seen.add(digest)
         if select is not None and not select(index):
             continue
         try:

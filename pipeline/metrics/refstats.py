@@ -5,13 +5,17 @@
 
 Computed once and cached beside the data as
 
-    DATA_DIR/refstats/{split}-{extractor}-{resize}-{manifest_sha256[:12]}.npz
+    DATA_DIR/refstats/{split}-{extractor}-{resize}-{split_sha256[:12]}.npz
 
 (`mu`, `sigma` as clean-fid computes them from every image, `feats`: the float32 features of a
 seeded random sample of at most `SAMPLE_MAX` images, for KID, precision/recall and
 density/coverage; `meta` JSON with the protocol: N, the sample's size and seed, extractor weights
-hash, seconds). A new `prepare` changes the manifest hash and
-so the key; a retrained extractor is caught by the weights hash stored inside. The file is written
+hash, the manifest's and the split's hashes, seconds). The key is the split's data as the manifest
+lists it (`manifest.split_sha256`: its shards' sizes and sha256), and every shard is checked
+against those before its images are read, so the statistics are of exactly that data: a shard
+replaced under an unchanged manifest is an error, never a cache of other images under the
+manifest's name. A new `prepare` changes the shards' hashes and so the key; a retrained
+extractor is caught by the weights hash stored inside. The file is written
 atomically (temp file + rename). Where the data directory is read-only the cache goes to
 `$XDG_CACHE_HOME/ganpipe/refstats/` (default `~/.cache`). `ganpipe eval` calls `reference_stats`
 and so computes them on first use.
@@ -30,8 +34,9 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.data.manifest import manifest_hash, read_manifest
+from pipeline.data.manifest import check_shard, manifest_hash, read_manifest, split_sha256
 from pipeline.data.splits import iter_split
+from pipeline.errors import UserError
 from pipeline.metrics.features import Extractor
 from pipeline.io import atomic_path
 from pipeline.metrics.fid import feature_stats
@@ -65,7 +70,11 @@ class RefStats:
 # Computing and caching.
 
 def cache_name(data_dir: str | Path, split: str, extractor: Extractor) -> str:
-    return f"{split}-{extractor.name}-{extractor.resize}-{manifest_hash(data_dir)[:12]}.npz"
+    m = read_manifest(data_dir)
+    if split not in m["splits"]:
+        raise UserError(f"{data_dir}: no split '{split}' in the manifest (has: {', '.join(m['splits'])}); "
+                        "choose --split, or re-prepare with --holdout N for a test split")
+    return f"{split}-{extractor.name}-{extractor.resize}-{split_sha256(m, split)[:12]}.npz"
 
 
 def cache_paths(data_dir: str | Path, split: str, extractor: Extractor) -> list[Path]:
@@ -77,8 +86,13 @@ def cache_paths(data_dir: str | Path, split: str, extractor: Extractor) -> list[
 
 def compute_refstats(data_dir: str | Path, split: str, extractor: Extractor, *, batch_size: int = 250
                      ) -> RefStats:
-    """Features of every image of the split, then clean-fid-style mean and covariance, and a sample."""
+    """Features of every image of the split, then clean-fid-style mean and covariance, and a sample.
+    Every shard of the split must be the manifest's (size and sha256), or a `DataError` says which."""
     t0 = time.perf_counter()
+    m = read_manifest(data_dir)
+    if split in m["splits"]:               # else iter_split names the splits there are
+        for shard in m["splits"][split]["shards"]:
+            check_shard(data_dir, shard)
     feats = np.concatenate([extractor(images) for images, _ in iter_split(data_dir, split, batch_size)])
     mu, sigma = feature_stats(feats)
     sample = np.sort(np.random.default_rng(SAMPLE_SEED).choice(len(feats), min(len(feats), SAMPLE_MAX),
@@ -86,7 +100,8 @@ def compute_refstats(data_dir: str | Path, split: str, extractor: Extractor, *, 
     seconds = time.perf_counter() - t0
     meta = {"refstats_version": VERSION, "data": str(Path(data_dir).resolve()), "split": split,
             "num": int(len(feats)), "sample_num": int(len(sample)), "sample_seed": SAMPLE_SEED,
-            "manifest_sha256": manifest_hash(data_dir), **extractor.protocol(),
+            "manifest_sha256": manifest_hash(data_dir), "split_sha256": split_sha256(m, split),
+            **extractor.protocol(),
             "seconds": round(seconds, 3), "images_per_s": round(len(feats) / max(seconds, 1e-9), 1),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return RefStats(mu, sigma, np.asarray(feats[sample], np.float32), meta)
