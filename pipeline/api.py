@@ -10,6 +10,7 @@
 
     ganpipe.read_metrics("runs/mnist")        # every score of RUN/metrics.jsonl, as dicts
     ganpipe.best_snapshot("runs/mnist")       # Path of the best snapshot's .json (FID unless told)
+    ganpipe.best_snapshot("runs/mnist", protocol={"num_gen": 1000, "split": "test"})   # another protocol's best
 
 Images follow the seeding convention of `ganpipe sample` and `ganpipe eval` (`pipeline.generate`):
 image i of seed S is made from (S, i) alone, so `gen.sample(n, seed=S, start=k)` returns the very
@@ -29,7 +30,7 @@ import torch
 
 from pipeline.errors import SnapshotError, UserError
 from pipeline.generate import MICRO_BATCH, images, save_grid, save_pngs, to_uint8, truncation
-from pipeline.metrics.records import best_of, current_series, read_records
+from pipeline.metrics.records import best_of, current_series, main_protocol, read_lines, read_records, scores
 from pipeline.training.snapshot import load_snapshot
 from pipeline.rundir import RunDir
 
@@ -129,12 +130,23 @@ def read_metrics(run_dir: str | Path, name: str | None = None) -> list[dict]:
     return records if name is None else [r for r in records if name in (r["name"], r["metric"])]
 
 
-def best_snapshot(run_dir: str | Path, metric: str | None = None) -> Path:
-    """Path of the .json of the run's best snapshot under `metric`'s newest protocol, by the rule of
-    `ganpipe eval`'s best.json (lowest FID/KID, highest precision/recall/...). `metric` is a name
-    ("fid_mnist") or a metric ("fid"); default: FID, or the run's only metric."""
+def best_snapshot(run_dir: str | Path, metric: str | None = None, protocol: dict | None = None) -> Path:
+    """Path of the .json of the run's best snapshot under `metric`, by the rule of `ganpipe eval`'s
+    best.json (lowest FID/KID, highest precision/recall/...). `metric` is a name ("fid_mnist") or a
+    metric ("fid"); default: FID, or the run's only metric. The series is the run's main protocol
+    (docs/evaluation.md) unless `protocol` names another by its fields, e.g. {"num_gen": 1000,
+    "split": "test"} (record fields, and those of its "reference": split, num, data): the newest
+    protocol whose scores have all of them."""
     run_dir = Path(run_dir)
-    series = current_series(read_records(run_dir))
+    lines = read_lines(run_dir)
+    records, main = scores(lines), main_protocol(run_dir, lines)
+    if protocol is not None:
+        records = [r for r in records if all(_field(r, k) == v for k, v in protocol.items())]
+        main = {}
+        if not records:
+            raise UserError(f"{run_dir}: no scores in metrics.jsonl with {protocol}; the protocols there: "
+                            f"{_protocols(scores(lines))}")
+    series = current_series(records, main)
     if not series:
         raise UserError(f"{run_dir}: no scores in metrics.jsonl; score the snapshots first "
                         f"(`ganpipe eval --run-dir {run_dir} --all`)")
@@ -151,6 +163,15 @@ def best_snapshot(run_dir: str | Path, metric: str | None = None) -> Path:
     if not path.is_file():
         raise SnapshotError(f"{path}: the best snapshot under {names[0]} is gone (moved or deleted)")
     return path
+
+
+def _field(record: dict, key: str):
+    return record[key] if key in record else record.get("reference", {}).get(key)
+
+
+def _protocols(records: list[dict]) -> str:
+    seen = dict.fromkeys((r["name"], r["num_gen"], r["reference"]["split"], r["seed"]) for r in records)
+    return "; ".join(f"{n}: num_gen {g}, split {s}, seed {sd}" for n, g, s, sd in seen) or "none"
 
 
 __all__ = ["Generator", "load_generator", "read_metrics", "best_snapshot"]

@@ -253,6 +253,9 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
                        help="snapshot to score (.json or .safetensors; a bare name is looked up in RUN/snapshots)")
     which.add_argument("--all", action="store_true", help="every complete snapshot not yet scored under this protocol")
     p.add_argument("--force", action="store_true", help="with --all: score already scored snapshots again")
+    p.add_argument("--main", action="store_true",
+                   help="with --all: make this protocol the run's main one (best.json, metrics.png and "
+                        "train.keep_snapshots follow it; without --main the first watch or --all sets it)")
     which.add_argument("--posthoc-std", default=None, metavar="STDS",
                        help="comma-separated relative EMA lengths (e.g. 0.05,0.1,0.15): rebuild each from the "
                             "snapshots' EMA profiles (ema.posthoc_std), score it; RUN/posthoc/ gets the "

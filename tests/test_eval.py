@@ -61,12 +61,20 @@ def test_eval_records_the_protocol_and_repeats_exactly(tmp_path, mnist_dir, mnis
     scalars = {e.step: e.value for e in acc.Scalars("Metrics/fid_mnist")}     # float32 in the event file
     assert scalars == pytest.approx({1000: fids["snapshot-000001000"], 2000: fids["snapshot-000002000"]}, rel=1e-6)
 
-    # A different seed is another protocol: scored anew, kept apart in best.json's series.
-    cli("eval", "--run-dir", str(run), "--all", "--seed", "1", "--metrics", "fid", *ARGS)
+    # A different seed is another protocol: scored anew, kept apart from the main series (the first
+    # --all's), which keeps best.json; the API ranks the other one when asked, and --main makes it main.
+    out = cli("eval", "--run-dir", str(run), "--all", "--seed", "1", "--metrics", "fid", *ARGS)
     recs = records(run)
     assert len(recs) == 6 and {r["seed"] for r in recs[4:]} == {1}
     assert all(r["value"] != fids[r["snapshot"]] for r in recs[4:])
-    assert json.loads((run / "best.json").read_text())["fid_mnist"]["seed"] == 1
+    assert "another protocol than the run's main one" in out.stdout
+    assert json.loads((run / "best.json").read_text())["fid_mnist"]["seed"] == 0
+    import pipeline as ganpipe
+
+    seed1 = {r["snapshot"]: r["value"] for r in recs[4:]}
+    assert ganpipe.best_snapshot(run, protocol={"seed": 1}).stem == min(seed1, key=seed1.get)
+    cli("eval", "--run-dir", str(run), "--all", "--seed", "1", "--metrics", "fid", "--main", *ARGS)
+    assert len(records(run)) == 6 and json.loads((run / "best.json").read_text())["fid_mnist"]["seed"] == 1
 
 
 def test_two_processes_give_the_one_process_score(tmp_path, mnist_dir, mnist_ref):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from conftest import REPO, cli
+from pipeline.errors import UserError
 from pipeline.metrics.features import INCEPTION_FILE, get_extractor
 from pipeline.metrics.fid import feature_stats, frechet_distance
 from pipeline.metrics.manifold import manifold_scores
@@ -234,8 +235,11 @@ def _inception_with_logits(directory):
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning",
                             "ignore:`torch.jit.load` is deprecated:FutureWarning")
-def test_inception_score_uses_the_files_1008_class_logits_without_bias(tmp_path):
+def test_inception_score_uses_the_files_1008_class_logits_without_bias(tmp_path, monkeypatch):
+    from test_metrics import publish
+
     weights = _inception_with_logits(tmp_path / "w")
+    publish(monkeypatch, "inception", weights)
     ext = get_extractor("inception", weights=weights)
     assert (ext.num_classes, ext.dim) == (1008, 2048)
     G = mlp_generator(2)
@@ -250,7 +254,8 @@ def test_inception_score_uses_the_files_1008_class_logits_without_bias(tmp_path)
     # The existing stand-in without an output layer (test_metrics) has no class logits.
     from test_metrics import _fake_inception
 
-    bare = get_extractor("inception", weights=_fake_inception(tmp_path / "bare"))
+    publish(monkeypatch, "inception", _fake_inception(tmp_path / "bare"))
+    bare = get_extractor("inception", weights=tmp_path / "bare" / INCEPTION_FILE)
     assert bare.head is None and bare.num_classes == 0
     with pytest.raises(ValueError, match="no class logits"):
         bare.extract(images[:2], logits=True)
@@ -304,6 +309,11 @@ def test_dinov2_extractor_reproduces_stein_et_al_on_random_weights(tmp_path, mon
     path = tmp_path / "dinov2_vitb14_pretrain.pth"
     torch.save(state, path)
     monkeypatch.setenv("GANPIPE_DINOV2_WEIGHTS", str(tmp_path))                   # a directory works
+    with pytest.raises(UserError, match="is not the published 0b8b82f8"):
+        get_extractor("dinov2-b14")                 # random weights are not Meta's file
+    from test_metrics import publish
+
+    publish(monkeypatch, "dinov2-b14", path)
     ext = get_extractor("dinov2-b14")
     assert (ext.dim, ext.size, ext.resize, ext.weights, ext.num_classes) == (768, 224, "pil-bicubic224",
                                                                                str(path), 0)

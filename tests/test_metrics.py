@@ -22,6 +22,7 @@ from conftest import cli
 from pipeline.config import Config, DataConfig, ModelConfig, dump_config
 from pipeline.generate import images, latents, to_uint8
 from pipeline.metrics.evaluator import generated_features
+from pipeline.errors import UserError
 from pipeline.metrics.features import INCEPTION_FILE, INCEPTION_URL, get_extractor
 from pipeline.metrics.fid import feature_stats, frechet_distance, kernel_distance
 from pipeline.data.splits import read_split
@@ -69,8 +70,10 @@ def add_snapshot(run: Path, nimg: int, G: nn.Module) -> Path:
 
 
 def records(run: Path) -> list[dict]:
+    """The score lines of RUN/metrics.jsonl (not the lines with a `kind`: alerts, marks, the main protocol)."""
     path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [r for r in lines if "kind" not in r]
 
 
 @pytest.fixture(scope="session")
@@ -184,6 +187,14 @@ def test_mnist_extractor_is_a_real_digit_classifier(mnist_dir, mnist_ext):
     assert feats.shape == (500, 64) and np.linalg.matrix_rank(np.cov(feats, rowvar=False)) == 64
 
 
+def publish(monkeypatch, name: str, weights: Path) -> None:
+    """Let a stand-in weights file pass as extractor `name`'s published one (it is checked by sha256)."""
+    from pipeline.io import sha256_file
+    from pipeline.metrics import features
+
+    monkeypatch.setitem(features.PUBLISHED_SHA256, name, (sha256_file(weights),))
+
+
 def _fake_inception(directory: Path) -> Path:
     """A TorchScript stand-in with the real file's interface (`.layers` -> (B, 2048))."""
 
@@ -220,6 +231,9 @@ def test_inception_extractor_gives_cleanfids_features(tmp_path, monkeypatch):
 
     weights = _fake_inception(tmp_path / "w")
     monkeypatch.setenv("GANPIPE_INCEPTION_WEIGHTS", str(tmp_path / "w"))   # a directory works too
+    with pytest.raises(UserError, match="is not the published f58cb9b6"):
+        get_extractor("inception")                  # a stand-in is not the published file
+    publish(monkeypatch, "inception", weights)
     ext = get_extractor("inception")
     assert (ext.dim, ext.size, ext.resize, ext.weights) == (2048, 299, "clean299", str(weights))
     rng = np.random.default_rng(0)

@@ -180,11 +180,13 @@ def test_snapshot_retention_keeps_the_newest_the_unscored_and_the_best(tmp_path)
             next(G.parameters()).add_(1.0)            # every snapshot has other weights
         path = save_snapshot(G, tmp_path / "snapshots", cur_nimg=nimg, info=SnapshotInfo(cfg, 8, 1, 0))
         metas[nimg] = json.loads(path.read_text())
-    # 1000, 2000 and 4000 scored; 2000 is the best; 3000 never scored.
-    from pipeline.metrics.records import REQUIRED
+    # 1000, 2000 and 4000 scored under the run's main protocol; 2000 is the best; 3000 never scored.
+    from pipeline.metrics.records import protocol_key, record_main_protocol
+    from test_adversary_records import score
 
-    append_records(tmp_path, [{**dict.fromkeys(REQUIRED, 0), "snapshot_sha256": metas[n]["sha256"],
-                               "snapshot": f"snapshot-{n:09d}"} for n in (1000, 2000, 4000)])
+    scores = [score(metas[n], f"snapshot-{n:09d}", v) for n, v in ((1000, 9.0), (2000, 4.0), (4000, 6.0))]
+    append_records(tmp_path, scores)
+    record_main_protocol(tmp_path, {"fid_mnist": protocol_key(scores[0])}, {}, "watch")
     (tmp_path / RunDir.BEST).write_text(json.dumps({"fid_mnist": {"snapshot": "snapshot-000002000"}}))
     assert prune_snapshots(tmp_path, 0, print) == []          # 0 keeps all
     removed = prune_snapshots(tmp_path, 2, print)

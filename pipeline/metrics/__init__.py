@@ -9,7 +9,8 @@ Modules: `features` (extractor registry: inception, mnist, dinov2-b14, dinov2-l1
 clean-fid), `manifold` (precision/recall, density/coverage), `stats` (one pass over the generated
 images: running float64 sums, IS sums, a feature sample), `scores` (the `--metrics` registry),
 `refstats` (reference statistics cache), `records` (RUN/metrics.jsonl, RUN/best.json,
-RUN/metrics.png), `evaluator` (scores snapshots under one protocol; images from
+RUN/metrics.png, the run's main protocol, bad-snapshot marks), `claims` (one scorer per snapshot
+and protocol), `evaluator` (scores snapshots under one protocol; images from
 `pipeline.generate`), `commands` (`ganpipe eval` and `ganpipe watch`) and `compare` (`ganpipe
 compare`). tools/train_mnist_extractor.py reproduces the mnist weights.
 """

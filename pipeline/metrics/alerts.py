@@ -4,7 +4,8 @@
     for alert in new_alerts(RUN, check(read_records(RUN), rules)):
         ...                                   # recorded, logged, sent to TensorBoard; RUN/STOP on request
 
-Two rules, each over one series (one metric name under its newest protocol, `records.current_series`):
+Two rules, each over one series (one metric name under the run's main protocol, or its newest
+protocol where the main one lacks the name: `records.current_series`):
 
 - divergence: the newest `patience` snapshots are all worse than the series' best by more than
   `worse_by` x |best| (lower is better, except precision, recall, density, coverage and IS);
@@ -50,11 +51,12 @@ def _worse(rec: dict, best: dict, margin: float) -> bool:
     return rec["value"] > best["value"] + margin * abs(best["value"])
 
 
-def check(records: list[dict], rules: AlertRules) -> list[dict]:
-    """The alerts that hold at the newest snapshot of each series of `records` (score records)."""
+def check(records: list[dict], rules: AlertRules, main: dict[str, tuple] | None = None) -> list[dict]:
+    """The alerts that hold at the newest snapshot of each series of `records` (score records;
+    `main`: the run's main protocol, `records.main_protocol`)."""
     out = []
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    for name, series in current_series(records).items():
+    for name, series in current_series(records, main).items():
         if len(series) < rules.patience:
             continue
         metric, newest = series[0]["metric"], series[-rules.patience:]

@@ -24,12 +24,23 @@ run's W&B and MLflow runs when log.trackers chose them: training/trackers.py), a
 The watcher, a periodic job beside training, scores each new snapshot exactly once: every
 `--interval` seconds it lists the complete snapshots (their JSON record exists; the trainer writes
 it last), skips those already in RUN/metrics.jsonl under the same protocol, and scores the rest
-oldest first with the sha256 checked before loading (a truncated or modified snapshot is reported
-once and ignored, never scored). metrics.jsonl is the state, appended one snapshot at a time, so
+oldest first with the sha256 checked before loading. A snapshot that cannot be scored (truncated
+or modified weights, a record of the wrong types, a model its weights do not fit) is reported
+once, marked in metrics.jsonl (`kind: "bad_snapshot"`) and skipped, by this and every later
+watcher, until its files change. metrics.jsonl is the state, appended one snapshot at a time, so
 a restarted watcher continues where it stopped and never scores a snapshot twice. When RUN/FINISHED
 (the trainer's end marker) exists, the watcher scores what is left and exits 0. SIGTERM or SIGINT
 stop it at once (a snapshot being scored is dropped and scored after a restart), also with exit 0.
-One watcher per run: a second one finds RUN/.watch.lock held and exits with an error.
+One watcher per run: a second one finds RUN/.watch.lock held and exits with an error. Whoever
+scores a snapshot holds a claim on it under its protocol (RUN/.claims/, claims.py), so
+`eval --all` beside the watcher scores only what the watcher is not scoring, and neither scores a
+snapshot the other has scored.
+
+The watcher's protocol is the run's main protocol (records.py): best.json, metrics.png, its alerts
+and `train.keep_snapshots` follow it. `eval --all` sets it when the run has none yet, or with
+`--main`; any other eval is a one-off: recorded in metrics.jsonl and printed, but best.json and
+metrics.png stay with the main series. At its start every eval and watch rewrites best.json and
+metrics.png when they disagree with metrics.jsonl.
 
 After each snapshot the watcher checks for a run going wrong (alerts.py): a metric of
 `--alert-metrics` worse than its best by `--alert-worse-by` for `--alert-patience` snapshots in a
@@ -60,7 +71,7 @@ from pipeline.io import write_text_atomic
 from pipeline.metrics import posthoc
 from pipeline.metrics.alerts import AlertRules, check, new_alerts, record_alerts
 from pipeline.metrics.evaluator import Evaluator
-from pipeline.metrics.records import read_records
+from pipeline.metrics.records import main_protocol, read_lines, scores
 from pipeline.metrics.scores import parse_metrics
 from pipeline.training.snapshot import list_snapshots
 from pipeline.rundir import RunDir
@@ -104,15 +115,18 @@ def _select(ev: Evaluator, args: argparse.Namespace) -> list[str]:
     """Snapshot JSON paths to score, in order (decided on rank 0)."""
     if args.snapshot:
         return [str(_resolve_snapshot(args.run_dir, args.snapshot))]
-    if args.all and not args.force:
-        pending = [m["json_path"] for m in ev.pending()]
-        if not pending:
-            ev.log("every snapshot is already scored under this protocol (use --force to score again)")
-        return pending
     found = [str(p) for p in list_snapshots(RunDir(args.run_dir).snapshots)]
     if not found:
         raise UserError(f"no snapshots in {RunDir(args.run_dir).snapshots} yet (training writes them "
                         "periodically; `ganpipe watch` waits for them)")
+    if args.all and not args.force:
+        if marked := ev.marked_bad():
+            ev.log(f"skipping {len(marked)} snapshot(s) marked bad in metrics.jsonl "
+                   f"({', '.join(m['snapshot'] for m in marked)}); a snapshot whose files change is tried again")
+        pending = [m["json_path"] for m in ev.pending()]
+        if not pending:
+            ev.log("every snapshot is already scored under this protocol (use --force to score again)")
+        return pending
     return found if args.all else found[-1:]
 
 
@@ -124,20 +138,44 @@ def eval_command(args: argparse.Namespace) -> int:
         raise UserError("--posthoc-std rebuilds EMA generators from the EMA profiles; leave --generator at ema")
     if stds is None and args.at_kimg is not None:
         raise UserError("--at-kimg goes with --posthoc-std (to score one snapshot, give --snapshot)")
+    if getattr(args, "main", False) and not args.all:
+        raise UserError("--main goes with --all: the run's main protocol is the one of its series over every snapshot")
     ev = None
     try:
         ev = evaluator_from_args(args)
-        select = ((lambda: posthoc.rebuild(args.run_dir, stds, args.at_kimg, ev.log)) if stds is not None
-                  else (lambda: _select(ev, args)))
-        targets = dist.broadcast_object(dist.on_main(select, (UserError,)))
+        if stds is not None:
+            targets = dist.broadcast_object(dist.on_main(lambda: posthoc.rebuild(args.run_dir, stds, args.at_kimg, ev.log),
+                                                         (UserError,)))
+            for path in targets:
+                posthoc.record(args.run_dir, ev.score(path), ev.log)    # RUN/posthoc/, apart from the kimg history
+            return 0
+        dist.on_main(lambda: ev.start("eval --all" if args.all else None, force=getattr(args, "main", False)),
+                     (UserError,))
+        targets = dist.broadcast_object(dist.on_main(lambda: _select(ev, args), (UserError,)))
+        bad = 0
         for path in targets:
-            records = ev.score(path)       # a SnapshotError is a UserError: one line, exit 2
-            if records and records[0].get("weights") == "posthoc":
-                posthoc.record(args.run_dir, records, ev.log)      # RUN/posthoc/, apart from the kimg history
-            else:
-                ev.record(records)
+            with ev.claimed(path, recheck=args.all and not args.force) as mine:
+                if not mine:
+                    continue
+                try:
+                    records = ev.score(path)
+                except SnapshotError as exc:
+                    if not Path(path).is_file():
+                        continue                   # pruned since it was listed (train.keep_snapshots)
+                    ev.mark_bad(path, exc)
+                    if not args.all:
+                        raise                      # the one snapshot asked for: one line, exit 2
+                    ev.log(f"ignoring {Path(path).name}: {exc} (marked bad in metrics.jsonl)")
+                    bad += 1
+                    continue
+                if records and records[0].get("weights") == "posthoc":
+                    posthoc.record(args.run_dir, records, ev.log)      # a rebuild scored by name: RUN/posthoc/
+                else:
+                    ev.record(records)
         if not targets:
             ev.refresh_best()              # nothing new, yet --best-metric may have changed
+        if bad:
+            ev.log(f"ignored {bad} bad snapshot(s): see the lines above")
     finally:
         if ev is not None:
             ev.close()
@@ -192,7 +230,8 @@ def alert_rules(args: argparse.Namespace) -> AlertRules:
 def _alert(ev: Evaluator, run_dir: Path, rules: AlertRules, stop: bool) -> bool:
     """Record and log the alerts the scores so far raise; with `stop`, write RUN/STOP (first line:
     why, which the trainer prints). Whether RUN/STOP was written."""
-    alerts = new_alerts(run_dir, check(read_records(run_dir), rules))
+    lines = read_lines(run_dir)
+    alerts = new_alerts(run_dir, check(scores(lines), rules, main_protocol(run_dir, lines)))
     if not alerts:
         return False
     record_alerts(run_dir, alerts, ev.writer)
@@ -228,7 +267,7 @@ def watch_command(args: argparse.Namespace) -> int:
             time.sleep(min(0.2, max(0.0, end - time.monotonic())))
 
     ev = None
-    scored, bad, stopping = 0, {}, False
+    scored, bad, stopping = 0, 0, False
     try:
         while not RunDir(run_dir).config.is_file() and not state["stop"] and not args.once:
             _log(f"waiting for {RunDir(run_dir).config}")
@@ -237,6 +276,10 @@ def watch_command(args: argparse.Namespace) -> int:
             _log(f"{state['stop']}: stopping before the run started")
             return 0
         ev = evaluator_from_args(args, log=_log)
+        ev.start("watch")
+        if marked := ev.marked_bad():
+            _log(f"skipping {len(marked)} snapshot(s) marked bad in metrics.jsonl "
+                 f"({', '.join(m['snapshot'] for m in marked)}); a snapshot whose files change is tried again")
         _log(f"watching {RunDir(run_dir).snapshots} every {args.interval:g} s "
              f"({', '.join(ev.metrics)} with {', '.join(e.name for e in ev.extractors)}, {ev.num_gen} generated "
              f"vs {args.split})")
@@ -245,26 +288,27 @@ def watch_command(args: argparse.Namespace) -> int:
             for meta in ev.pending():
                 if state["stop"]:
                     break
+                path = meta["json_path"]
                 try:
-                    st = os.stat(meta["weights_path"])
-                except OSError:
-                    continue                      # removed since the listing (train.keep_snapshots prunes scored ones)
-                ident = (meta["json_path"], st.st_size, st.st_mtime_ns)
-                if ident in bad:
-                    continue                      # reported once; a rewritten file gets a new identity
-                try:
-                    state["busy"] = True
-                    records = ev.score(meta["json_path"])
-                    state["busy"] = False
+                    with ev.claimed(path, recheck=True) as mine:
+                        if not mine:
+                            continue              # another scorer has it, or has scored it since the listing
+                        state["busy"] = True
+                        try:
+                            records = ev.score(path)
+                        finally:
+                            state["busy"] = False
+                        ev.record(records)
                 except SnapshotError as exc:
-                    state["busy"] = False
-                    bad[ident] = str(exc)
-                    _log(f"ignoring {Path(meta['json_path']).name}: {exc}")
+                    if Path(path).is_file():      # else removed since the listing (train.keep_snapshots)
+                        ev.mark_bad(path, exc)
+                        bad += 1
+                        _log(f"ignoring {Path(path).name}: {exc} (marked bad in metrics.jsonl; tried again when "
+                             "its files change)")
                     continue
                 except Stop:
-                    _log(f"abandoned {Path(meta['json_path']).name}; it is scored after a restart")
+                    _log(f"abandoned {Path(path).name}; it is scored after a restart")
                     break
-                ev.record(records)
                 scored += 1
                 stopping = _alert(ev, run_dir, rules, args.stop_on_alert) or stopping
             if state["stop"]:
@@ -276,7 +320,7 @@ def watch_command(args: argparse.Namespace) -> int:
             if finished or args.once:
                 why = "training finished" if finished else "--once"
                 _log(f"{why}: scored {scored} snapshot(s) in this session"
-                     + (f", ignored {len(bad)} bad one(s)" if bad else ""))
+                     + (f", ignored {bad} bad one(s)" if bad else ""))
                 return 0
             sleep(args.interval)
         _log(f"{state['stop']}: stopping after scoring {scored} snapshot(s) in this session; "

@@ -2,8 +2,11 @@
 
     ev = Evaluator(RUN, metrics=["fid", "kid"], extractor="mnist")   # every process builds one
     ev = Evaluator(RUN, metrics=["fid", "pr", "is"], extractor="inception,dinov2-l14")
+    ev.start(main="watch")                                           # the main protocol; best.json in line
     for meta in ev.pending():                                        # snapshots not yet scored
-        ev.record(ev.score(meta["json_path"]))                       # score on all, record on rank 0
+        with ev.claimed(meta["json_path"], recheck=True) as mine:    # one scorer per snapshot and protocol
+            if mine:
+                ev.record(ev.score(meta["json_path"]))               # score on all, record on rank 0
     ev.close()
 
 Scoring a snapshot: load the EMA generator (safetensors + JSON, no code executed, sha256 checked),
@@ -17,14 +20,22 @@ several processes each generates every world_size-th batch; the sums are gathere
 and added in batch order (the same bits for any number of processes), the sample goes to rank 0,
 which scores and writes (`records.py`). `ganpipe eval` and
 `ganpipe watch` (`commands.py`) both drive it.
+
+A snapshot that cannot be scored (a record of the wrong types, weights that do not fit its model
+or do not match its sha256, images no extractor takes) is a SnapshotError; `mark_bad` writes a
+`bad_snapshot` line to metrics.jsonl, and `pending` skips it from then on, until its files change.
+While a process scores a snapshot it holds a claim on it under its protocol (claims.py), so a
+second scorer (`eval --all` beside `watch`) leaves it alone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,9 +43,12 @@ import torch
 from pipeline import dist, generate
 from pipeline.data.manifest import MANIFEST
 from pipeline.errors import DataError, SnapshotError, UserError
+from pipeline.io import sha256_bytes
+from pipeline.metrics.claims import Claim
 from pipeline.metrics.features import CLASSIFIERS, Extractor, get_extractors, parse_extractors
-from pipeline.metrics.records import (BEST_METRICS, append_records, plot_metrics, protocol_key, read_records,
-                                      write_best)
+from pipeline.metrics.records import (BEST_METRICS, KIND_BAD, append_records, bad_marks, main_protocol,
+                                      main_protocol_line, plot_metrics, protocol_key, read_lines, read_records,
+                                      record_main_protocol, scores, sync_best, write_best)
 from pipeline.metrics.refstats import RefStats, reference_stats
 from pipeline.metrics.scores import METRICS, SAMPLE_GEN, Metric, Setup
 from pipeline.metrics.stats import IS_SPLITS, generated_statistics
@@ -167,32 +181,141 @@ class Evaluator:
         return [(ext, name, spec) for ext in self.extractors for name, spec in self.specs.items()
                 if not spec.classes or ext.num_classes]
 
-    def _keys(self, sha: str) -> set[tuple]:
-        out = set()
+    def series_keys(self) -> dict[str, tuple]:
+        """{record name: protocol key} of every score this evaluator gives a snapshot."""
+        suffix = "" if self.weights == "ema" else f"_{self.weights}"
+        out = {}
         for ext, _, spec in self._planned():
             proto = {**self.protocol(ext), **spec.protocol(self.setup(ext))}
-            out |= {(sha, protocol_key({**proto, "metric": m})) for m in spec.records}
+            out |= {f"{m}_{ext.name}{suffix}": protocol_key({**proto, "metric": m}) for m in spec.records}
         return out
 
+    def _keys(self, sha: str) -> set[tuple]:
+        return {(sha, key) for key in self.series_keys().values()}
+
+    def about(self) -> dict:
+        """This protocol in words, for the `main_protocol` line and messages."""
+        return {"extractors": [e.name for e in self.extractors], "metrics": list(self.specs), "num_gen": self.num_gen,
+                "split": self.split, "seed": self.seed, "generator": self.weights, "psi": self.psi,
+                "cutoff": self.cutoff}
+
+    def start(self, main: str | None = None, force: bool = False) -> None:
+        """Before scoring (rank 0): record this protocol as the run's main one when `main` names the
+        command that may set it (`watch` always; `eval --all` when the run has none, or with
+        `force`: --main); say so when this is another protocol; then rewrite best.json and
+        metrics.png where they disagree with metrics.jsonl (a watcher killed between the two)."""
+        if self.rank != 0:
+            return
+        mine, line = self.series_keys(), main_protocol_line(self.run_dir)
+        recorded = main_protocol(self.run_dir, [line] if line else [])
+        if main and mine != recorded and (force or not recorded or main == "watch"):
+            record_main_protocol(self.run_dir, mine, self.about(), main)
+            self.log(f"the run's main protocol is now this one ({_words(self.about())}): best.json, metrics.png and "
+                     "train.keep_snapshots follow its scores"
+                     + (f"; it replaces the one `{line.get('by')}` recorded at {line.get('time')} "
+                        f"({_words(line)})" if line else ""))
+        elif any(name in recorded and recorded[name] != key for name, key in mine.items()):
+            self.log(f"another protocol than the run's main one ({_words(line)}, recorded by `{line.get('by')}`): "
+                     "these scores go to metrics.jsonl and are printed, but best.json, metrics.png and snapshot "
+                     "pruning keep following the main one; ganpipe.best_snapshot(RUN, protocol={...}) ranks these"
+                     + (", and `eval --all --main` makes this protocol the main one" if main else ""))
+        if what := sync_best(self.run_dir, self.best_metrics):
+            self.log(f"best.json disagreed with metrics.jsonl ({what}): rewritten from metrics.jsonl")
+
     def pending(self) -> list[dict]:
-        """Records (unchecked JSON) of complete snapshots not yet scored under this protocol, oldest first."""
+        """Records (unchecked JSON) of complete snapshots not yet scored under this protocol, oldest
+        first; a record that does not read comes as {"json_path": ...} alone (scoring it says why).
+        Snapshots marked bad (`mark_bad`) are left out until their files change."""
         done = {(r["snapshot_sha256"], protocol_key(r)) for r in read_records(self.run_dir)}
+        marked = {m.get("identity") for m in bad_marks(self.run_dir)}
         out = []
         for path in list_snapshots(RunDir(self.run_dir).snapshots):
+            if marked and self.identity(path) in marked:
+                continue
             try:
                 meta = read_snapshot_meta(path, check_hash=False)
             except SnapshotError:
-                continue                 # weights missing or record unreadable: not a complete snapshot
+                if path.is_file():       # else pruned since the listing
+                    out.append({"json_path": str(path)})
+                continue
             if not self._keys(meta["sha256"]) <= done:
                 out.append(meta)
         return out
+
+    def identity(self, json_path: str | Path) -> str:
+        """What a bad mark names: the record's bytes, its weights file's size and mtime, and which G
+        (a snapshot rewritten or repaired is another one)."""
+        path = Path(json_path)
+        try:
+            record = sha256_bytes(path.read_bytes())[:32]
+        except OSError:
+            record = "gone"
+        try:
+            st = path.with_suffix(".safetensors").stat()
+            weights = f"{st.st_size}-{st.st_mtime_ns}"
+        except OSError:
+            weights = "none"
+        return f"{record}-{weights}-{self.weights}"
+
+    def marked_bad(self) -> list[dict]:
+        """The bad marks of snapshots that are still there as they were when marked (rank 0)."""
+        listed = {self.identity(p) for p in list_snapshots(RunDir(self.run_dir).snapshots)}
+        return [m for m in bad_marks(self.run_dir) if m.get("identity") in listed]
+
+    def mark_bad(self, json_path: str | Path, error: Exception) -> None:
+        """Record in metrics.jsonl that this snapshot cannot be scored, and why (rank 0)."""
+        if self.rank == 0:
+            append_records(self.run_dir, [{"kind": KIND_BAD, "snapshot": Path(json_path).stem, "generator": self.weights,
+                                           "identity": self.identity(json_path), "error": str(error)[:2000],
+                                           "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}])
+
+    @contextlib.contextmanager
+    def claimed(self, json_path: str | Path, recheck: bool = False) -> Iterator[bool]:
+        """Whether this process scores the snapshot now (every rank gets rank 0's answer): False when
+        another scorer holds its claim under this protocol (said in the log), or, with `recheck`,
+        when it was scored under this protocol since it was listed. The claim lasts the block."""
+        claim = None
+        if self.rank == 0:
+            key = f"{sha256_bytes(_bytes(json_path))[:24]}-{self.protocol_id()}"
+            claim = Claim(RunDir(self.run_dir).claim(key))
+            if not claim.acquire():
+                self.log(f"{Path(json_path).stem} is being scored under this protocol by {claim.describe()}: left to it")
+                claim = None
+            elif recheck and self._scored(json_path):
+                claim.release()
+                claim = None
+        mine = bool(dist.broadcast_object(claim is not None))
+        try:
+            yield mine
+        finally:
+            if claim is not None:
+                claim.release()
+
+    def _scored(self, json_path: str | Path) -> bool:
+        try:
+            sha = read_snapshot_meta(json_path, check_hash=False)["sha256"]
+        except SnapshotError:
+            return False
+        return self._keys(sha) <= {(r["snapshot_sha256"], protocol_key(r)) for r in read_records(self.run_dir)}
+
+    def protocol_id(self) -> str:
+        """A short name of this protocol (its series' keys), for claim files."""
+        return sha256_bytes(json.dumps(sorted(self.series_keys().items())).encode())[:16]
 
     def score(self, snapshot: str | Path) -> list[dict]:
         """Score one snapshot (sha256 checked); records on rank 0, [] on other ranks."""
         t0 = time.perf_counter()
         G, meta = load_snapshot(snapshot, device=self.extractor.device, weights=self.weights)
+        if G.channels not in (1, 3) or not G.resolution:
+            raise SnapshotError(f"{meta['json_path']}: its generator makes {G.channels}-channel "
+                                f"{'images' if G.resolution else 'vectors'}; the extractors score grey or RGB images")
         # A post-hoc EMA rebuild (`ganpipe posthoc-ema`) is its own protocol: weights "posthoc" and its std.
-        which = {"weights": "posthoc", "posthoc_std": meta["posthoc_ema"]["std"]} if "posthoc_ema" in meta else {}
+        which = {}
+        if "posthoc_ema" in meta:
+            std = meta["posthoc_ema"].get("std") if isinstance(meta["posthoc_ema"], dict) else None
+            if isinstance(std, bool) or not isinstance(std, (int, float)):
+                raise SnapshotError(f"{meta['json_path']}: posthoc_ema.std {str(std)[:80]!r} is not a number")
+            which = {"weights": "posthoc", "posthoc_std": std}
         suffix = "" if self.weights == "ema" else f"_{self.weights}"      # raw scores: their own series
         t1 = time.perf_counter()
         # One pass: every image generated once, every extractor run once over it.
@@ -214,7 +337,8 @@ class Evaluator:
                 records.append({
                     "name": f"{metric}_{ext.name}{suffix}", "metric": metric, "value": value,
                     "snapshot": Path(meta["json_path"]).stem, "snapshot_sha256": meta["sha256"],
-                    "cur_nimg": meta["cur_nimg"], "kimg": meta["kimg"], **self.protocol(ext),
+                    "cur_nimg": meta["cur_nimg"], "kimg": meta.get("kimg", meta["cur_nimg"] / 1000),
+                    **self.protocol(ext),
                     **spec.protocol(setup), **extra, **which,
                     "labels": "balanced (i % num_classes)" if G.num_classes else "none",
                     "seconds": round(metric_s + gen_s + (t1 - t0), 3),
@@ -227,24 +351,36 @@ class Evaluator:
         return records
 
     def refresh_best(self) -> None:
-        """Rewrite best.json from metrics.jsonl with this evaluator's best metrics (rank 0)."""
-        everything = read_records(self.run_dir) if self.rank == 0 else []
+        """Rewrite best.json and metrics.png from metrics.jsonl with this evaluator's best metrics (rank 0)."""
+        if self.rank != 0:
+            return
+        lines = read_lines(self.run_dir)
+        everything = scores(lines)
         if everything:
-            write_best(self.run_dir, everything, self.best_metrics)
+            main = main_protocol(self.run_dir, lines)
+            write_best(self.run_dir, everything, self.best_metrics, main)
+            plot_metrics(self.run_dir, everything, main)
 
     def record(self, records: list[dict]) -> None:
         """Append to metrics.jsonl, then refresh best.json, TensorBoard and metrics.png (rank 0)."""
         if self.rank != 0 or not records:
             return
         append_records(self.run_dir, records)
-        everything = read_records(self.run_dir)
-        write_best(self.run_dir, everything, self.best_metrics)
-        self._sink.scores(records, self.run_dir, self.tensorboard)
-        plot_metrics(self.run_dir, everything)
+        lines = read_lines(self.run_dir)
+        everything = scores(lines)
+        main = main_protocol(self.run_dir, lines)
+        write_best(self.run_dir, everything, self.best_metrics, main)
+        # Scores under another protocol than the main one of their name get a tag of their own in
+        # TensorBoard / W&B / MLflow, apart from the main curve.
+        other = {id(r) for r in records if main.get(r["name"], protocol_key(r)) != protocol_key(r)}
+        self._sink.scores([{**r, "name": f"{r['name']}/{_tag(r)}"} if id(r) in other else r for r in records],
+                          self.run_dir, self.tensorboard)
+        plot_metrics(self.run_dir, everything, main)
         for r in records:
             ref = r["reference"]
             self.log(f"{r['snapshot']} kimg {r['kimg']:g}: {r['name']} {r['value']:.6g} "
-                     f"({r['num_gen']} generated vs {ref['split']} {ref['num']}, {r['seconds']:.1f} s)")
+                     f"({r['num_gen']} generated vs {ref['split']} {ref['num']}, {r['seconds']:.1f} s)"
+                     + (" (not the main protocol)" if id(r) in other else ""))
 
     @property
     def writer(self):
@@ -253,3 +389,28 @@ class Evaluator:
 
     def close(self) -> None:
         self._sink.close()
+
+
+def _bytes(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return str(path).encode()
+
+
+def _tag(record: dict) -> str:
+    """A record's protocol in a tracker tag: n1000-test-seed0 (and its generator, psi)."""
+    tag = f"n{record['num_gen']}-{record['reference']['split']}-seed{record['seed']}"
+    if record.get("weights", "ema") != "ema":
+        tag += f"-{record['weights']}"
+    return tag + (f"-psi{record['psi']:g}" if record.get("psi", 1.0) != 1.0 else "")
+
+
+def _words(about: dict | None) -> str:
+    """A protocol in words, from a `main_protocol` line or `Evaluator.about()`."""
+    if not about:
+        return "?"
+    out = (f"{','.join(about.get('metrics', []))} with {','.join(about.get('extractors', []))}, "
+           f"{about.get('num_gen')} generated vs {about.get('split')}, seed {about.get('seed')}, "
+           f"{about.get('generator', 'ema')} G")
+    return out + (f", psi {about['psi']:g}" if about.get("psi", 1.0) != 1.0 else "")

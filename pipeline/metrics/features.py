@@ -7,9 +7,9 @@ served by name from one registry.
 
 - `inception`: clean-fid's torchscript Inception-V3 (`InceptionV3W`, 2048-d pool features, the
   network behind published FIDs), loaded from a local file, never downloaded (clean-fid would
-  fetch it into /tmp without a checksum). Path: `--weights PATH` (alias `--inception-weights`),
-  else the `GANPIPE_INCEPTION_WEIGHTS` environment variable, else clean-fid's own location. Its
-  1008-class logits (the TF graph's `softmax/logits/MatMul`: pool features times the output
+  fetch it into the world-writable /tmp without a checksum). Path: `--weights PATH` (alias
+  `--inception-weights`), else the `GANPIPE_INCEPTION_WEIGHTS` environment variable, else
+  `$XDG_CACHE_HOME/ganpipe/` (default `~/.cache/ganpipe/`), never /tmp. Its 1008-class logits (the TF graph's `softmax/logits/MatMul`: pool features times the output
   layer's weights, no bias, as the original Inception Score code and StyleGAN2-ADA take them)
   serve the Inception Score.
 - `mnist`: the project's own 64-d digit embedding (`mnist_net.py`), weights committed, so
@@ -18,8 +18,7 @@ served by name from one registry.
 - `dinov2-b14`, `dinov2-l14`: DINOv2 ViT-B/14 and ViT-L/14 (timm's architecture), the CLS token
   after the final norm (768-d, 1024-d), as Stein et al. 2023 (FD_DINOv2) use them: images resized
   to 224 x 224 by PIL bicubic on uint8 (torchvision's `Resize` on a PIL image), then ImageNet
-  mean/std. Weights: Meta's `dinov2_vit{b,l}14_pretrain.pth` (or timm's `model.safetensors` of
-  `vit_{base,large}_patch14_dinov2.lvd142m`), from `--weights PATH`, else
+  mean/std. Weights: Meta's `dinov2_vit{b,l}14_pretrain.pth`, from `--weights PATH`, else
   `$GANPIPE_DINOV2_WEIGHTS`, else torch hub's checkpoint folder; nothing is downloaded. The
   518-px position embeddings are resampled to 16 x 16 as DINOv2 itself does at run time
   (bicubic, scale factor (16 + 0.1) / 37, no antialias).
@@ -31,13 +30,19 @@ network receives float (B, 3, S, S) in [0, 255], the `custom_feat_extractor` con
 same `ext.net` can be handed to `cleanfid.fid.compute_fid(custom_feat_extractor=...)` and gives
 the same numbers. A `weights` directory serves several extractors: each takes its own file name
 from it.
+
+Every weights file is checked against its published sha256 (`PUBLISHED_SHA256`) before it is
+loaded, and a file that differs is refused with both hashes in the message: a score is only as
+true as its feature network, and a stand-in network (a 2.5 kB TorchScript file returning constant
+features scores every snapshot FID 0) must not be able to write the record. The Inception file is
+TorchScript, so it is hashed and loaded from the same bytes in memory.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
-import platform
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +52,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.io import sha256_file
+from pipeline.io import sha256_bytes, sha256_file
 from pipeline.registry import Registry
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  "inception-2015-12-05.pt")   # the file clean-fid 0.1.35 downloads (downloads_helper.py)
 INCEPTION_ENV = "GANPIPE_INCEPTION_WEIGHTS"
+
+# The sha256 of each extractor's weights file as published (95,607,719 bytes for Inception;
+# Meta's files of 346,378,731 and 1,217,586,395 bytes for DINOv2 B/14 and L/14); the mnist one is
+# the file committed in pipeline/metrics/weights/ (tools/train_mnist_extractor.py writes a new one
+# that must be entered here). timm's `model.safetensors` copies of DINOv2 are not listed: their
+# hashes are not established here, so they are refused like any other file.
+PUBLISHED_SHA256: dict[str, tuple[str, ...]] = {
+    "inception": ("f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4",),
+    "mnist": ("a2b35b7be3aa371f355388c51949665e1039fb33f6eb8a4947263d0e9312490c",),
+    "dinov2-b14": ("0b8b82f85de91b424aded121c7e1dcc2b7bc6d0adeea651bf73a13307fad8c73",),
+    "dinov2-l14": ("d5383ea8f4877b2472eb973e0fd72d557c7da5d3611bd527ceeb1d7162cbf428",),
+}
 
 # name -> build(device, weights=None) -> Extractor
 EXTRACTORS = Registry("feature extractor")
@@ -134,6 +151,24 @@ def _pil_bicubic(images: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(out.transpose(0, 3, 1, 2).astype(np.float32))
 
 
+def user_cache_dir() -> Path:
+    """ganpipe's folder in this user's cache: $XDG_CACHE_HOME/ganpipe, default ~/.cache/ganpipe."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ganpipe"
+
+
+def check_weights(name: str, path: Path, sha256: str, fetch: str) -> str:
+    """`sha256` (of the file at `path`) when it is one published for extractor `name`; else a
+    UserError with both hashes and `fetch` (where to get the right file)."""
+    published = PUBLISHED_SHA256[name]
+    if sha256 not in published:
+        from pipeline.errors import UserError
+
+        raise UserError(f"weights file {path} cannot be loaded: its sha256 {sha256} is not the published "
+                        f"{' or '.join(published)} of the {name} extractor (an interrupted download, or another "
+                        f"file: a score is only as true as its feature network); {fetch}")
+    return sha256
+
+
 def get_extractor(name: str, device: str | torch.device = "cpu", weights: str | Path | None = None) -> Extractor:
     """Build the extractor registered as `name` (a ConfigError lists the names if unknown)."""
     return EXTRACTORS.get(name)(device=torch.device(device), weights=weights)
@@ -167,12 +202,12 @@ def get_extractors(names: list[str], device: str | torch.device = "cpu", weights
 # inception
 
 def default_inception_path() -> Path:
-    """Where clean-fid itself keeps the file (features.py: './' on Windows, else /tmp)."""
-    return Path("./" if platform.system() == "Windows" else "/tmp") / INCEPTION_FILE
+    """In this user's cache (not clean-fid's /tmp, where any user can put a file of that name)."""
+    return user_cache_dir() / INCEPTION_FILE
 
 
 def inception_path(weights: str | Path | None = None) -> Path:
-    """The weights file to use: the argument, else $GANPIPE_INCEPTION_WEIGHTS, else clean-fid's path."""
+    """The weights file to use: the argument, else $GANPIPE_INCEPTION_WEIGHTS, else the user's cache."""
     chosen = weights or os.environ.get(INCEPTION_ENV) or default_inception_path()
     path = Path(chosen).expanduser()
     return path / INCEPTION_FILE if path.is_dir() else path
@@ -193,19 +228,24 @@ def build_inception(device: torch.device, weights: str | Path | None = None) -> 
     path = inception_path(weights)
     if not path.is_file():
         raise UserError(_missing_inception(path))
-    if path.name != INCEPTION_FILE:
-        # InceptionV3W takes a directory and appends the fixed file name.
-        raise UserError(f"Inception weights file {path}: clean-fid loads it by its original name; rename it "
-                        f"or link it as {path.parent / INCEPTION_FILE}")
+    # Hashed and loaded from the same bytes: TorchScript is a program, and the file could change
+    # between a check and a second read.
+    data = path.read_bytes()
+    sha = check_weights("inception", path, sha256_bytes(data), f"fetch {INCEPTION_FILE} again from {INCEPTION_URL}")
     from cleanfid.inception_torchscript import InceptionV3W
 
     try:
-        with warnings.catch_warnings():   # torch 2.x deprecates torch.jit.load, which clean-fid uses
+        with warnings.catch_warnings():   # torch 2.x deprecates torch.jit.load
             warnings.filterwarnings("ignore", message=".*torch.jit.load.*is deprecated", category=FutureWarning)
-            net = InceptionV3W(str(path.parent), download=False, resize_inside=False)
-    except RuntimeError as exc:   # a truncated download: "PytorchStreamReader failed reading zip archive"
+            base = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    except RuntimeError as exc:   # "PytorchStreamReader failed reading zip archive"
         raise UserError(f"Inception weights file {path} cannot be loaded ({str(exc).splitlines()[0][:160]}); "
-                        f"it is probably an interrupted download: fetch it again from {INCEPTION_URL}") from None
+                        f"fetch it again from {INCEPTION_URL}") from None
+    # clean-fid's wrapper (its forward: the pool features) around that module; its own __init__
+    # would load the file again by path.
+    net = InceptionV3W.__new__(InceptionV3W)
+    nn.Module.__init__(net)
+    net.base, net.layers, net.resize_inside = base.eval(), base.layers, False
     net = net.to(device).eval().requires_grad_(False)
     head, classes = None, 0
     output = getattr(net.base, "output", None)     # the 1008-class layer of the TF graph
@@ -214,7 +254,7 @@ def build_inception(device: torch.device, weights: str | Path | None = None) -> 
         # No bias: the original Inception Score code multiplies the pool features by the weights
         # of softmax/logits/MatMul alone (StyleGAN2-ADA: `no_output_bias=True`).
         head, classes = (lambda feats: feats @ weight.T), int(weight.shape[0])
-    return Extractor("inception", net, 2048, 299, str(path), sha256_file(path), device, 50_000,
+    return Extractor("inception", net, 2048, 299, str(path), sha, device, 50_000,
                      head=head, num_classes=classes)
 
 
@@ -233,13 +273,15 @@ def build_mnist(device: torch.device, weights: str | Path | None = None) -> Extr
         raise UserError(f"mnist extractor weights {path} not found; they ship with ganpipe "
                         f"(pipeline/metrics/weights/); rebuild them from a ganpipe checkout with "
                         f"`python tools/train_mnist_extractor.py --out {path}`")
+    sha = check_weights("mnist", path, sha256_file(path), "use the file that ships with ganpipe "
+                        f"(pipeline/metrics/weights/{WEIGHTS.name}), or drop --weights")
     net, _ = load_mnist_net(path)
     net = net.to(device)
 
     def head(feats: torch.Tensor) -> torch.Tensor:
         return net.head(feats / net.feature_scale)       # features are the scaled embedding
 
-    return Extractor("mnist", net, FEATURE_DIM, INPUT_SIZE, str(path), sha256_file(path),
+    return Extractor("mnist", net, FEATURE_DIM, INPUT_SIZE, str(path), sha,
                      device, 10_000, head=head, num_classes=10)
 
 
@@ -319,6 +361,9 @@ def _build_dinov2(name: str, device: torch.device, weights: str | Path | None) -
     timm = require("timm", "dinov2", f"--extractor {name}")
     from timm.models.vision_transformer import checkpoint_filter_fn
 
+    # torch.load(weights_only=True) runs no code: hashing the file, then reading it, is enough.
+    sha = check_weights(name, path, sha256_file(path), f"fetch Meta's {file} again from {dinov2_url(name)}")
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -341,7 +386,7 @@ def _build_dinov2(name: str, device: torch.device, weights: str | Path | None) -
         raise UserError(f"DINOv2 weights file {path} does not fit {arch} ({str(exc).splitlines()[0][:160]}); "
                         f"the {name} extractor needs {file}") from None
     net = Dinov2Features(vit).to(device).eval().requires_grad_(False)
-    return Extractor(name, net, dim, DINOV2_SIZE, str(path), sha256_file(path), device, 50_000,
+    return Extractor(name, net, dim, DINOV2_SIZE, str(path), sha, device, 50_000,
                      resize_kind="pil")
 
 

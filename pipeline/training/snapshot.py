@@ -11,7 +11,11 @@ Variants beside them, each with its own file and sha256 in the record's `variant
 
 The number is `cur_nimg` (images seen). Both files are written atomically and the JSON last, so a
 snapshot is complete exactly when its JSON exists and the weights match its sha256; readers (the
-watcher) never see half a snapshot. Loading executes no code: safetensors plus a JSON config.
+watcher) never see half a snapshot. A full disk or a read-only directory is a one-line
+TrainingError naming the file (the earlier snapshots and checkpoints stay). Loading executes no
+code: safetensors plus a JSON config. A record that cannot be what it says (a field of the wrong
+type, a model its weights do not fit, a safetensors header that lies) is a SnapshotError naming
+the file, never another exception: the watcher reports it and goes on.
 
     G, meta = load_snapshot("RUN/snapshots/snapshot-000012345.json")
     G, meta = load_snapshot("RUN/snapshots/snapshot-000012345.json", weights="raw")
@@ -26,11 +30,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from pipeline.config import ModelConfig, build_dataclass
-from pipeline.errors import SnapshotError
-from pipeline.io import atomic_path, sha256_file, write_json_atomic
+from pipeline.errors import SnapshotError, TrainingError
+from pipeline.io import atomic_path, sha256_bytes, sha256_file, write_json_atomic
 from pipeline.rundir import RunDir
 
 FORMAT = "ganpipe-snapshot"
@@ -49,9 +53,17 @@ VARIANT_HINTS = {"raw": "train with train.snapshot_raw=true (it may be switched 
 
 def _write_weights(G: torch.nn.Module, path: Path) -> str:
     state = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
+    data = save(state, metadata={"format": FORMAT})
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT})
-    return sha256_file(path)
+        _write(data, tmp)
+    return sha256_bytes(data)
+
+
+def _write(data: bytes, path: Path) -> None:
+    """Through a Python file, so that a full disk or a read-only directory is an OSError naming the
+    file and the reason (safetensors' own writer raises a bare SafetensorError)."""
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 @dataclass
@@ -71,6 +83,16 @@ def save_snapshot(G: torch.nn.Module, where: str | Path, *, cur_nimg: int, info:
     snapshot-{cur_nimg:09d}.json in it) or the record's own .json path."""
     where = Path(where)
     directory, name = (where.parent, where.stem) if where.suffix == ".json" else (where, snapshot_name(cur_nimg))
+    try:
+        return _save(G, directory, name, cur_nimg, info, variants)
+    except OSError as exc:
+        raise TrainingError(f"snapshot {directory / name} not written: {exc.strerror or exc} ({exc.filename}); "
+                            f"the earlier snapshots in {directory} and the checkpoints are kept; free the space "
+                            "(or fix the permissions) and run the same command again to resume") from None
+
+
+def _save(G: torch.nn.Module, directory: Path, name: str, cur_nimg: int, info: SnapshotInfo,
+          variants: dict[str, tuple[torch.nn.Module, dict]] | None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f"{name}.safetensors"
     sha = _write_weights(G, weights)
@@ -115,6 +137,8 @@ def read_snapshot_meta(path: str | Path, check_hash: bool = True) -> dict:
     missing = sorted({"weights", "sha256", "model", "resolution", "channels", "num_classes", "cur_nimg"} - meta.keys())
     if missing:
         raise SnapshotError(f"{path}: record lacks {', '.join(missing)}")
+    if problem := _field_problem(meta):
+        raise SnapshotError(f"{path}: {problem}")
     name = meta.get("weights")
     variants = meta.get("variants", {})
     if not isinstance(variants, dict) or not all(isinstance(v, dict) and isinstance(v.get("sha256"), str)
@@ -132,6 +156,26 @@ def read_snapshot_meta(path: str | Path, check_hash: bool = True) -> dict:
     meta["json_path"] = str(path)
     meta["weights_path"] = str(weights)
     return meta
+
+
+# The bounds of a record's numbers: what a generator can be built from without exhausting memory.
+FIELD_RANGES = {"resolution": (0, 8192), "channels": (1, 4096), "num_classes": (0, 1_000_000), "cur_nimg": (0, 2**62)}
+
+
+def _field_problem(meta: dict) -> str:
+    """What is wrong with the types and ranges of a record's fields ("" when nothing)."""
+    sha = meta["sha256"]
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        return f"sha256 {str(sha)[:80]!r} is not a sha256 (64 hex digits)"
+    if not isinstance(meta["model"], dict):
+        return f"model is {type(meta['model']).__name__}, not a mapping of model settings"
+    for key, (lo, hi) in FIELD_RANGES.items():
+        value = meta[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            return f"{key} {str(value)[:80]!r} is not a whole number in [{lo}, {hi}]"
+    if "kimg" in meta and (isinstance(meta["kimg"], bool) or not isinstance(meta["kimg"], (int, float))):
+        return f"kimg {str(meta['kimg'])[:80]!r} is not a number"
+    return ""
 
 
 def _bare(name) -> bool:
@@ -156,13 +200,23 @@ def variant_path(meta: dict, variant: str) -> Path:
 
 
 def build_generator(meta: dict) -> torch.nn.Module:
-    """An untrained G of the architecture a snapshot record describes."""
+    """An untrained G of the architecture a snapshot record describes (a SnapshotError naming the
+    record when it describes none: an unknown model, a bad setting)."""
     from pipeline.networks import build_networks
 
-    model_cfg = build_dataclass(ModelConfig, meta["model"], "model")
-    G, _ = build_networks(model_cfg, resolution=meta["resolution"], channels=meta["channels"],
-                          num_classes=meta["num_classes"])
+    try:
+        model_cfg = build_dataclass(ModelConfig, meta["model"], "model")
+        G, _ = build_networks(model_cfg, resolution=meta["resolution"], channels=meta["channels"],
+                              num_classes=meta["num_classes"])
+    except Exception as exc:  # noqa: BLE001 - the record is untrusted: any failure to build is its fault
+        raise SnapshotError(f"{meta.get('json_path', 'snapshot record')}: no generator can be built from it "
+                            f"({_first_line(exc)})") from None
     return G
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else 'no message'}"
 
 
 def load_snapshot(path: str | Path, device: str | torch.device = "cpu", weights: str = "ema"
@@ -174,7 +228,11 @@ def load_snapshot(path: str | Path, device: str | torch.device = "cpu", weights:
         meta["weights_path"] = str(variant_path(meta, weights))
     meta["generator"] = weights
     G = build_generator(meta)
-    G.load_state_dict(load_file(meta["weights_path"], device="cpu"))
+    try:
+        G.load_state_dict(load_file(meta["weights_path"], device="cpu"))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, a missing or misshapen tensor, ...
+        raise SnapshotError(f"{meta['weights_path']}: the weights do not load into the model its record "
+                            f"describes ({_first_line(exc)})") from None
     G.to(device).eval().requires_grad_(False)
     return G, meta
 
@@ -188,10 +246,12 @@ def list_snapshots(directory: str | Path) -> list[Path]:
 
 
 def prune_snapshots(run_dir: Path, keep: int, log: Callable[[str], None]) -> list[Path]:
-    """Delete old snapshots beyond the newest `keep` (0 = keep all), but never one that the
-    evaluation has not scored yet (no metrics.jsonl record with its sha256) nor one named in
-    best.json. The record goes first: a reader never sees weights without their JSON being
-    complete, and a half-pruned snapshot is simply incomplete."""
+    """Delete old snapshots beyond the newest `keep` (0 = keep all), but never one that the run's
+    main series has not scored (a score under the main protocol that `ganpipe watch` or the first
+    `eval --all` recorded, metrics/records.py: a one-off eval under another protocol protects
+    nothing; with no main protocol nothing is pruned) nor a best one (derived from metrics.jsonl,
+    and whatever best.json names). The record goes first: a reader never sees weights without
+    their JSON being complete, and a half-pruned snapshot is simply incomplete."""
     from pipeline.metrics.records import protected_snapshots
 
     if keep <= 0:
