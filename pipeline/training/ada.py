@@ -3,7 +3,7 @@ Networks with Limited Data"), written from the paper.
 
     ada = AdaptiveAugment(groups="blit,geom,color", target=0.6, speed_kimg=500, interval=4)
     real_logits = D(ada(real)); fake_logits = D(ada(fake))   # every image D sees, in D and G steps
-    ada.observe(real_logits)                                 # on the D step's real logits (no sync)
+    ada.observe(real_logits)                                 # D step's and lazy R1 step's real logits (no sync)
     ada.update(d_step, batch=global_batch)                   # after every D step (syncs every `interval`)
     for name, value in ada.stats().items(): report(name, value)
     ckpt["ada"] = ada.state_dict(); ada.load_state_dict(ckpt["ada"])
