@@ -210,7 +210,8 @@ def _extractor_arguments(p: argparse.ArgumentParser, several: bool = False) -> N
     p.add_argument("--weights", "--inception-weights", dest="inception_weights", default=None, metavar="PATH",
                    help="weights file of the extractor, or a directory holding each extractor's file "
                         "(inception-2015-12-05.pt, dinov2_vitb14_pretrain.pth, dinov2_vitl14_pretrain.pth); "
-                        f"default ${INCEPTION_ENV} / ${DINOV2_ENV}, else clean-fid's /tmp path / torch hub's "
+                        f"default ${INCEPTION_ENV} / ${DINOV2_ENV}, else ~/.cache/ganpipe ($XDG_CACHE_HOME/ganpipe) / "
+                        "torch hub's "
                         "checkpoints folder; nothing is downloaded. `--weights raw` / `--weights ema` is "
                         "--generator raw / ema")
     p.add_argument("--batch-size", type=int, default=250,

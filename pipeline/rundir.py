@@ -27,14 +27,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import sys
-import threading
-import time
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.io import write_json_atomic
+from pipeline.io import LockFile, write_json_atomic
 
 
 class RunDir:
@@ -163,81 +160,21 @@ class RunDir:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-class TrainerLock:
-    """One trainer per run directory, on any filesystem: RUN/.train.lock is created with O_EXCL
-    (atomic on local disks, NFS v3+ and Lustre, where flock may not work) and holds who owns it.
-    The owner refreshes its mtime every `HEARTBEAT_S` from a thread. A lock is stale when its
-    process is gone (same host) or its heartbeat is older than `STALE_S` (another host: a killed
-    job or a lost node); a stale lock is taken over by renaming it away first, which only one
-    newcomer can do."""
-
-    HEARTBEAT_S = 30.0
-    STALE_S = 180.0
+class TrainerLock(LockFile):
+    """One trainer per run directory: RUN/.train.lock (`io.LockFile`), tagged with the job attempt."""
 
     def __init__(self, run: RunDir):
-        self.path, self.owner, self._stop = run.train_lock, None, threading.Event()
+        super().__init__(run.train_lock, {"attempt": attempt()})
 
-    def acquire(self) -> None:
-        """Take the lock or raise UserError saying who holds it and what to do."""
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "attempt": attempt()}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder, age = self._holder()
-                if not self._stale(holder, age):
-                    raise UserError(
-                        f"{self.path.parent} is being trained by {holder.get('host', '?')} pid {holder.get('pid', '?')} "
-                        f"since {holder.get('since', '?')} (lock {self.path}, heartbeat {age:.0f} s ago); wait for "
-                        f"it to finish or stop it (touch {RunDir(self.path.parent).stop}), or, if that process "
-                        f"is gone, run again after {self.STALE_S:.0f} s without a heartbeat") from None
-                try:        # stale: move it aside (one newcomer wins), then try again
-                    os.rename(self.path, self.path.with_name(f"{self.path.name}.stale-{os.getpid()}"))
-                except FileNotFoundError:
-                    pass
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.owner = me
-            threading.Thread(target=self._beat, name="ganpipe-train-lock", daemon=True).start()
-            for old in self.path.parent.glob(f"{self.path.name}.stale-*"):
-                old.unlink(missing_ok=True)
-            return
-        raise UserError(f"{self.path}: could not take the trainer lock (another trainer is starting?); try again")
-
-    def release(self) -> None:
-        self._stop.set()
-        if self.owner is not None and self._holder()[0] == self.owner:
-            self.path.unlink(missing_ok=True)
-        self.owner = None
-
-    def _holder(self) -> tuple[dict, float]:
-        """(what the lock file says, seconds since its last heartbeat); ({}, 0) when it is gone."""
-        try:
-            age = time.time() - self.path.stat().st_mtime
-            holder = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return {}, 0.0
-        return (holder if isinstance(holder, dict) else {}), age
-
-    def _stale(self, holder: dict, age: float) -> bool:
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            try:
-                os.kill(holder["pid"], 0)
-            except ProcessLookupError:
-                return True                 # its process is gone
-            except PermissionError:
-                pass                        # alive, another user's
-            return False
-        return age > self.STALE_S
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass
+    def acquire(self) -> bool:
+        """Take the lock (True) or raise UserError saying who holds it and what to do."""
+        if super().acquire():
+            return True
+        h = self.holder
+        raise UserError(f"{self.path.parent} is being trained by {h.get('host', '?')} pid {h.get('pid', '?')} "
+                        f"since {h.get('since', '?')} (lock {self.path}, heartbeat {self.age:.0f} s ago); wait for it "
+                        f"to finish or stop it (touch {RunDir(self.path.parent).stop}), or, if that process is "
+                        f"gone, run again after {self.STALE_S:.0f} s without a heartbeat")
 
 
 def attempt() -> str:

@@ -23,7 +23,7 @@ import pipeline as ganpipe
 from conftest import REPO, cli
 from pipeline.errors import TrainingError, UserError
 from pipeline.io import sha256_file
-from pipeline.metrics.claims import Claim
+from pipeline.io import LockFile as Claim
 from pipeline.metrics.features import INCEPTION_FILE, PUBLISHED_SHA256, get_extractor, inception_path
 from pipeline.metrics.records import append_records, protocol_key, record_main_protocol
 from pipeline.rundir import RunDir

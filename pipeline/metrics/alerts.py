@@ -19,13 +19,11 @@ one, and a restarted watcher does not repeat those already written.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.metrics.records import HIGHER_IS_BETTER, append_records, best_of, current_series
-from pipeline.rundir import RunDir
+from pipeline.metrics.records import HIGHER_IS_BETTER, append_records, best_of, current_series, read_lines
 
 KIND = "alert"
 
@@ -82,18 +80,7 @@ def check(records: list[dict], rules: AlertRules, main: dict[str, tuple] | None 
 
 def recorded_alerts(run_dir: str | Path) -> list[dict]:
     """The alert lines of RUN/metrics.jsonl."""
-    path = RunDir(run_dir).metrics
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("kind") == KIND:
-            out.append(rec)
-    return out
+    return [rec for rec in read_lines(run_dir) if rec.get("kind") == KIND]
 
 
 def new_alerts(run_dir: str | Path, alerts: list[dict]) -> list[dict]:

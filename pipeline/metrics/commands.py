@@ -32,7 +32,7 @@ a restarted watcher continues where it stopped and never scores a snapshot twice
 (the trainer's end marker) exists, the watcher scores what is left and exits 0. SIGTERM or SIGINT
 stop it at once (a snapshot being scored is dropped and scored after a restart), also with exit 0.
 One watcher per run: a second one finds RUN/.watch.lock held and exits with an error. Whoever
-scores a snapshot holds a claim on it under its protocol (RUN/.claims/, claims.py), so
+scores a snapshot holds a claim on it under its protocol (RUN/.claims/, io.LockFile), so
 `eval --all` beside the watcher scores only what the watcher is not scoring, and neither scores a
 snapshot the other has scored.
 

@@ -24,7 +24,7 @@ which scores and writes (`records.py`). `ganpipe eval` and
 A snapshot that cannot be scored (a record of the wrong types, weights that do not fit its model
 or do not match its sha256, images no extractor takes) is a SnapshotError; `mark_bad` writes a
 `bad_snapshot` line to metrics.jsonl, and `pending` skips it from then on, until its files change.
-While a process scores a snapshot it holds a claim on it under its protocol (claims.py), so a
+While a process scores a snapshot it holds a claim on it under its protocol (io.LockFile), so a
 second scorer (`eval --all` beside `watch`) leaves it alone.
 """
 
@@ -43,8 +43,7 @@ import torch
 from pipeline import dist, generate
 from pipeline.data.manifest import MANIFEST
 from pipeline.errors import DataError, SnapshotError, UserError
-from pipeline.io import sha256_bytes
-from pipeline.metrics.claims import Claim
+from pipeline.io import LockFile, sha256_bytes
 from pipeline.metrics.features import CLASSIFIERS, Extractor, get_extractors, parse_extractors
 from pipeline.metrics.records import (BEST_METRICS, KIND_BAD, append_records, bad_marks, main_protocol,
                                       main_protocol_line, plot_metrics, protocol_key, read_lines, read_records,
@@ -277,7 +276,7 @@ class Evaluator:
         claim = None
         if self.rank == 0:
             key = f"{sha256_bytes(_bytes(json_path))[:24]}-{self.protocol_id()}"
-            claim = Claim(RunDir(self.run_dir).claim(key))
+            claim = LockFile(RunDir(self.run_dir).claim(key))
             if not claim.acquire():
                 self.log(f"{Path(json_path).stem} is being scored under this protocol by {claim.describe()}: left to it")
                 claim = None
