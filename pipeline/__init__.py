@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 # The Python API (pipeline/api.py), imported on first use so that `import pipeline` (and the CLI's
 # start-up) stays light: `import pipeline as ganpipe; ganpipe.load_generator(...)`.
-_API = ("Generator", "load_generator", "read_metrics", "best_snapshot")
+_API = ("Generator", "load_generator", "read_metrics", "best_snapshot", "latest_snapshot", "resolve_snapshot")
 
 
 def __getattr__(name: str):

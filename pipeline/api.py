@@ -10,6 +10,8 @@
 
     ganpipe.read_metrics("runs/mnist")        # every score of RUN/metrics.jsonl, as dicts
     ganpipe.best_snapshot("runs/mnist")       # Path of the best snapshot's .json (FID unless told)
+    ganpipe.latest_snapshot("runs/mnist")     # Path of the newest snapshot's .json
+    gen = ganpipe.load_generator("best", run_dir="runs/mnist")    # best, latest or a snapshot's name
     ganpipe.best_snapshot("runs/mnist", protocol={"num_gen": 1000, "split": "test"})   # another protocol's best
 
 Images follow the seeding convention of `ganpipe sample` and `ganpipe eval` (`pipeline.generate`):
@@ -115,10 +117,12 @@ class Generator:
         return path
 
 
-def load_generator(snapshot: str | Path, device: str | torch.device = "cpu") -> Generator:
-    """The EMA generator of a snapshot (its .json or .safetensors), on `device`. The weights are
+def load_generator(snapshot: str | Path | None = None, device: str | torch.device = "cpu",
+                   run_dir: str | Path | None = None) -> Generator:
+    """The EMA generator of a snapshot (its .json or .safetensors; or, with `run_dir`, "best",
+    "latest" (the default) or a snapshot's name in that run), on `device`. The weights are
     safetensors checked against the record's sha256; nothing is unpickled."""
-    module, meta = load_snapshot(snapshot, device=device)
+    module, meta = load_snapshot(resolve_snapshot(snapshot, run_dir), device=device)
     return Generator(module, meta)
 
 
@@ -162,6 +166,46 @@ def best_snapshot(run_dir: str | Path, metric: str | None = None, protocol: dict
     path = RunDir(run_dir).snapshot(best['snapshot'])
     if not path.is_file():
         raise SnapshotError(f"{path}: the best snapshot under {names[0]} is gone (moved or deleted)")
+    return path
+
+
+def latest_snapshot(run_dir: str | Path) -> Path:
+    """Path of the .json of the run's newest snapshot."""
+    from pipeline.training.snapshot import list_snapshots
+
+    found = list_snapshots(RunDir(run_dir).snapshots)
+    if not found:
+        raise UserError(f"{run_dir}: no snapshots yet in {RunDir(run_dir).snapshots} (training writes them "
+                        "every train.snapshot_kimg)")
+    return found[-1]
+
+
+def resolve_snapshot(snapshot: str | Path | None, run_dir: str | Path | None = None) -> Path:
+    """The snapshot record a command or the API means: with `run_dir`, `snapshot` is best, latest
+    (the default) or a name in it (`snapshot-000040000`); without, the path of a snapshot's .json or
+    .safetensors. A run directory or a checkpoint given as a snapshot is an error that says what to
+    pass instead."""
+    if run_dir is not None:
+        which = str(snapshot or "latest")
+        if which == "best":
+            return best_snapshot(run_dir)
+        if which == "latest":
+            return latest_snapshot(run_dir)
+        for path in (RunDir(run_dir).snapshot(which), RunDir(run_dir).snapshots / which, Path(which)):
+            if path.is_file():
+                return path
+        raise UserError(f"snapshot {which} not found in {RunDir(run_dir).snapshots}; pass best, latest or a name "
+                        "listed there")
+    if snapshot is None:
+        raise UserError("no snapshot given: pass --snapshot FILE.json, or --run RUN (its latest snapshot; "
+                        "--snapshot best|latest|NAME chooses)")
+    path = Path(snapshot)
+    if path.is_dir() and (RunDir(path).snapshots.is_dir() or RunDir(path).config.is_file()):
+        raise UserError(f"{path} is a run directory, not a snapshot: pass --run {path} (and --snapshot "
+                        "best|latest|NAME), or one of its snapshots/*.json")
+    if path.is_dir() and (path / "state.pt").is_file():
+        raise UserError(f"{path} is a training checkpoint (the full state, for resuming), not a snapshot: pass "
+                        f"--run {path.parent.parent} --snapshot latest, or a .json from its run's snapshots/")
     return path
 
 

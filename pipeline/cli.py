@@ -73,7 +73,7 @@ def index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--snapshot", required=True, type=Path, help="snapshot .json (or .safetensors) from RUN/snapshots")
+    _snapshot_arguments(p)
     # pipeline.export.FORMATS (not imported here: it loads torch)
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"),
                    help="onnx (needs the export extra: onnx, onnxruntime) or torchscript")
@@ -95,7 +95,7 @@ def config_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sample_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--snapshot", required=True, type=Path, help="snapshot .json (or .safetensors) from RUN/snapshots")
+    _snapshot_arguments(p)
     p.add_argument("--num", type=int, default=64, help="number of images")
     p.add_argument("--out", required=True, type=Path, help="an image file (.png, .jpg, .webp) for a grid, or a directory")
     p.add_argument("--seed", type=int, default=0, help="seed: image i depends only on (seed, i)")
@@ -108,6 +108,13 @@ def sample_arguments(p: argparse.ArgumentParser) -> None:
     _truncation_arguments(p)
 
 
+def _snapshot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--snapshot", default=None,
+                   help="a snapshot's .json (or .safetensors) from RUN/snapshots; with --run: best, latest or a "
+                        "snapshot's name (default latest)")
+    p.add_argument("--run", default=None, type=Path, help="a run directory: take the snapshot from it")
+
+
 def _label_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label", default=None, metavar="CLASS",
                    help="class of every image (conditional snapshots): its name, as `ganpipe prepare` kept it in "
@@ -116,7 +123,7 @@ def _label_argument(p: argparse.ArgumentParser) -> None:
 
 def _snapshot_image_arguments(p: argparse.ArgumentParser) -> None:
     """What every command that draws a snapshot's images takes besides its own options."""
-    p.add_argument("--snapshot", required=True, type=Path, help="snapshot .json (or .safetensors) from RUN/snapshots")
+    _snapshot_arguments(p)
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
     _generator_argument(p)
     _truncation_arguments(p)
@@ -251,7 +258,7 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     _scoring_arguments(p)
     which = p.add_mutually_exclusive_group()
     which.add_argument("--snapshot", default=None,
-                       help="snapshot to score (.json or .safetensors; a bare name is looked up in RUN/snapshots)")
+                       help="snapshot to score: best, latest, a name in RUN/snapshots, or a .json/.safetensors path")
     which.add_argument("--all", action="store_true", help="every complete snapshot not yet scored under this protocol")
     p.add_argument("--force", action="store_true", help="with --all: score already scored snapshots again")
     p.add_argument("--main", action="store_true",
@@ -557,6 +564,14 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         args.overrides = [*args.overrides, *rest]
     args._argv = argv
+    if hasattr(args, "run") and hasattr(args, "snapshot"):         # every command that reads one snapshot
+        try:
+            from pipeline.api import resolve_snapshot
+
+            args.snapshot = resolve_snapshot(args.snapshot, args.run)
+        except UserError as exc:
+            print(f"ganpipe {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     # `--weights raw|ema` (the name users also reach for) chooses the generator when no such file exists.
     if hasattr(args, "generator") and getattr(args, "inception_weights", None) in ("raw", "ema") \
             and not Path(args.inception_weights).exists():

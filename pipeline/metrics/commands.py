@@ -104,17 +104,12 @@ def parse_best_metrics(text: str | None) -> list[str] | None:
 # ---------------------------------------------------------------------------------------------
 # ganpipe eval
 
-def _resolve_snapshot(run_dir: Path, name: str) -> Path:
-    for path in (Path(name), RunDir(run_dir).snapshots / name, RunDir(run_dir).snapshot(name)):
-        if path.is_file():
-            return path
-    raise UserError(f"snapshot {name} not found (looked in . and {RunDir(run_dir).snapshots})")
-
-
 def _select(ev: Evaluator, args: argparse.Namespace) -> list[str]:
     """Snapshot JSON paths to score, in order (decided on rank 0)."""
     if args.snapshot:
-        return [str(_resolve_snapshot(args.run_dir, args.snapshot))]
+        from pipeline.api import resolve_snapshot
+
+        return [str(resolve_snapshot(args.snapshot, args.run_dir))]
     found = [str(p) for p in list_snapshots(RunDir(args.run_dir).snapshots)]
     if not found:
         raise UserError(f"no snapshots in {RunDir(args.run_dir).snapshots} yet (training writes them "
