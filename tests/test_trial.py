@@ -133,3 +133,18 @@ def test_a_new_run_writes_a_grid_of_real_images_beside_its_fakes(tmp_path, mnist
     assert np.array_equal(grid, grid_array(np.stack(found[0][:16])))     # log.grid_size=16 of TINY
     with Image.open(next(RunDir(run).samples.glob("fakes-*.png"))) as fakes:
         assert fakes.size == (grid.shape[2], grid.shape[1])              # the same layout as the fakes
+
+
+def test_a_shape_override_that_the_data_does_not_have_is_refused_not_recorded(tmp_path, mnist_dir):
+    from conftest import cli
+
+    run = tmp_path / "run"
+    for override, message in (("data.resolution=128", "data.resolution=128 but"),
+                              ("data.channels=3", "data.channels=3 but")):
+        out = cli("train", "--config", "configs/mnist_dcgan.yaml", "--run-dir", str(run), f"data.path={mnist_dir}",
+                  *TINY, override, check=False)
+        assert out.returncode == 2 and message in out.stderr and "manifest says" in out.stderr, out.stderr[-800:]
+        assert not RunDir(run).config.exists()           # nothing recorded
+    out = cli("train", "--config", "configs/mnist_dcgan.yaml", "--run-dir", str(run), f"data.path={mnist_dir}",
+              *TINY, "data.resolution=28", "data.channels=1", "--dry-run")
+    assert "one batch (16, 1, 28, 28) read" in out.stdout    # the manifest's own shape is accepted

@@ -126,11 +126,14 @@ class ShardSet:
                 raise DataError(f"{printable(str(p))}: no split '{printable(split)}' in the manifest "
                                 f"(has: {printable(', '.join(m['splits']))}); "
                                 "set data.split")
-            if num_classes and num_classes != m["num_classes"]:
-                raise DataError(f"data.num_classes={num_classes} but {printable(str(p))}'s manifest says "
-                                f"{m['num_classes']} "
-                                "classes; set data.num_classes=0 (the manifest's count) or point data.path "
-                                "at the intended data")
+            # The data's shape is the manifest's: a different one asked for is refused, never ignored
+            # (the run directory would record a shape that was not trained).
+            for key, asked, has in (("num_classes", num_classes, m["num_classes"]),
+                                    ("resolution", resolution, m["resolution"]), ("channels", channels, m["channels"])):
+                if asked and asked != has:
+                    again = "" if key == "num_classes" else f", re-prepare the data with `ganpipe prepare --{key} {asked}`"
+                    raise DataError(f"data.{key}={asked} but {printable(str(p))}'s manifest says {has}; set "
+                                    f"data.{key}=0 (the manifest's){again}, or point data.path at the intended data")
             shards = m["splits"][split]["shards"]
             # Every size now (a stat each), every hash when its shard is first read (`open`).
             for shard in shards:
