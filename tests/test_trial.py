@@ -148,3 +148,22 @@ def test_a_shape_override_that_the_data_does_not_have_is_refused_not_recorded(tm
     out = cli("train", "--config", "configs/mnist_dcgan.yaml", "--run-dir", str(run), f"data.path={mnist_dir}",
               *TINY, "data.resolution=28", "data.channels=1", "--dry-run")
     assert "one batch (16, 1, 28, 28) read" in out.stdout    # the manifest's own shape is accepted
+
+
+def test_prepare_writes_the_same_manifest_twice_even_with_unreadable_files(tmp_path):
+    from PIL import Image
+
+    from pipeline.data.prepare import prepare
+
+    photos = tmp_path / "photos" / "cats"
+    photos.mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (20, 20), (40 * i, 10, 200)).save(photos / f"{i}.png")
+    (photos / "notes.jpg").write_text("not an image at all")     # PIL's error names a BytesIO and its address
+    (photos / "empty.jpg").write_bytes(b"")
+    manifests = []
+    for out in ("a", "b"):
+        prepare(f"folder:{tmp_path / 'photos'}", tmp_path / out, resolution=16, workers=1, progress=False)
+        manifests.append((tmp_path / out / "manifest.json").read_bytes())
+    assert b"notes.jpg" in manifests[0] and b" at 0x" not in manifests[0]
+    assert manifests[0] == manifests[1]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,9 @@ def load_and_encode(task: tuple[Any, Encoding]) -> tuple[bytes | None, str | Non
             image, changed = to_square(image, enc.resolution, enc.crop, enc.background), True
         changed = changed or converted
     except Exception as exc:  # unreadable file: reported and skipped by the caller
-        return None, f"{type(exc).__name__}: {exc}"
+        # No object addresses (PIL names "<_io.BytesIO object at 0x7f...>"): the manifest, which
+        # keeps these reasons, must be the same bytes on every rerun.
+        return None, re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
     if enc.format == "keep" and not changed and source_bytes is not None and image.format in KEEPABLE:
         try:
             decode_image(source_bytes, enc.channels, enc.resolution)      # what every reader will do
