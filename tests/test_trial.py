@@ -167,3 +167,19 @@ def test_prepare_writes_the_same_manifest_twice_even_with_unreadable_files(tmp_p
         manifests.append((tmp_path / out / "manifest.json").read_bytes())
     assert b"notes.jpg" in manifests[0] and b" at 0x" not in manifests[0]
     assert manifests[0] == manifests[1]
+
+
+def test_the_mnist_extractor_is_refused_on_data_it_was_not_made_for(tmp_path):
+    from conftest import cli, make_npz
+    from pipeline.config import Config, DataConfig, dump_config
+    from pipeline.data.prepare import prepare
+
+    prepare(f"npz:{make_npz(tmp_path / 'c.npz', 20, 64, channels=3)}", tmp_path / "photos", workers=1,
+            progress=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    dump_config(Config(data=DataConfig(path=str(tmp_path / "photos"))), RunDir(run).config)
+    out = cli("eval", "--run-dir", str(run), "--all", "--extractor", "mnist", check=False)
+    assert out.returncode == 2, out.stderr
+    assert "--extractor mnist scores grey digits" in out.stderr and "3-channel 64 px images" in out.stderr
+    assert "inception-2015-12-05.pt" in out.stderr and "dinov2_vitb14_pretrain.pth" in out.stderr

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 
 from pipeline import dist, generate
-from pipeline.data.manifest import MANIFEST
+from pipeline.data.manifest import MANIFEST, read_manifest
 from pipeline.errors import DataError, SnapshotError, UserError
 from pipeline.io import LockFile, sha256_bytes
-from pipeline.metrics.features import CLASSIFIERS, Extractor, get_extractors, parse_extractors
+from pipeline.metrics.features import CLASSIFIERS, Extractor, check_data, get_extractors, parse_extractors
 from pipeline.metrics.records import (BEST_METRICS, KIND_BAD, append_records, bad_marks, main_protocol,
                                       main_protocol_line, plot_metrics, protocol_key, read_lines, read_records,
                                       record_main_protocol, scores, sync_best, write_best)
@@ -124,6 +124,8 @@ class Evaluator:
         self.best_metrics = list(best_metrics or BEST_METRICS)
         self.specs: dict[str, Metric] = {m: METRICS.get(m) for m in metrics}
         names = parse_extractors(extractor)
+        shape = read_manifest(self.data_dir)
+        check_data(names, shape["channels"], shape["resolution"], f"the reference data {self.data_dir}")
         if any(s.classes for s in self.specs.values()) and not set(names) & set(CLASSIFIERS):
             # Checked before any network is loaded: the IS needs a classifier among the extractors.
             raise UserError(f"--metrics is needs class logits, which {', '.join(names)} lack{'s' * (len(names) == 1)}: "

@@ -186,6 +186,25 @@ def parse_extractors(text: str) -> list[str]:
     return names
 
 
+# What an extractor was made for, where that is narrower than any image: (does the data fit, in words).
+MADE_FOR = {"mnist": (lambda channels, resolution: channels == 1 and resolution <= 32,
+                      "grey digits of at most 32 px (it was trained on MNIST)")}
+
+
+def check_data(names: list[str], channels: int, resolution: int, where: str) -> None:
+    """Refuse an extractor on data it was not made for: its scores would move without meaning."""
+    from pipeline.errors import UserError
+
+    for name in names:
+        if name in MADE_FOR and not MADE_FOR[name][0](channels, resolution):
+            raise UserError(
+                f"--extractor {name} scores {MADE_FOR[name][1]}, but {where} holds {channels}-channel "
+                f"{resolution} px images: its scores would mean nothing there. Use inception (the FID of the "
+                f"literature; needs {INCEPTION_FILE}: --weights FILE or ${INCEPTION_ENV}) or dinov2-b14 / "
+                f"dinov2-l14 (need {', '.join(f for _, f, _ in DINOV2.values())}: --weights FILE or "
+                f"${DINOV2_ENV}); nothing is downloaded (docs/evaluation.md)")
+
+
 def get_extractors(names: list[str], device: str | torch.device = "cpu", weights: str | Path | None = None
                    ) -> list[Extractor]:
     """Several extractors at once; `weights` must then be a directory (each takes its own file from it)."""
