@@ -310,6 +310,9 @@ def compare_arguments(p: argparse.ArgumentParser) -> None:
                         "is, or a full name such as fid_inception (default fid)")
     p.add_argument("--extractor", default=None, help="only this extractor's scores (when runs hold several)")
     p.add_argument("--out", type=Path, default=Path("compare.png"), help="figure to write (default compare.png)")
+    p.add_argument("--label", action="append", default=None, metavar="NAME",
+                   help="what to call each run in the table and legend, once per run in order "
+                        "(default: its path)")
 
 
 # -- benchmarks ----------------------------------------------------------------------------------

@@ -364,6 +364,10 @@ def test_compare_plots_runs_and_refuses_to_mix_protocols(tmp_path, mnist_dir, mn
         row = next(line for line in lines if line.startswith(str(run) + " "))
         assert row.split() == [str(run), best["snapshot"], f"{best['kimg']:g}", f"{best['value']:.6g}", "2"]
     assert any(line.startswith("recall_mnist (highest is best)") and "k 3" in line for line in lines)
+    labelled = cli("compare", str(a), str(b), "--label", "baseline", "--label", "rpgan", "--out", str(png))
+    assert [line.split()[0] for line in labelled.stdout.splitlines()[2:4]] == ["baseline", "rpgan"], labelled.stdout
+    bad = cli("compare", str(a), str(b), "--label", "one", "--out", str(png), check=False)
+    assert bad.returncode == 2 and "--label given 1 times for 2 runs" in bad.stderr
 
     # b scored anew under another protocol (N = 200) only: nothing in common with a.
     b2 = make_run(tmp_path / "b2", mnist_dir, {1000: mlp_generator(1)})

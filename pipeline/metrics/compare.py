@@ -81,20 +81,20 @@ def describe(rec: dict) -> str:
             f"{rec['extractor']} {rec['resize']}{extra}")
 
 
-def table(name: str, series: dict[Path, list[dict]]) -> str:
+def table(name: str, series: dict[Path, list[dict]], labels: dict[Path, str] | None = None) -> str:
     first = next(iter(series.values()))[-1]
     better = "highest" if first["metric"] in HIGHER_IS_BETTER else "lowest"
     rows = [("run", "best snapshot", "kimg", name, "snapshots")]
     for run, recs in series.items():
         b = best_of(recs)
-        rows.append((str(run), b["snapshot"], f"{b['kimg']:g}", f"{b['value']:.6g}", str(len(recs))))
+        rows.append(((labels or {}).get(run, str(run)), b["snapshot"], f"{b['kimg']:g}", f"{b['value']:.6g}", str(len(recs))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"{name} ({better} is best): {describe(first)}"]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     return "\n".join(lines)
 
 
-def plot(panels: list[tuple[str, dict[Path, list[dict]]]], out: Path) -> Path:
+def plot(panels: list[tuple[str, dict[Path, list[dict]]]], out: Path, labels: dict[Path, str] | None = None) -> Path:
     from pipeline.extras import require
 
     require("matplotlib", "plots", "compare's figure")
@@ -110,7 +110,7 @@ def plot(panels: list[tuple[str, dict[Path, list[dict]]]], out: Path) -> Path:
             color = f"C{j % 10}"
             x, y = [r["kimg"] for r in recs], [r["value"] for r in recs]
             values += y
-            ax.plot(x, y, marker="o", ms=3, lw=1.2, color=color, label=str(run))
+            ax.plot(x, y, marker="o", ms=3, lw=1.2, color=color, label=(labels or {}).get(run, str(run)))
             b = best_of(recs)
             ax.plot([b["kimg"]], [b["value"]], marker="*", ms=12, color=color, ls="none")
         if min(values) > 0 and max(values) / min(values) > 20:
@@ -125,6 +125,13 @@ def plot(panels: list[tuple[str, dict[Path, list[dict]]]], out: Path) -> Path:
     return out
 
 
+def run_labels(runs: list[Path], given: list[str] | None) -> dict[Path, str]:
+    """What each run is called in the table and the legend: `--label`s in run order, else its path."""
+    if given and len(given) != len(runs):
+        raise UserError(f"--label given {len(given)} times for {len(runs)} runs: one label per run, in order")
+    return dict(zip(runs, given or [str(run) for run in runs]))
+
+
 def compare_command(args: argparse.Namespace) -> int:
     runs = [Path(r) for r in args.runs]
     for run in runs:
@@ -133,9 +140,10 @@ def compare_command(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
     if not metrics:
         raise UserError("--metric is empty; name one, e.g. --metric fid")
+    labels = run_labels(runs, args.label)
     panels = [comparable_series(runs, m, args.extractor) for m in metrics]
     for name, series in panels:
-        print(table(name, series) + "\n")
+        print(table(name, series, labels) + "\n")
     if args.out is not None:
-        print(f"wrote {plot(panels, args.out)}")
+        print(f"wrote {plot(panels, args.out, labels)}")
     return 0
