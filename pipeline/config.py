@@ -166,7 +166,7 @@ class AugmentConfig:
 class SpeedConfig:
     """How the same arithmetic is run fast: precision, memory format, kernels; none changes what is computed beyond rounding."""
     mixed_precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))  # autocast dtype (auto: bf16 on capable GPUs, fp32 on CPU)
-    channels_last: bool = opt(True)              # NHWC memory format for conv nets' weights and activations (measured: +8-15% for DCGAN-32 on CPU)
+    channels_last: bool = opt(True)              # NHWC memory format for conv nets' weights and activations (faster convolutions; docs/benchmarks.md)
     joint_d_forward: bool = opt(True)            # D's step runs D once on cat(reals, fakes) where D treats samples independently (no BatchNorm, no minibatch stddev); two forwards otherwise
     compile: str = opt("off", choices=("off", "inductor", "aot_eager"))  # torch.compile backend for G's and D's forwards in the main phases (penalties stay eager: double backward)
     cudnn_benchmark: bool = opt(True)            # CUDA only: cuDNN times conv algorithms per shape and keeps the fastest (StyleGAN2-ADA's default)

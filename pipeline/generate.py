@@ -22,9 +22,8 @@ conditional networks unless one class is fixed. So image i depends only on (S, i
 the same process and not on torch's global RNG (which is left untouched).
 
 Bit-identical, not just the same image: on the CPU, matmul and conv kernels give bitwise different
-rows for different batch sizes (measured with torch 2.14 on this project's CPUs, one thread, 40
-images cut into batches of 1 to 32: resnet and stylegan2 rows changed for every batch size, mlp's
-for batches of 1 to 3 and 13, by up to 1e-5; dcgan happened to agree). So G always runs on the
+rows for different batch sizes (by up to about 1e-5; `tests/test_generate.py` checks the images do
+not depend on the batch). So G always runs on the
 same index-aligned micro-batches of `MICRO_BATCH` images, [0, 16), [16, 32), ..., each computed
 from exactly the same inputs whatever range was asked for (the images of a micro-batch outside
 the range are computed and dropped); `batch` only groups how many images are drawn and moved to

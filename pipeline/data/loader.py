@@ -177,9 +177,7 @@ AUTO_WORKERS_GPU = 2
 def auto_workers(configured: int, device: torch.device | str | None) -> int:
     """`data.num_workers`, with -1 (auto) resolved: 2 per process when training on a GPU, where
     decoding overlaps the device's work; 0 on a CPU-only run, where torch's threads already fill
-    every core. Measured on 2 cores (`ganpipe bench train`): a loader worker costs the MLP 8-15% of
-    its throughput, first epoch included, and leaves the DCGAN within noise (decoded samples are
-    cached after the first pass in either case)."""
+    every core and a worker would take cycles from them (`ganpipe bench train`, docs/benchmarks.md)."""
     if configured >= 0:
         return configured
     return AUTO_WORKERS_GPU if device is not None and torch.device(device).type == "cuda" else 0
