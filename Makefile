@@ -7,7 +7,7 @@ DATA ?= data/mnist
 CONFIG ?= configs/mnist_rpgan.yaml
 RUN ?= runs/mnist_rpgan
 
-.PHONY: demo test bench bench-gpu clean-venv
+.PHONY: demo test bench bench-gpu gpu-check clean-venv
 
 # Every extra, at the exact versions the tests run with (constraints.txt; pyproject.toml states ranges).
 $(STAMP): pyproject.toml constraints.txt
@@ -39,6 +39,15 @@ bench: $(STAMP)
 bench-gpu: $(STAMP)
 	$(BIN)/ganpipe bench train --cases dcgan32 resnet32 stylegan2-256 --precision fp32 bf16 fp16 \
 		--repeats 1 --kimg 4 --skip-multiprocess --sync-debug
+
+# On a machine with a CUDA GPU, one bounded command: the device suite (tests/test_device.py on CUDA), then
+# bench-gpu's cases and R3GAN at CIFAR-10 size under bf16, fp16 and fp32 and a few speed levers, within
+# GPU_CHECK_BUDGET_S seconds; a JSON + Markdown report in the directory named on its last line (docs/gpu.md).
+# Without a CUDA device it says so in one line and exits 2; GPU_CHECK_ARGS=--dry-run runs it on the CPU at toy size.
+GPU_CHECK_BUDGET_S ?= 480
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	$(BIN)/python tools/gpu_check.py --budget-s $(GPU_CHECK_BUDGET_S) $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -16,6 +16,50 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The device suite (tests/test_device.py): its tests carry the marker `device` and run on the device
+# named here, `cuda` on a GPU machine (`make gpu-check` sets it) or `cpu` to run the same bodies on
+# this machine; unset, each of them skips with one line saying so, and CPU CI is unchanged.
+DEVICE_ENV = "GANPIPE_TEST_DEVICE"
+
+
+def device_under_test() -> tuple[torch.device | None, str]:
+    """(the device the suite runs on, "") or (None, the one-line reason its tests skip)."""
+    asked = os.environ.get(DEVICE_ENV, "")
+    if not asked:
+        return None, f"device suite: set {DEVICE_ENV}=cuda on a GPU machine (or =cpu) to run it"
+    if asked == "cuda" and not torch.cuda.is_available():
+        return None, f"{DEVICE_ENV}=cuda, but torch {torch.__version__} sees no CUDA device"
+    return torch.device(asked), ""
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"device: a test of the device suite; runs on ${DEVICE_ENV} (cuda or cpu), "
+                                       "else skips saying so")
+    asked = os.environ.get(DEVICE_ENV, "")
+    if asked not in ("", "cuda", "cpu"):
+        raise pytest.UsageError(f"{DEVICE_ENV}={asked!r}: choose cuda or cpu (or leave it unset)")
+    if asked == "cuda":
+        # cuBLAS is deterministic only with a fixed workspace, read when its first handle is made:
+        # the resume tests ask torch for deterministic algorithms.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def pytest_collection_modifyitems(config, items):
+    device, reason = device_under_test()
+    if device is None:
+        for item in items:
+            if item.get_closest_marker("device") is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device of the device suite (the tests that use it are marked `device`)."""
+    found, reason = device_under_test()
+    if found is None:
+        pytest.skip(reason)
+    return found
+
 
 # Commands that hold no signal handlers, loops or process groups of their own: run in this process
 # by `cli` (through the same `pipeline.cli.main` as the `ganpipe` entry point), which spares each

@@ -40,6 +40,7 @@ import torch
 from pipeline.bench.loader import smooth_rgb
 from pipeline.catalog import load_config
 from pipeline.data.loader import ShardSet, StreamLoader
+from pipeline.data.manifest import MANIFEST
 from pipeline.data.prepare import prepare
 from pipeline.losses import build_loss, build_penalties
 from pipeline.networks import build_networks
@@ -49,7 +50,8 @@ CASES = {
     # The bare loop draws fresh latents for G's step, so the trainer does too here (the config
     # reuses D's fakes, as the DCGAN example below does).
     "dcgan32": {"config": "configs/cifar10_dcgan.yaml", "data": "rgb32",
-                "overrides": ["loss.penalties=[{name: r1, weight: 0.1, interval: 4}]", "train.reuse_fakes=false"]},
+                "overrides": ["loss.penalties=[{name: r1, weight: 0.1, interval: 4}]", "train.reuse_fakes=false",
+                              "model.d_norm=none"]},      # R1 needs a per-sample D
     "mlp-mnist": {"config": "configs/mnist_mlp.yaml", "data": "mnist", "overrides": []},
     "dcgan64-example": {"config": "configs/cifar10_dcgan.yaml", "data": "rgb64", "overrides": ["data.hflip=false"],
                         "bare": "example"},
@@ -58,6 +60,11 @@ CASES = {
     # path length (the bare loop has no G regulariser), beside the published 12.53 s/kimg.
     "resnet32": {"config": "configs/cifar10_sngan_hinge.yaml", "data": "rgb32",
                  "overrides": ["optim.lr_schedule={kind: constant}"]},
+    # R3GAN at CIFAR-10 size (`make gpu-check`): config E's networks and batch 512, RpGAN + R1 + R2
+    # every step; unconditional and without ADA, as the bare loop has neither (ADA's p starts at 0
+    # in the config anyway).
+    "r3gan32": {"config": "configs/cifar10_r3gan.yaml", "data": "rgb32",
+                "overrides": ["model.conditional=false", "augment.ada_groups="]},
     "stylegan2-256": {"config": "configs/ffhq256_stylegan2.yaml", "data": "rgb256",
                       "overrides": ["loss.penalties=[{name: r1, weight: 1.0, interval: 16}]", "data.num_workers=-1"],
                       "published": {"s_per_kimg": 12.53, "what": "StyleGAN2 at 256 px on one A100, with path length "
@@ -146,7 +153,7 @@ def example_rate(data: Path, kimg: float, threads: int, batch: int = 64) -> dict
 
 
 def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg: float, procs: int,
-                 threads: int, precision: str = "fp32") -> dict:
+                 threads: int, precision: str = "fp32", timeout_s: float | None = None) -> dict:
     tick = kimg / 8
     args = ["train", "--config", config, "--run-dir", str(run), f"data.path={data}",
             f"train.total_kimg={kimg}", f"train.tick_kimg={tick}", f"train.snapshot_kimg={kimg / 2}",
@@ -161,7 +168,7 @@ def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg:
                "--main_process_port", "29561", "-m", "pipeline", *args]
     t0 = time.perf_counter()
     with GpuUtilisation() as util:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"trainer failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -180,7 +187,8 @@ def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg:
             # process start to the first step, plus the exit after the last: the wall time the loop did not see
             "startup_and_exit_s": round(wall - rows[-1]["Timing/total_s"], 1),
             "s_per_kimg": round(1000 / rate(rows[len(rows) // 2], rows[-1]), 2),
-            **({"gpu_utilisation_percent": util.summary()} if util.samples else {})}
+            **({"gpu_utilisation_percent": util.summary()} if util.samples else {}),
+            **({"gpu_peak_gb": round(max(r["Mem/gpu_peak_gb"] for r in rows), 3)} if "Mem/gpu_peak_gb" in rows[-1] else {})}
 
 
 class GpuUtilisation:
@@ -240,7 +248,9 @@ def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, thread
               precision: str = "fp32") -> dict:
     """The same networks, batch, loss, penalty and D steps per G step as a plain loop over
     in-memory tensors on the device, under autocast for bf16 and fp16 (with a GradScaler per
-    optimizer for fp16, the PyTorch AMP recipe)."""
+    optimizer for fp16, the PyTorch AMP recipe). Penalties every D step join D's loss (one
+    backward, as the trainer does); lazy ones get their own step. A relativistic loss pairs G's
+    fakes with D's logits of a real batch, taken without gradient, as the trainer does."""
     torch.set_num_threads(threads)
     cfg = load_config(config, overrides)
     dev, dtype = bench_device(), DTYPES[precision]
@@ -253,6 +263,8 @@ def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, thread
     G, D = G.to(dev), D.to(dev)
     loss_fn = build_loss(cfg.loss)
     penalties = [p for p in build_penalties(cfg.loss) if p.side == "D"]    # the bare loop has no G regulariser
+    every_step = [p for p in penalties if p.interval == 1]
+    lazy = [p for p in penalties if p.interval > 1]
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.optim.g_lr, betas=tuple(cfg.optim.g_betas))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.optim.d_lr, betas=tuple(cfg.optim.d_betas))
     scale_G, scale_D = (torch.amp.GradScaler(dev.type, enabled=dtype == torch.float16) for _ in range(2))
@@ -275,21 +287,29 @@ def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, thread
                 fake = G(torch.randn(b, G.z_dim, device=dev))
             with autocast():
                 loss = loss_fn.d_loss(D(real).float(), D(fake).float())
+                for penalty in every_step:
+                    loss = loss + penalty(D, real, fake, scaler=scale_D)[0]
             update(opt_D, scale_D, loss)
-            for penalty in penalties:
+            for penalty in lazy:
                 if d_steps[0] % penalty.interval == 0:
                     with autocast():
                         pen, _ = penalty(D, real, fake, scaler=scale_D)
                     update(opt_D, scale_D, pen)
             d_steps[0] += 1
         with autocast():
-            g_loss = loss_fn.g_loss(D(G(torch.randn(b, G.z_dim, device=dev))).float())
+            real_logits = None
+            if loss_fn.relativistic:
+                with torch.no_grad():
+                    real_logits = D(reals[torch.randint(len(reals), (b,), device=dev)]).float()
+            g_loss = loss_fn.g_loss(D(G(torch.randn(b, G.z_dim, device=dev))).float(), real_logits)
         update(opt_G, scale_G, g_loss)
 
     for _ in range(3):
         one_step()
     steps = max(1, int(kimg / 2 * 1000 / (b * cfg.train.n_critic)))   # the trainer's steady-state window: half its run
     synchronize(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     for _ in range(steps):
         one_step()
@@ -297,7 +317,22 @@ def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, thread
     rate = steps * b * cfg.train.n_critic / (time.perf_counter() - t0)
     return {"images_per_s": round(rate, 1), "s_per_kimg": round(1000 / rate, 2), "threads": threads,
             "steps": steps, "precision": precision, "device": dev.type,
-            "params": {"G": sum(p.numel() for p in G.parameters()), "D": sum(p.numel() for p in D.parameters())}}
+            "params": {"G": sum(p.numel() for p in G.parameters()), "D": sum(p.numel() for p in D.parameters())},
+            **({"gpu_peak_gb": round(torch.cuda.max_memory_allocated(dev) / 2**30, 3)} if dev.type == "cuda" else {})}
+
+
+def prepare_dataset(root: Path, key: str, workers: int = 2, sizes: dict[str, tuple[int, int]] = DATASETS) -> Path:
+    """The prepared data of `key` (a DATASETS key, or "mnist") under `root`, made if missing."""
+    out = root / key
+    if (out / MANIFEST).is_file():
+        return out
+    if key == "mnist":
+        prepare("mnist", out, shard_size=500, workers=workers, progress=False)
+        return out
+    n, res = sizes[key]
+    np.savez(root / f"{key}.npz", images=smooth_rgb(n, res), labels=np.zeros(n, dtype=np.int64))
+    prepare(f"npz:{root / f'{key}.npz'}", out, shard_size=512 if res < 256 else 128, workers=workers, progress=False)
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -305,15 +340,7 @@ def run(args: argparse.Namespace) -> dict:
     precisions = getattr(args, "precision", None) or ["fp32"]
     with tempfile.TemporaryDirectory(prefix="ganpipe-bench-train-") as tmp:
         tmp = Path(tmp)
-        data = {key: tmp / key for key in (*DATASETS, "mnist")}
-        needed = {CASES[name]["data"] for name in args.cases}
-        for key, (n, res) in DATASETS.items():
-            if key in needed:
-                np.savez(tmp / f"{key}.npz", images=smooth_rgb(n, res), labels=np.zeros(n, dtype=np.int64))
-                prepare(f"npz:{tmp / f'{key}.npz'}", data[key], shard_size=512 if res < 256 else 128,
-                        workers=2, progress=False)
-        if "mnist" in needed:
-            prepare("mnist", data["mnist"], shard_size=500, workers=2, progress=False)
+        data = {key: prepare_dataset(tmp, key) for key in dict.fromkeys(CASES[name]["data"] for name in args.cases)}
         for name in args.cases:
             for precision in precisions:
                 key = name if precision == "fp32" else f"{name}-{precision}"
@@ -321,13 +348,14 @@ def run(args: argparse.Namespace) -> dict:
     return {"device": bench_device().type, "repeats": args.repeats, "trainer_overrides": args.set, "cases": results}
 
 
-def sync_debug_run(config: str, data: Path, run: Path, overrides: list[str], kimg: float, precision: str) -> dict:
+def sync_debug_run(config: str, data: Path, run: Path, overrides: list[str], kimg: float, precision: str,
+                   timeout_s: float | None = None) -> dict:
     """The trainer once more with `speed.sync_debug=true`: on a GPU every step after the first tick
     runs under torch's sync debug mode "error", so the run finishes only if no step waits for the
     device; the error names the line that did. On a CPU the option does nothing (`checked` false)."""
     try:
         trainer_rate(config, data, run, [*overrides, "speed.sync_debug=true"], kimg, procs=1, threads=2,
-                     precision=precision)
+                     precision=precision, timeout_s=timeout_s)
         return {"checked": bench_device().type == "cuda", "passed": True}
     except RuntimeError as exc:
         return {"checked": True, "passed": False, "error": str(exc)[-1500:]}
@@ -341,8 +369,13 @@ def measure_case(name: str, case: dict, data: Path, tmp: Path, args: argparse.Na
                  precision: str = "fp32") -> dict:
     """`args.repeats` rounds of (bare loop, trainer 1 x 2[, trainer 2 x 1]) back to back, so that
     each ratio compares runs a few seconds apart on this noisy machine; medians over the rounds,
-    every round kept in `runs`."""
+    every round kept in `runs`. With `args.deadline` (a time.monotonic() value, `make gpu-check`'s
+    budget) a trainer still running then is stopped: subprocess.TimeoutExpired."""
     overrides = [*case["overrides"], *args.set]
+    deadline = getattr(args, "deadline", None)
+
+    def left() -> float | None:
+        return None if deadline is None else max(1.0, deadline - time.monotonic())
     bares, fulls, multis = [], [], []
     for r in range(args.repeats):
         if case.get("bare") == "example":
@@ -350,7 +383,7 @@ def measure_case(name: str, case: dict, data: Path, tmp: Path, args: argparse.Na
         else:
             bares.append(bare_rate(case["config"], data, case["overrides"], args.kimg, threads=2, precision=precision))
         fulls.append(trainer_rate(case["config"], data, tmp / f"run-{name}-{precision}-1x2-{r}", overrides,
-                                  args.kimg, procs=1, threads=2, precision=precision))
+                                  args.kimg, procs=1, threads=2, precision=precision, timeout_s=left()))
         if not args.skip_multiprocess:
             multis.append(trainer_rate(case["config"], data, tmp / f"run-{name}-{precision}-2x1-{r}", overrides,
                                        args.kimg, procs=2, threads=1, precision=precision))
@@ -373,7 +406,7 @@ def measure_case(name: str, case: dict, data: Path, tmp: Path, args: argparse.Na
         entry["published"] = case["published"]
     if getattr(args, "sync_debug", False):
         entry["sync_debug"] = sync_debug_run(case["config"], data, tmp / f"run-{name}-{precision}-sync", overrides,
-                                             args.kimg, precision)
+                                             args.kimg, precision, timeout_s=left())
     if multis:
         multi_ratios = [round(m["images_per_s"] / f["images_per_s"], 3) for m, f in zip(multis, fulls)]
         entry["trainer_2procs_1thread"] = summary(multis)
