@@ -65,13 +65,13 @@ TOY = {"config": "configs/cifar10_r3gan.yaml", "data": "toy32",     # r3gan32's 
 TOY_DATA = {"toy32": (256, 32)}
 MIN_SUITE_S = 15            # below this the suite is not started: pytest and torch take seconds to import
 
-# What each speed lever's default rests on (docs/benchmarks.md has the figures).
+# What each speed lever's default rests on (the figures are in docs/benchmarks.md).
 LEVER_NOTES = {
-    "speed.mixed_precision": "auto: bf16 on a GPU that has it, fp32 on CPU; GPU speed not yet measured",
-    "speed.channels_last": "on: measured on CPU only (+8-15% for DCGAN-32)",
-    "speed.joint_d_forward": "on: measured on CPU only (parity to +13%)",
-    "speed.compile": "off: slower on CPU (0.86x for DCGAN-32); GPU not yet measured",
-    "speed.cudnn_benchmark": "on, unmeasured: StyleGAN2-ADA's default, not a measurement of ours",
+    "speed.mixed_precision": "auto: bf16 on a GPU that has it, fp32 on CPU; not measured on a GPU",
+    "speed.channels_last": "on: measured on CPU only",
+    "speed.joint_d_forward": "on: measured on CPU only",
+    "speed.compile": "off: slower on CPU; not measured on a GPU",
+    "speed.cudnn_benchmark": "on, not measured: StyleGAN2-ADA's default",
     "speed.tf32": "off: full fp32 precision, as StyleGAN2-ADA",
     "speed.sync_debug": "off: a check, not a speed lever",
     "optim.adam_impl": "fused: skips non-finite steps without a host read; measured on CPU only",
