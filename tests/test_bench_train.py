@@ -43,3 +43,14 @@ def test_bench_train_runs_a_precision_and_the_sync_debug_run():
     assert entry["sync_debug"] == {"checked": False, "passed": True}
     full = entry["trainer_1proc_2threads"]
     assert full["s_per_kimg"] > 0 and "gpu_utilisation_percent" not in full
+
+
+def test_every_bench_case_is_a_config_the_trainer_accepts():
+    """A case's config and overrides pass the same checks as `ganpipe config` (a case that the
+    trainer refuses would only show on the machine that benchmarks it)."""
+    from pipeline.bench.train import CASES
+    from pipeline.catalog import load_config
+
+    for name, case in CASES.items():
+        cfg = load_config(case["config"], case["overrides"])
+        assert cfg.model.name, name
