@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import pipeline as ganpipe
 from conftest import REPO, cli
@@ -28,6 +27,7 @@ from pipeline.metrics.features import INCEPTION_FILE, PUBLISHED_SHA256, get_extr
 from pipeline.metrics.records import append_records, protocol_key, record_main_protocol
 from pipeline.rundir import RunDir
 from pipeline.training.snapshot import list_snapshots, prune_snapshots, save_snapshot
+from stubs import inception_stub
 from test_metrics import (MODEL, add_snapshot, make_run, mlp_generator, mnist_ext, mnist_ref,  # noqa: F401
                           one_digit_generator, records)
 from test_train import TINY, final_state
@@ -67,31 +67,10 @@ def kept(run: Path) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # 27.2: FID forged through the extractor's weights
 
-def constant_features_net(path: Path) -> Path:
-    """The adversary's file: a TorchScript network with the Inception file's interface whose
-    features are a constant, so every snapshot scores FID 0."""
-
-    class Layers(nn.Module):
-        def forward(self, x):
-            return torch.ones(x.shape[0], 2048)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = Layers()
-
-        def forward(self, x, return_features: bool = False):
-            return self.layers(x)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.script(Net()).save(str(path))
-    return path
-
-
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_a_forged_extractor_file_is_refused_with_both_hashes(tmp_path, mnist_dir, monkeypatch):
     run = make_run(tmp_path, mnist_dir, {1000: mlp_generator()})
-    forged = constant_features_net(tmp_path / "planted" / INCEPTION_FILE)
+    forged = inception_stub(tmp_path / "planted" / INCEPTION_FILE, constant=True)
     assert forged.stat().st_size < 5000
     monkeypatch.setenv("GANPIPE_INCEPTION_WEIGHTS", str(forged.parent))
     out = cli("eval", "--run-dir", str(run), "--extractor", "inception", "--num-gen", "100", check=False)

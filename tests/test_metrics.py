@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import cli
+from stubs import inception_stub
 from pipeline.config import Config, DataConfig, ModelConfig, dump_config
 from pipeline.generate import images, latents, to_uint8
 from pipeline.metrics.evaluator import generated_features
@@ -195,32 +196,6 @@ def publish(monkeypatch, name: str, weights: Path) -> None:
     monkeypatch.setitem(features.PUBLISHED_SHA256, name, (sha256_file(weights),))
 
 
-def _fake_inception(directory: Path) -> Path:
-    """A TorchScript stand-in with the real file's interface (`.layers` -> (B, 2048))."""
-
-    class Layers(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.pool = nn.AdaptiveAvgPool2d(4)
-            self.fc = nn.Linear(48, 2048)
-
-        def forward(self, x):
-            return self.fc(self.pool(x).flatten(1))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = Layers()
-
-        def forward(self, x, return_features: bool = False):
-            return self.layers(x)
-
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.jit.script(Net()).save(str(directory / INCEPTION_FILE))
-    return directory / INCEPTION_FILE
-
-
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning",
                             "ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_inception_extractor_gives_cleanfids_features(tmp_path, monkeypatch):
@@ -229,7 +204,7 @@ def test_inception_extractor_gives_cleanfids_features(tmp_path, monkeypatch):
     from cleanfid.fid import get_folder_features
     from cleanfid.inception_torchscript import InceptionV3W
 
-    weights = _fake_inception(tmp_path / "w")
+    weights = inception_stub(tmp_path / "w" / INCEPTION_FILE)
     monkeypatch.setenv("GANPIPE_INCEPTION_WEIGHTS", str(tmp_path / "w"))   # a directory works too
     with pytest.raises(UserError, match="is not the published f58cb9b6"):
         get_extractor("inception")                  # a stand-in is not the published file
