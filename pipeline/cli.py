@@ -250,6 +250,10 @@ def _scoring_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images and of KID's subsets")
     p.add_argument("--data", type=Path, default=None, help="reference data dir (default: data.path of the run)")
     _generator_argument(p)              # part of the protocol, like truncation: recorded with every score
+    p.add_argument("--labels", default=None, choices=("data", "uniform"),
+                   help="classes of a conditional G's images: data (drawn from the class distribution the run "
+                        "trained with) or uniform (image i gets class i %% num_classes); default: the run's "
+                        "train.gen_labels")
     _truncation_arguments(p)
     _extractor_arguments(p, several=True)
 

@@ -124,6 +124,7 @@ class TrainConfig:
     init_from: str = opt("")                      # start a new run from weights: a checkpoint dir, a run dir (its newest), or a snapshot .json (G only)
     freeze_d_layers: int = opt(0, min=0, max=1000)  # FreezeD (Mo et al. 2020): D's first N layers from the input keep their weights
     snapshot_raw: bool = opt(False)              # each snapshot also keeps the raw (non-EMA) G's weights, for `--generator raw`
+    gen_labels: str = opt("data", choices=("data", "uniform"))  # classes of G's own steps (conditional models): data = drawn in proportion to the training split's class_counts in the manifest (StyleGAN2-ADA), uniform = every class alike; snapshots record it, eval draws alike by default
 
 
 @dataclass

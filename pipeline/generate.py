@@ -17,9 +17,12 @@ trainer's tick grid and `ganpipe eval` all call `images()` here, and one grid wr
 The convention: image i of seed S is made from a `torch.Generator` seeded by (S, i) alone (mixed
 by numpy's SeedSequence), which draws the latent z (z_dim normals) and then, for networks with
 noise inputs (stylegan2), every per-pixel noise map, on the CPU. Labels are i % num_classes for
-conditional networks unless one class is fixed. So image i depends only on (S, i, label): not on
-`--batch`, not on `--start`, not on the number of processes, not on what was generated before in
-the same process and not on torch's global RNG (which is left untouched).
+conditional networks unless one class is fixed or a class distribution is given (`classes`, a
+`LabelDistribution`: eval's `--labels data` draws image i's class from the training data's class
+weights at a number that depends on (S, i) alone); `ganpipe sample`, the trainer's grids and the
+figures keep i % num_classes, so a grid shows every class alike. So image i depends only on
+(S, i, label): not on `--batch`, not on `--start`, not on the number of processes, not on what
+was generated before in the same process and not on torch's global RNG (which is left untouched).
 
 Bit-identical, not just the same image: on the CPU, matmul and conv kernels give bitwise different
 rows for different batch sizes (by up to about 1e-5; `tests/test_generate.py` checks the images do
@@ -48,6 +51,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -94,18 +98,138 @@ def _draw(z_dim: int, shapes: list[tuple[int, ...]], seed: int, start: int, coun
     return torch.stack(zs), [torch.stack(m) for m in noise]
 
 
-def labels_for(G: torch.nn.Module, start: int, count: int, label: int | None = None) -> torch.Tensor | None:
-    """Labels of images start..start+count-1: None if unconditional, else `label` for every image
-    or, without one, i % num_classes (balanced over any range of a multiple of the classes)."""
+def labels_for(G: torch.nn.Module, start: int, count: int, label: int | None = None,
+               classes: "LabelDistribution | None" = None, seed: int = 0) -> torch.Tensor | None:
+    """Labels of images start..start+count-1 of `seed`: None if unconditional, else `label` for
+    every image or, without one, those `classes` gives them (`LabelDistribution.of_images`), by
+    default i % num_classes (balanced over any range of a multiple of the classes)."""
     if not G.num_classes:
         if label is not None:
             raise UserError(f"label {label} given but the generator is unconditional (no classes)")
         return None
+    if label is None and classes is not None:
+        if classes.num_classes != G.num_classes:
+            raise UserError(f"{classes.kind} labels of {classes.num_classes} classes for a generator of "
+                            f"{G.num_classes}")
+        return classes.of_images(seed, start, count)
     if label is None:
         return torch.arange(start, start + count) % G.num_classes
     if not 0 <= label < G.num_classes:
         raise UserError(f"label {label} outside 0..{G.num_classes - 1} (the generator has {G.num_classes} classes)")
     return torch.full((count,), label, dtype=torch.long)
+
+
+LABEL_CHOICES = ("data", "uniform")      # train.gen_labels and eval's --labels
+BALANCED = "balanced (i % num_classes)"  # eval's `labels` protocol field for uniform labels by index
+_LABEL_STREAM = 0x6C61626C               # mixed into the seed of eval's label draws: apart from z's streams
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # SplitMix64's increment and finaliser multipliers
+_MIX = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def index_uniforms(seed: int, start: int, count: int) -> np.ndarray:
+    """float64 numbers in [0, 1), one per image start..start+count-1 of `seed`, each a function of
+    (seed, index) alone: SplitMix64 (a bijective mix of a 64-bit counter) keyed by the seed."""
+    key = np.random.SeedSequence([seed, _LABEL_STREAM]).generate_state(1, np.uint64)[0]
+    x = key + np.arange(start, start + count, dtype=np.uint64) * _GOLDEN     # wraps modulo 2**64
+    x = (x ^ (x >> np.uint64(30))) * _MIX[0]
+    x = (x ^ (x >> np.uint64(27))) * _MIX[1]
+    x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+@dataclass
+class LabelDistribution:
+    """How the classes of generated images are chosen (`train.gen_labels`, eval's `--labels`).
+
+    `uniform`: every class alike: training draws them with torch.randint, eval gives image i the
+    class i % num_classes. `data`: in proportion to `weights`, the training split's class counts
+    (StyleGAN2-ADA draws its generated labels from the dataset's); a class of weight 0 is never
+    drawn. Training draws them with the device RNG (checkpointed, so resume stays exact); eval
+    gives image i of seed S the class at `index_uniforms(S, i)` on the weights' cumulative sum,
+    so the class, like z, depends on (S, i) alone. `source` says where the weights come from."""
+    kind: str
+    num_classes: int
+    weights: tuple[float, ...] = ()
+    source: str = ""
+    _cdf: dict = field(default_factory=dict, repr=False, compare=False)    # device -> cumulative weights
+
+    def __post_init__(self):
+        if self.kind not in LABEL_CHOICES:
+            raise ValueError(f"labels {self.kind!r}: choose one of {', '.join(LABEL_CHOICES)}")
+        if self.kind == "data" and (len(self.weights) != self.num_classes or not sum(self.weights) > 0
+                                    or min(self.weights) < 0):
+            raise ValueError(f"data labels need {self.num_classes} weights >= 0 with a positive sum, got "
+                             f"{list(self.weights)[:20]}")
+        self.weights = tuple(self.weights)
+
+    @property
+    def last(self) -> int:
+        """The last class of positive weight (where a draw at the top of the range lands)."""
+        return max(i for i, w in enumerate(self.weights) if w > 0)
+
+    def draw(self, n: int, device: torch.device) -> torch.Tensor:
+        """`n` training labels from the device's global RNG, without reading anything back."""
+        if self.kind == "uniform":
+            return torch.randint(self.num_classes, (n,), device=device)
+        if device not in self._cdf:
+            cdf = np.cumsum(np.asarray(self.weights, dtype=np.float64))
+            self._cdf[device] = torch.as_tensor(cdf / cdf[-1], dtype=torch.float32).to(device)
+        u = torch.rand(n, device=device)
+        return torch.searchsorted(self._cdf[device], u, right=True).clamp_(max=self.last)
+
+    def of_images(self, seed: int, start: int, count: int) -> torch.Tensor:
+        """The classes of images start..start+count-1 of `seed` (long, on the CPU)."""
+        if self.kind == "uniform":
+            return torch.arange(start, start + count) % self.num_classes
+        cdf = np.cumsum(np.asarray(self.weights, dtype=np.float64))
+        found = np.searchsorted(cdf, index_uniforms(seed, start, count) * cdf[-1], side="right")
+        return torch.from_numpy(np.minimum(found, self.last).astype(np.int64))
+
+    def record(self) -> dict:
+        """What a snapshot's record keeps (`labels`): the choice, and the weights and their source."""
+        return {"kind": self.kind, **({"weights": list(self.weights), "source": self.source}
+                                      if self.kind == "data" else {})}
+
+    @classmethod
+    def from_record(cls, record: dict, num_classes: int) -> "LabelDistribution":
+        """The distribution a snapshot's `labels` record names (checked by `snapshot.read_snapshot_meta`)."""
+        return cls(record["kind"], num_classes, tuple(record.get("weights", ())), record.get("source", ""))
+
+    def protocol(self) -> dict:
+        """The fields every eval record carries: `labels` in words (the draw and the weights' source),
+        and `label_weights` for data labels (records.protocol_key keys on them)."""
+        if self.kind == "uniform":
+            return {"labels": BALANCED}
+        return {"labels": f"data (drawn per image from the class weights of {self.source})",
+                "label_weights": list(self.weights)}
+
+
+def data_labels(data_dir: str | Path, split: str, num_classes: int, flag: str = "train.gen_labels"
+                ) -> LabelDistribution:
+    """`data` labels from the class_counts that `ganpipe prepare` (or `index-shards`) recorded for
+    `split` in DATA_DIR/manifest.json (zeros for classes the split lacks); a UserError naming `flag`
+    and the remedies when the counts are not there (a URL pattern, an old or unlabelled manifest)."""
+    from pipeline.data.manifest import MANIFEST, read_manifest
+    from pipeline.errors import DataError
+
+    where = Path(str(data_dir)).expanduser()
+    remedy = (f"re-prepare the data with `ganpipe prepare` (or `ganpipe index-shards`), which records them, "
+              f"or set {flag}=uniform")
+    if not (where / MANIFEST).is_file():
+        raise UserError(f"{flag}=data draws generated classes from the training split's class counts, but {data_dir} "
+                        f"has no {MANIFEST} to read them from; {remedy}")
+    try:
+        entry = read_manifest(where)["splits"].get(split)
+    except DataError as exc:
+        raise UserError(f"{flag}=data: {exc}") from None
+    counts = entry.get("class_counts") if isinstance(entry, dict) else None
+    if not (isinstance(counts, list) and len(counts) <= num_classes
+            and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) and sum(counts) > 0):
+        raise UserError(f"{flag}=data draws generated classes from the training split's class counts, but "
+                        f"{where / MANIFEST} has no counts of {num_classes} classes for split {split!r} "
+                        f"(class_counts {str(counts)[:80]}); {remedy}")
+    return LabelDistribution("data", num_classes, tuple(counts) + (0,) * (num_classes - len(counts)),
+                             f"split {split!r} of {where.resolve() / MANIFEST}")
 
 
 class ImageRef(NamedTuple):
@@ -272,11 +396,13 @@ def truncation(G: torch.nn.Module, psi: float = 1.0, cutoff: int | None = None):
 @torch.no_grad()
 def images(G: torch.nn.Module, *, seed: int, start: int = 0, count: int, label: int | None = None,
            device: str | torch.device | None = None, batch: int = 256, psi: float = 1.0,
-           cutoff: int | None = None) -> torch.Tensor:
+           cutoff: int | None = None, classes: LabelDistribution | None = None) -> torch.Tensor:
     """Images start..start+count-1 of `seed`: float32 on the CPU, (count, C, H, W) (flat data:
     (count, C)), in [-1, 1]. G runs in eval mode (restored afterwards) on `device` (default: where
     its parameters are); `batch` images are drawn and moved per group (rounded up to a multiple of
-    MICRO_BATCH) and changes nothing in the result. `psi`, `cutoff`: truncation (see `truncation`)."""
+    MICRO_BATCH) and changes nothing in the result. `psi`, `cutoff`: truncation (see `truncation`).
+    `classes`: how the classes are chosen without a `label` (default i % num_classes; eval passes
+    its `--labels` distribution)."""
     if start < 0 or count < 0 or batch < 1:
         raise ValueError(f"start ({start}) and count ({count}) must be >= 0 and batch ({batch}) >= 1")
     truncate_z, trunc = truncation(G, psi, cutoff)
@@ -293,7 +419,7 @@ def images(G: torch.nn.Module, *, seed: int, start: int = 0, count: int, label: 
             hi = min(lo + group, math.ceil(end / MICRO_BATCH) * MICRO_BATCH)   # whole micro-batches
             z, noise = draw(G, seed, lo, hi - lo)
             z = truncate_z(z)
-            labels = labels_for(G, lo, hi - lo, label)
+            labels = labels_for(G, lo, hi - lo, label, classes, seed)
             z, noise = z.to(device), [n.to(device) for n in noise]
             labels = None if labels is None else labels.to(device)
             parts = []

@@ -84,7 +84,7 @@ def evaluator_from_args(args: argparse.Namespace, log: Callable[[str], None] = p
                      device=args.device, inception_weights=args.inception_weights, data=args.data, log=log,
                      psi=getattr(args, "psi", 1.0), cutoff=getattr(args, "cutoff", None),
                      best_metrics=parse_best_metrics(getattr(args, "best_metric", None)),
-                     weights=getattr(args, "generator", "ema"))
+                     weights=getattr(args, "generator", "ema"), labels=getattr(args, "labels", None))
 
 
 def parse_best_metrics(text: str | None) -> list[str] | None:

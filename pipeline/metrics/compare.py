@@ -5,11 +5,11 @@
 
 Reads every RUN/metrics.jsonl (written by `ganpipe eval` / `ganpipe watch`). Scores are only
 comparable under one protocol (extractor and its weights, resize, N generated, seed, truncation,
-reference split/N/manifest, k and sample sizes): per metric, the runs must share one, else the
-command stops and names the fields that differ. Where a run was scored under several, the newest
-protocol that every run has is used. `--metric` takes record metrics (fid, kid, precision, recall,
-density, coverage, is) or full names (fid_inception); `--extractor` picks one extractor's scores
-when runs hold several. Prints one table per metric (best snapshot of each run: lowest FID/KID,
+how the generated classes were chosen, reference split/N/manifest, k and sample sizes): per metric,
+the runs must share one, else the command stops and names the fields that differ. Where a run was
+scored under several, the newest protocol that every run has is used. `--metric` takes record
+metrics (fid, kid, precision, recall, density, coverage, is) or full names (fid_inception);
+`--extractor` picks one extractor's scores when runs hold several. Prints one table per metric (best snapshot of each run: lowest FID/KID,
 highest precision/recall/density/coverage/IS) and writes the figure: one panel per metric, one
 line per run, each run's best starred.
 """
@@ -20,7 +20,8 @@ import argparse
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.metrics.records import METRIC_PROTOCOL, HIGHER_IS_BETTER, best_of, protocol_key, read_records
+from pipeline.metrics.records import (METRIC_PROTOCOL, HIGHER_IS_BETTER, best_of, labels_key, protocol_key,
+                                      read_records)
 from pipeline.rundir import RunDir
 
 # Names of protocol_key's fields, for saying what differs.
@@ -30,8 +31,9 @@ KEY_FIELDS = ("metric", "extractor", "extractor_sha256", "resize", "num_gen", "s
 
 
 def _differences(a: dict, b: dict) -> str:
-    ka, kb = protocol_key(a), protocol_key(b)
-    names = KEY_FIELDS if len(KEY_FIELDS) == len(ka) else [f"field {i}" for i in range(len(ka))]
+    # Only a key of classes drawn from the data ends in its labels part (records.labels_key).
+    ka, kb = ((*protocol_key(r), labels_key(r)) if labels_key(r) is None else protocol_key(r) for r in (a, b))
+    names = (*KEY_FIELDS, "labels") if len(KEY_FIELDS) + 1 == len(ka) else [f"field {i}" for i in range(len(ka))]
     return ", ".join(f"{n} {x} vs {y}" for n, x, y in zip(names, ka, kb) if x != y)
 
 
@@ -77,6 +79,7 @@ def describe(rec: dict) -> str:
     ref = rec["reference"]
     extra = "".join(f", {k} {rec[k]}" for k in METRIC_PROTOCOL if rec.get(k) is not None)
     psi = f", psi {rec['psi']:g}" if rec.get("psi", 1.0) != 1.0 else ""
+    psi += ", classes drawn from the data" if labels_key(rec) is not None else ""
     return (f"{rec['num_gen']} generated (seed {rec['seed']}{psi}) vs {ref['split']} ({ref['num']} images), "
             f"{rec['extractor']} {rec['resize']}{extra}")
 

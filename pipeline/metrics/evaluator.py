@@ -10,9 +10,9 @@
     ev.close()
 
 Scoring a snapshot: load the EMA generator (safetensors + JSON, no code executed, sha256 checked),
-generate N images with `pipeline.generate` (image i depends only on the seed and i, so neither the
-batch size nor the number of processes changes which images are scored; labels i % num_classes
-for conditional models), quantise them to uint8 as a saved PNG would be, run every extractor once over
+generate N images with `pipeline.generate` (image i, its latent and its class depend only on the
+seed and i, so neither the batch size nor the number of processes changes which images are
+scored), quantise them to uint8 as a saved PNG would be, run every extractor once over
 them, keep per extractor running float64 sums (FID), IS sums and the features of the first
 `scores.SAMPLE_GEN` images (KID, precision/recall, density/coverage) (`stats.py`), and score them
 against the reference statistics of the run's data (`refstats.py`, computed on first use). With
@@ -20,6 +20,12 @@ several processes each generates every world_size-th batch; the sums are gathere
 and added in batch order (the same bits for any number of processes), the sample goes to rank 0,
 which scores and writes (`records.py`). `ganpipe eval` and
 `ganpipe watch` (`commands.py`) both drive it.
+
+A conditional G's classes follow `--labels`: `data` draws them from the class distribution the
+run trained with (the weights its snapshots record, train.gen_labels; else the training split's
+class counts in the reference data's manifest), `uniform` gives image i the class i % num_classes;
+the default is the run's train.gen_labels. Every record says which (`labels`, `label_weights`),
+and scores of the two are separate series (records.protocol_key).
 
 A snapshot that cannot be scored (a record of the wrong types, weights that do not fit its model
 or do not match its sha256, images no extractor takes) is a SnapshotError; `mark_bad` writes a
@@ -59,10 +65,11 @@ GENERATORS = ("ema", "raw")     # --generator: the snapshot's EMA G, or the raw 
 
 
 def generated_features(G: torch.nn.Module, extractor: Extractor, *, num: int, batch_size: int, seed: int,
-                       psi: float = 1.0, cutoff: int | None = None) -> np.ndarray | None:
-    """Features of images 0..num-1 of `seed`; rank r does batches r, r+world, ... (batches rounded
-    up to whole micro-batches of `pipeline.generate`, so none is computed twice); the whole array
-    on rank 0, None elsewhere."""
+                       psi: float = 1.0, cutoff: int | None = None,
+                       classes: generate.LabelDistribution | None = None) -> np.ndarray | None:
+    """Features of images 0..num-1 of `seed` (of the classes `classes` gives them, default i %
+    num_classes); rank r does batches r, r+world, ... (batches rounded up to whole micro-batches
+    of `pipeline.generate`, so none is computed twice); the whole array on rank 0, None elsewhere."""
     if getattr(G, "resolution", 0) == 0:
         raise UserError("this snapshot's generator makes flat vectors (resolution 0), not images: "
                         "FID/KID need images")
@@ -71,7 +78,7 @@ def generated_features(G: torch.nn.Module, extractor: Extractor, *, num: int, ba
     for b in range(dist.rank(), math.ceil(num / step), dist.world_size()):
         start = b * step
         x = generate.images(G, seed=seed, start=start, count=min(step, num - start), device=extractor.device,
-                            batch=step, psi=psi, cutoff=cutoff)
+                            batch=step, psi=psi, cutoff=cutoff, classes=classes)
         mine.append((b, extractor(generate.to_uint8(x))))
     parts = dist.gather_objects(mine)
     if parts is None:
@@ -94,7 +101,7 @@ class Evaluator:
                  split: str = "train", seed: int = 0, batch_size: int = 250, device: str | None = None,
                  inception_weights: str | None = None, data: str | Path | None = None,
                  psi: float = 1.0, cutoff: int | None = None, best_metrics: list[str] | None = None,
-                 log: Callable[[str], None] = print, weights: str = "ema"):
+                 log: Callable[[str], None] = print, weights: str = "ema", labels: str | None = None):
         from pipeline.catalog import load_config
 
         self.run_dir = Path(run_dir)
@@ -126,6 +133,9 @@ class Evaluator:
         names = parse_extractors(extractor)
         shape = read_manifest(self.data_dir)
         check_data(names, shape["channels"], shape["resolution"], f"the reference data {self.data_dir}")
+        # How a conditional G's classes are chosen: part of the protocol.
+        self.classes = self._classes(labels, cfg, shape["num_classes"])
+        self._told: set[str] = set()      # label mismatches already said
         if any(s.classes for s in self.specs.values()) and not set(names) & set(CLASSIFIERS):
             # Checked before any network is loaded: the IS needs a classifier among the extractors.
             raise UserError(f"--metrics is needs class logits, which {', '.join(names)} lack{'s' * (len(names) == 1)}: "
@@ -161,6 +171,52 @@ class Evaluator:
         # records; every rank checks that the chosen trackers are installed, so that all fail together).
         self._sink = Sink.for_evaluation(cfg, self.run_dir, self.log)
 
+    def _classes(self, choice: str | None, cfg, num_classes: int) -> generate.LabelDistribution | None:
+        """The classes generated images get (None for an unconditional run): `choice` (--labels), by
+        default the run's train.gen_labels; `data` weights from the newest snapshot's record (what
+        training drew from), else from the training split's class counts in the reference manifest."""
+        if choice is not None and choice not in generate.LABEL_CHOICES:
+            raise UserError(f"--labels {choice}: choose one of {', '.join(generate.LABEL_CHOICES)}")
+        if not cfg.model.conditional:
+            return None
+        choice = choice or cfg.train.gen_labels
+        if choice == "uniform":
+            return generate.LabelDistribution("uniform", num_classes)
+        for path in reversed(list_snapshots(RunDir(self.run_dir).snapshots)):
+            try:
+                meta = read_snapshot_meta(path, check_hash=False)
+            except SnapshotError:
+                continue
+            if isinstance(meta.get("labels"), dict) and meta["labels"]["kind"] == "data":
+                return generate.LabelDistribution.from_record(meta["labels"], meta["num_classes"])
+            break
+        return generate.data_labels(self.data_dir, cfg.data.split, num_classes, flag="--labels")
+
+    def classes_of(self, G: torch.nn.Module, meta: dict) -> generate.LabelDistribution | None:
+        """The classes of G's images (None: i % num_classes, or none for an unconditional G); a
+        UserError when G has not the classes of the data weights. Says (once) when the snapshot was
+        trained with another class distribution than the one scored."""
+        if self.classes is None or self.classes.kind == "uniform" or not G.num_classes:
+            self._trained_with(meta)
+            return None
+        if G.num_classes != self.classes.num_classes:
+            raise UserError(f"{meta['json_path']}: its generator has {G.num_classes} classes, the class weights "
+                            f"of {self.classes.source} {self.classes.num_classes}; score it against the data it was "
+                            "trained on (--data DIR), or with --labels uniform")
+        self._trained_with(meta)
+        return self.classes
+
+    def _trained_with(self, meta: dict) -> None:
+        trained = meta.get("labels")
+        if self.classes is None or not isinstance(trained, dict):
+            return
+        same = trained["kind"] == self.classes.kind and (
+            trained["kind"] == "uniform" or tuple(trained["weights"]) == self.classes.weights)
+        if not same and trained["kind"] not in self._told:
+            self._told.add(trained["kind"])
+            self.log(f"note: {Path(meta['json_path']).stem} was trained with {trained['kind']} classes "
+                     f"(train.gen_labels); its scores here draw {self.classes.kind} classes (--labels)")
+
     def protocol(self, ext: Extractor | None = None) -> dict:
         """The fields that make a score of extractor `ext` (default: the first) comparable; stored with
         every record (each metric adds its own: `setup` and scores.py)."""
@@ -169,6 +225,7 @@ class Evaluator:
         ref = self.refs[ext.name]
         return {**ext.protocol(), "num_gen": self.num_gen, "seed": self.seed,
                 "seeding": generate.SEEDING, "psi": self.psi, "cutoff": self.cutoff, "weights": self.weights,
+                **(self.classes.protocol() if self.classes is not None else {"labels": "none"}),
                 "reference": {"data": str(self.data_dir.resolve()), "split": self.split, "num": ref.num,
                               "sample_num": ref.sample_num, "manifest_sha256": ref.meta["manifest_sha256"]}}
 
@@ -198,7 +255,7 @@ class Evaluator:
         """This protocol in words, for the `main_protocol` line and messages."""
         return {"extractors": [e.name for e in self.extractors], "metrics": list(self.specs), "num_gen": self.num_gen,
                 "split": self.split, "seed": self.seed, "generator": self.weights, "psi": self.psi,
-                "cutoff": self.cutoff}
+                "cutoff": self.cutoff, "labels": self.classes.kind if self.classes is not None else "none"}
 
     def start(self, main: str | None = None, force: bool = False) -> None:
         """Before scoring (rank 0): record this protocol as the run's main one when `main` names the
@@ -310,6 +367,7 @@ class Evaluator:
         if G.channels not in (1, 3) or not G.resolution:
             raise SnapshotError(f"{meta['json_path']}: its generator makes {G.channels}-channel "
                                 f"{'images' if G.resolution else 'vectors'}; the extractors score grey or RGB images")
+        classes = self.classes_of(G, meta)
         # A post-hoc EMA rebuild (`ganpipe posthoc-ema`) is its own protocol: weights "posthoc" and its std.
         which = {}
         if "posthoc_ema" in meta:
@@ -323,7 +381,7 @@ class Evaluator:
         stats = generated_statistics(
             G, self.extractors, num=self.num_gen, batch_size=self.batch_size, seed=self.seed,
             moments=any(s.moments for s in self.specs.values()), classes=any(s.classes for s in self.specs.values()),
-            keep=self.sample_gen, generate_kwargs={"psi": self.psi, "cutoff": self.cutoff})
+            keep=self.sample_gen, generate_kwargs={"psi": self.psi, "cutoff": self.cutoff, "classes": classes})
         gen_s = time.perf_counter() - t1
         if self.rank != 0:
             return []
@@ -341,7 +399,6 @@ class Evaluator:
                     "cur_nimg": meta["cur_nimg"], "kimg": meta.get("kimg", meta["cur_nimg"] / 1000),
                     **self.protocol(ext),
                     **spec.protocol(setup), **extra, **which,
-                    "labels": "balanced (i % num_classes)" if G.num_classes else "none",
                     "seconds": round(metric_s + gen_s + (t1 - t0), 3),
                     "generate_featurize_s": round(gen_s, 3),
                     "images_per_s": round(self.num_gen / max(gen_s, 1e-9), 1),
@@ -414,4 +471,5 @@ def _words(about: dict | None) -> str:
     out = (f"{','.join(about.get('metrics', []))} with {','.join(about.get('extractors', []))}, "
            f"{about.get('num_gen')} generated vs {about.get('split')}, seed {about.get('seed')}, "
            f"{about.get('generator', 'ema')} G")
-    return out + (f", psi {about['psi']:g}" if about.get("psi", 1.0) != 1.0 else "")
+    out += f", psi {about['psi']:g}" if about.get("psi", 1.0) != 1.0 else ""
+    return out + (f", {about['labels']} classes" if about.get("labels", "none") != "none" else "")

@@ -25,6 +25,7 @@ protocol. Lines of kind `bad_snapshot` mark snapshots that cannot be scored (eva
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -144,13 +145,26 @@ def append_records(run_dir: str | Path, records: list[dict]) -> None:
 
 
 def protocol_key(rec: dict) -> tuple:
-    """What must match for two scores to be comparable (everything but the snapshot)."""
+    """What must match for two scores to be comparable (everything but the snapshot). Scores of
+    classes drawn from the data's distribution end in `labels_key` (the keys of i % num_classes
+    scores, which records from before the choice all are, keep their length)."""
     ref = rec["reference"]
     # Records from before truncation existed were made without it: psi 1, no cutoff.
-    return (rec["metric"], rec["extractor"], rec["extractor_sha256"], rec["resize"], rec["num_gen"],
-            rec["seed"], rec.get("seeding", OLD_SEEDING), ref["split"], ref["num"], ref["manifest_sha256"],
-            float(rec.get("psi", 1.0)), rec.get("cutoff"), *(rec.get(k) for k in METRIC_PROTOCOL),
-            rec.get("weights", "ema"), rec.get("posthoc_std"))   # which G: ema (records before it), raw, posthoc
+    key = (rec["metric"], rec["extractor"], rec["extractor_sha256"], rec["resize"], rec["num_gen"],
+           rec["seed"], rec.get("seeding", OLD_SEEDING), ref["split"], ref["num"], ref["manifest_sha256"],
+           float(rec.get("psi", 1.0)), rec.get("cutoff"), *(rec.get(k) for k in METRIC_PROTOCOL),
+           rec.get("weights", "ema"), rec.get("posthoc_std"))   # which G: ema (records before it), raw, posthoc
+    labels = labels_key(rec)
+    return key if labels is None else (*key, labels)
+
+
+def labels_key(rec: dict) -> str | None:
+    """How a score's generated classes were chosen, as a key: None for i % num_classes (and for an
+    unconditional G), else "data" and a digest of the class weights drawn from (`label_weights`)."""
+    weights = rec.get("label_weights")
+    if weights is None:
+        return None
+    return "data " + hashlib.sha256(json.dumps(weights).encode()).hexdigest()[:16]
 
 
 def best_of(series: list[dict]) -> dict:

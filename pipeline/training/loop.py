@@ -37,7 +37,7 @@ from pipeline.training import schedules, trackers
 from pipeline.catalog import check
 from pipeline.config import Config, config_hash, config_yaml, to_dict
 from pipeline.data.loader import ShardSet, StreamLoader
-from pipeline.errors import ConfigError, DataError, UserError
+from pipeline.errors import ConfigError, DataError, UserError, printable
 from pipeline.io import write_text_atomic
 from pipeline.networks import build_networks
 from pipeline.rundir import RunDir, TrainerLock
@@ -300,18 +300,22 @@ def d_steps(cfg: Config, session: Session, state: TrainState, loader: StreamLoad
     return micro_batches, scheduled
 
 
-def g_step(session: Session, state: TrainState, d_batches: list, images: int) -> None:
-    """G's side: fresh latents with drawn labels, or the last D step's reals and labels for a
-    relativistic loss (or that step's own fakes, train.reuse_fakes); the EMA follows G after all
-    of the step's G phases (path length too, as StyleGAN2-ADA), and only when G's main step was
-    taken (`images`: real images since the last G step)."""
+def g_step(session: Session, state: TrainState, d_batches: list, images: int,
+           classes: generate.LabelDistribution | None = None) -> None:
+    """G's side: fresh latents with labels drawn from `classes` (`gen_labels`; default uniform), or
+    the last D step's reals and labels for a relativistic loss (or that step's own fakes,
+    train.reuse_fakes); the EMA follows G after all of the step's G phases (path length too, as
+    StyleGAN2-ADA), and only when G's main step was taken (`images`: real images since the last G step)."""
     G, phases, progress = unwrap(state.G), state.phases, state.progress
+    if classes is None and G.num_classes:
+        classes = generate.LabelDistribution("uniform", G.num_classes)
     micro_batches = []
     for d in d_batches:
         if d.kept is not None:
             micro_batches.append(MicroBatch(z=d.z, labels=d.labels, real=d.real, kept=d.kept))
             continue
-        labels = torch.randint(G.num_classes, (session.per_proc,), device=session.device) if G.num_classes else None
+        # From the device RNG, which checkpoints keep: a resumed run draws the same labels.
+        labels = classes.draw(session.per_proc, session.device) if G.num_classes else None
         z = torch.randn(session.per_proc, G.z_dim, device=session.device)
         micro_batches.append(MicroBatch(z=z, labels=d.labels, real=d.real) if phases.pairs_reals
                              else MicroBatch(z=z, labels=labels))
@@ -323,6 +327,20 @@ def g_step(session: Session, state: TrainState, d_batches: list, images: int) ->
     if state.posthoc is not None:   # t counts G steps; a skipped step averages in the unchanged G
         state.posthoc.update(G, progress.g_steps + 1)
     progress.g_steps += 1
+
+
+def gen_labels(cfg: Config, shards: ShardSet) -> generate.LabelDistribution | None:
+    """The classes G's own steps draw (`train.gen_labels`) for a conditional model, else None; a
+    UserError, before anything is written, when `data` finds no class counts to draw from."""
+    if not cfg.model.conditional or not shards.num_classes:
+        return None
+    if cfg.train.gen_labels == "uniform":
+        return generate.LabelDistribution("uniform", shards.num_classes)
+    if shards.data_dir is None:
+        raise UserError(f"train.gen_labels=data draws G's classes from the class counts in a prepared directory's "
+                        f"manifest; data.path {printable(cfg.data.path)} is a URL pattern without one: set "
+                        "train.gen_labels=uniform, or index the shards with `ganpipe index-shards PATTERN --out DIR`")
+    return generate.data_labels(shards.data_dir, cfg.data.split, shards.num_classes)
 
 
 class Upkeep:
@@ -344,6 +362,7 @@ class Upkeep:
         self.ticks = 0                      # ticks in this process: sync_debug checks the steps after the first
         self.startup_s = process_age_s()    # `ganpipe train` to the first step: imports, set-up, resume
         self.last_checkpoint: Path | None = state.good_checkpoint
+        self.labels = gen_labels(cfg, shards)   # what snapshots record, for eval to draw alike
 
     def advance(self, images: int) -> None:
         """Move the bar, never past its end (the last step may end beyond train.total_kimg)."""
@@ -401,7 +420,8 @@ class Upkeep:
         variants = {**({"raw": (G, {})} if cfg.train.snapshot_raw else {}),
                     **(state.posthoc.variants() if state.posthoc is not None else {})}
         info = SnapshotInfo(cfg.model, shards.resolution, shards.channels, G.num_classes,
-                            {"config_hash": config_hash(cfg), "data_path": cfg.data.path})
+                            {"config_hash": config_hash(cfg), "data_path": cfg.data.path,
+                             **({"labels": self.labels.record()} if self.labels is not None else {})})
         from pipeline.training.ema import standing_stats      # BatchNorm statistics of G's own samples (ema.standing_stats)
 
         G_ema = standing_stats(state.ema.model, cfg.ema.standing_stats, self.session.per_proc, cfg.seed,
@@ -446,6 +466,7 @@ def training_loop(cfg: Config, run_dir: Path, dry_run: bool = False) -> int:
     shards = ShardSet.resolve(cfg.data.path, cfg.data.split, cfg.data.resolution, cfg.data.channels,
                               cfg.data.num_classes)
     state = build_state(cfg, session, shards)
+    classes = gen_labels(cfg, shards)
     loader_state, state.good_checkpoint = resume(run, state, session, cfg.seed)
     if state.good_checkpoint is None and cfg.train.init_from:
         initialise_from(cfg.train.init_from, state, session.log)
@@ -483,7 +504,7 @@ def training_loop(cfg: Config, run_dir: Path, dry_run: bool = False) -> int:
                 # Train: D steps, then a G step, with no host synchronisation (speed.sync_debug checks it).
                 with no_host_sync(session.device, cfg.speed.sync_debug and upkeep.ticks > 0):
                     d_batches, scheduled = d_steps(cfg, session, state, loader)
-                    g_step(session, state, d_batches, progress.cur_nimg - prev_nimg)
+                    g_step(session, state, d_batches, progress.cur_nimg - prev_nimg, classes)
                 upkeep.advance(progress.cur_nimg - prev_nimg)
 
                 # Decide what this step ends: the run, a signal (preemption) or RUN/STOP (read at ticks).

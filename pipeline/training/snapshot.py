@@ -3,6 +3,10 @@
     RUN/snapshots/snapshot-000012345.safetensors   weights of the unwrapped EMA G (no `module.`)
     RUN/snapshots/snapshot-000012345.json          what is needed to rebuild G, and the sha256
 
+A conditional G's record also says how its training drew G's classes (`labels`: {"kind": "uniform"},
+or {"kind": "data", "weights": [per-class counts], "source": ...}, train.gen_labels), so that
+`ganpipe eval` draws its generated classes from the same distribution.
+
 Variants beside them, each with its own file and sha256 in the record's `variants`:
 
     RUN/snapshots/snapshot-000012345-raw.safetensors         the raw G (train.snapshot_raw)
@@ -175,6 +179,23 @@ def _field_problem(meta: dict) -> str:
             return f"{key} {str(value)[:80]!r} is not a whole number in [{lo}, {hi}]"
     if "kimg" in meta and (isinstance(meta["kimg"], bool) or not isinstance(meta["kimg"], (int, float))):
         return f"kimg {str(meta['kimg'])[:80]!r} is not a number"
+    if "labels" in meta:
+        return _labels_problem(meta["labels"], meta["num_classes"])
+    return ""
+
+
+def _labels_problem(labels, num_classes: int) -> str:
+    """What is wrong with a record's `labels` (how training drew G's classes), "" when nothing."""
+    if not isinstance(labels, dict) or labels.get("kind") not in ("uniform", "data") or not num_classes:
+        return f"labels {str(labels)[:80]!r} is not {{kind: uniform}} or {{kind: data, weights: [...]}} of a conditional G"
+    if labels["kind"] == "data":
+        weights = labels.get("weights")
+        if not (isinstance(weights, list) and len(weights) == num_classes
+                and all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf")
+                        for w in weights) and sum(weights) > 0):
+            return f"labels.weights {str(weights)[:80]!r} are not {num_classes} class weights >= 0 with a positive sum"
+        if not isinstance(labels.get("source", ""), str):
+            return "labels.source is not text"
     return ""
 
 
