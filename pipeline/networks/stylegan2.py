@@ -21,6 +21,13 @@ Written from the paper (config E/F of Table 1: skip G, residual D), not from NVl
 - residual discriminator (Fig. 7c): per block conv 3x3, then conv 3x3 on the full-resolution grid
   with the downsampling fused into it (blur, then stride 2), plus a 1x1 skip of the blurred and
   subsampled input; the minibatch standard deviation layer of ProGAN (Sec. 3) at 4x4;
+- conditional D as StyleGAN2-ADA's (its DiscriminatorEpilogue with cmap_dim; the paper states no
+  conditional D): the label goes through D's own mapping network (`LabelMapping`: the one-hot label
+  through a fully connected embedding to cmap_dim = D's maps at 4x4, normalised to unit second
+  moment, then 8 fully connected layers cmap_dim -> cmap_dim with leaky ReLU and learning-rate
+  multiplier 0.01, the reference MappingNetwork's defaults, which its train.py leaves as they are
+  for D whatever G's mapping depth), and the logit is the projection (features . cmap) / sqrt(cmap_dim)
+  of D's last layer's cmap_dim outputs on it;
 - equalized learning rate everywhere: weights stored as N(0, 1) and scaled by He's constant per call.
 Up/downsampling use the separable [1, 3, 3, 1] filter the paper uses ("bilinear").
 
@@ -36,13 +43,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, SnapshotError
 from pipeline.networks.base import Network, resolution_plan, scaled
 
 RESOLUTIONS = (28, 32, 64, 128, 256, 512, 1024)
 Z_DIM = 512
 CHANNEL_BASE, CHANNEL_MAX = 16384, 512      # maps at side s: min(base / s, max); config F doubles the base
 LRELU_GAIN = math.sqrt(2.0)                 # keeps the activations' second moment through leaky ReLU
+D_MAPPING_LAYERS = 8                        # layers of D's label mapping (StyleGAN2-ADA's default)
 
 
 def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -297,6 +305,24 @@ def minibatch_stddev(x: torch.Tensor, group: int) -> torch.Tensor:
     return torch.cat([x, y], 1)
 
 
+class LabelMapping(nn.Module):
+    """D's mapping of a label to cmap (N, dim), as StyleGAN2-ADA's conditional D: the one-hot label
+    through a fully connected embedding (linear, lr multiplier 1), normalised to unit second moment,
+    then `layers` fully connected layers dim -> dim with leaky ReLU and lr multiplier `lr_mul`, all
+    with equalised learning rate (weights stored as N(0, 1/lr_mul^2), scaled by lr_mul / sqrt(fan_in)
+    per call, so an optimizer step moves the used weights lr_mul times as far as elsewhere in D)."""
+
+    def __init__(self, num_classes: int, dim: int, layers: int = D_MAPPING_LAYERS, lr_mul: float = 0.01):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = EqualLinear(num_classes, dim)
+        self.net = nn.Sequential(*(EqualLinear(dim, dim, lr_mul=lr_mul, act=True) for _ in range(layers)))
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        onehot = F.one_hot(labels, self.num_classes).to(self.embed.weight.dtype)
+        return self.net(normalize_2nd_moment(self.embed(onehot)))
+
+
 class DBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
@@ -324,9 +350,11 @@ class Discriminator(Network):
         c = ch[start]
         self.conv = EqualConv2d(c + (1 if mbstd_group else 0), c, 3)
         self.fc = EqualLinear(c * start * start, c, act=True)
-        # With classes D outputs a vector and the logit is its projection on the label's embedding.
+        # With classes D outputs cmap_dim = c numbers and the logit is their projection on the
+        # label's cmap from D's own mapping network (StyleGAN2-ADA's epilogue).
         self.out = EqualLinear(c, c if num_classes else 1)
-        self.embed = nn.Embedding(num_classes, c) if num_classes else None
+        self.mapping = LabelMapping(num_classes, c) if num_classes else None
+        self.register_load_state_dict_pre_hook(_refuse_plain_embedding)
 
     @property
     def mixes_batch(self) -> bool:
@@ -340,8 +368,19 @@ class Discriminator(Network):
         out = self.out(self.fc(self.conv(h).flatten(1)))
         if labels is None:
             return out.squeeze(1)
-        cmap = self.embed(labels)
+        cmap = self.mapping(labels)
         return (out * cmap).sum(1) / math.sqrt(cmap.shape[1])
+
+
+def _refuse_plain_embedding(module, state_dict, prefix, *args) -> None:
+    """A conditional D saved when it embedded labels with a plain nn.Embedding (`embed.weight`, no
+    mapping network) does not load into this D: say so, rather than torch's list of missing keys."""
+    if f"{prefix}embed.weight" in state_dict:
+        raise SnapshotError(
+            "this checkpoint's conditional stylegan2 discriminator embeds labels with a plain embedding "
+            f"({prefix}embed.weight), the layout before D mapped labels through its own mapping network "
+            "(StyleGAN2-ADA's); its D cannot be loaded into this version: start a new --run-dir, and keep its "
+            "generator with train.init_from=SNAPSHOT.json (a snapshot record holds G only)")
 
 
 def build(cfg, *, resolution: int, channels: int, num_classes: int) -> tuple[Generator, Discriminator]:
