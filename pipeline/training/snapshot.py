@@ -15,11 +15,14 @@ Variants beside them, each with its own file and sha256 in the record's `variant
 
 The number is `cur_nimg` (images seen). Both files are written atomically and the JSON last, so a
 snapshot is complete exactly when its JSON exists and the weights match its sha256; readers (the
-watcher) never see half a snapshot. A full disk or a read-only directory is a one-line
-TrainingError naming the file (the earlier snapshots and checkpoints stay). Loading executes no
-code: safetensors plus a JSON config. A record that cannot be what it says (a field of the wrong
-type, a model its weights do not fit, a safetensors header that lies) is a SnapshotError naming
-the file, never another exception: the watcher reports it and goes on.
+watcher) never see half a snapshot. A write that fails before the JSON is in place takes back the
+weights files it wrote (nothing lists or prunes weights without a record), unless a record of that
+name was already there (its files were replaced by the same generator's). A full disk or a
+read-only directory is a one-line TrainingError naming the file (the earlier snapshots and
+checkpoints stay). Loading executes no code: safetensors plus a JSON config. A record that
+cannot be what it says (a field of the wrong type, a model its weights do not fit, a safetensors
+header that lies) is a SnapshotError naming the file, never another exception: the watcher
+reports it and goes on.
 
     G, meta = load_snapshot("RUN/snapshots/snapshot-000012345.json")
     G, meta = load_snapshot("RUN/snapshots/snapshot-000012345.json", weights="raw")
@@ -87,22 +90,34 @@ def save_snapshot(G: torch.nn.Module, where: str | Path, *, cur_nimg: int, info:
     snapshot-{cur_nimg:09d}.json in it) or the record's own .json path."""
     where = Path(where)
     directory, name = (where.parent, where.stem) if where.suffix == ".json" else (where, snapshot_name(cur_nimg))
+    existed = (directory / f"{name}.json").exists()
     try:
-        return _save(G, directory, name, cur_nimg, info, variants)
+        try:
+            return _save(G, directory, name, cur_nimg, info, variants)
+        except BaseException:
+            if not existed:
+                for file in (_weights_file(directory, name), *(_weights_file(directory, name, key)
+                                                                for key in variants or {})):
+                    file.unlink(missing_ok=True)
+            raise
     except OSError as exc:
         raise TrainingError(f"snapshot {directory / name} not written: {exc.strerror or exc} ({exc.filename}); "
                             f"the earlier snapshots in {directory} and the checkpoints are kept; free the space "
                             "(or fix the permissions) and run the same command again to resume") from None
 
 
+def _weights_file(directory: Path, name: str, variant: str | None = None) -> Path:
+    return directory / (f"{name}.safetensors" if variant is None else f"{name}-{variant}.safetensors")
+
+
 def _save(G: torch.nn.Module, directory: Path, name: str, cur_nimg: int, info: SnapshotInfo,
           variants: dict[str, tuple[torch.nn.Module, dict]] | None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    weights = directory / f"{name}.safetensors"
+    weights = _weights_file(directory, name)
     sha = _write_weights(G, weights)
     written = {}
     for key, (module, fields) in (variants or {}).items():
-        file = directory / f"{name}-{key}.safetensors"
+        file = _weights_file(directory, name, key)
         written[key] = {"weights": file.name, "sha256": _write_weights(module, file), **fields}
     meta = {
         "format": FORMAT,
