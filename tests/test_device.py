@@ -193,6 +193,38 @@ def test_metrics_on_the_same_features_match_the_cpu(device):
 
 
 # ------------------------------------------------------------------------------------------------
+# The loader's copies to the device (speed.pin_memory).
+
+@pytest.mark.device
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pinned_batches_equal_pageable_ones_without_a_host_sync(device, rgb_data, workers):
+    """`speed.pin_memory` on and off give the same batches on the device, from the main process and
+    from worker processes; on a GPU the pinned path's batches arrive page-locked, and fetching
+    batches either way makes no host synchronisation (torch's sync debug mode "error", under which
+    a blocking copy raises): the unpinned copy is non-blocking too."""
+    from pipeline.data.loader import ShardSet, StreamLoader
+    from pipeline.training.loop import no_host_sync
+
+    got = {}
+    for pin in (False, True):
+        ld = StreamLoader(ShardSet.resolve(str(rgb_data)), batch_size=16, seed=0, rank=0, world_size=1,
+                          num_workers=workers, shuffle_buffer=64, hflip=True, device=device, pin_memory=pin)
+        assert ld.pinned == (pin and device.type == "cuda")
+        batches = [ld.next()]                      # the workers start outside the check: not a step
+        with no_host_sync(device, True):
+            batches += [ld.next() for _ in range(3)]
+        assert all(x.device.type == device.type and y.device.type == device.type for x, y in batches)
+        got[pin] = [(x.cpu(), y.cpu()) for x, y in batches]
+        raw = ld.next_raw()
+        assert isinstance(raw["images"], torch.Tensor) == (pin and workers > 0)
+        if ld.pinned and workers:
+            assert raw["images"].is_pinned() and raw["labels"].is_pinned()
+        ld.close()
+    for (x0, y0), (x1, y1) in zip(got[False], got[True], strict=True):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+# ------------------------------------------------------------------------------------------------
 # A process group of one on the device, and DDP through it.
 
 @pytest.mark.device
@@ -660,8 +692,9 @@ def test_gpu_check_budget_runs_what_fits_and_names_the_rest():
 
 def test_gpu_check_dry_run_writes_the_report_and_names_what_it_skipped(tmp_path):
     """`--dry-run` on the CPU at toy size: a few device tests on the CPU, one toy benchmark, the
-    report in both formats, the directory named on the last line. A second dry run with a budget
-    too small for anything skips everything, says so, and still writes its report."""
+    loader at 64 and 256 px with a verdict each, the report in both formats, the directory named on
+    the last line. A second dry run with a budget too small for anything skips everything, says so,
+    and still writes its report."""
     out = tmp_path / "report"
     proc = gpu_check("--dry-run", "--budget-s", "240", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -673,9 +706,19 @@ def test_gpu_check_dry_run_writes_the_report_and_names_what_it_skipped(tmp_path)
     assert {t["outcome"] for t in suite["tests"]} == {"passed"}
     (unit,) = report["benchmarks"]["units"]
     assert unit["s_per_kimg"] > 0 and unit["images_per_s"] > 0 and unit["trainer_over_bare"] > 0
-    assert "speed.cudnn_benchmark" in {lever["key"] for lever in report["speed_levers"]}
+    assert {"speed.cudnn_benchmark", "speed.pin_memory"} <= {lever["key"] for lever in report["speed_levers"]}
+    loader = report["loader"]
+    assert [r["resolution"] for r in loader["resolutions"]] == [64, 256] and loader["skipped"] == []
+    for entry in loader["resolutions"]:
+        assert [w["workers"] for w in entry["workers"]] == loader["workers"][:len(entry["workers"])]
+        assert entry["workers"] and all(w["images_per_s"] > 0 for w in entry["workers"])
+    verdicts = [v["verdict"] for v in loader["verdicts"]]
+    assert len(verdicts) == 2 and all(v.split(": ")[1].startswith(("loader keeps up with", "loader is the bottleneck"))
+                                      for v in verdicts), verdicts
+    assert all(v["gpu_images_per_s"] == max(unit["images_per_s"], unit["bare_images_per_s"]) for v in loader["verdicts"])
     md = (out / "report.md").read_text()
     assert "| test |" in md and unit["case"] in md
+    assert "## Loader" in md and all(v in md for v in verdicts)
 
     small = tmp_path / "small"
     proc = gpu_check("--dry-run", "--budget-s", "1", "--out", str(small))
@@ -683,4 +726,6 @@ def test_gpu_check_dry_run_writes_the_report_and_names_what_it_skipped(tmp_path)
     report = json.loads((small / "report.json").read_text())
     assert report["device_suite"]["skipped"].startswith("budget")
     assert report["benchmarks"]["units"] == [] and len(report["benchmarks"]["skipped"]) == 1
+    assert report["loader"]["resolutions"] == [] and len(report["loader"]["skipped"]) == 2
+    assert all("not measured, skipped" in v["verdict"] for v in report["loader"]["verdicts"])
     assert "skipped" in (small / "report.md").read_text()

@@ -16,12 +16,18 @@
    then a few speed levers against their defaults on the ResNet in bf16. A unit runs only when its
    estimate fits the time left (a first guess per case, then 1.2x what that case took); one still
    running at the deadline is stopped. What did not run is listed with the reason.
-4. `report.json` and `report.md` in `--out`, named on the last line. Exit status 1 when a test
+4. The loader, after the first precision's cases: the shard loader's img/s with 1, 2, 4, ... worker
+   processes up to the CPUs, at 64 and 256 px on generated data, decoding every sample
+   (`pipeline.bench.loader.worker_scaling`), beside the img/s the GPU consumes in the benchmarks at
+   that resolution or the nearest below; one verdict per resolution says whether the loader keeps
+   up, and with how many workers. It runs within the same budget, skipped when it does not fit.
+5. `report.json` and `report.md` in `--out`, named on the last line. Exit status 1 when a test
    failed or a benchmark broke, 0 otherwise (skips for the budget included), 2 without CUDA.
 
-`--dry-run` runs the same steps on the CPU (GANPIPE_TEST_DEVICE=cpu): three device tests and one toy
-benchmark (the R3GAN case at 1/32 width, batch 16, on 256 images), so that the budget, the skips and the report are
-exercised where there is no GPU (tests/test_device.py runs it). docs/gpu.md tells how to read the report.
+`--dry-run` runs the same steps on the CPU (GANPIPE_TEST_DEVICE=cpu): three device tests, one toy
+benchmark (the R3GAN case at 1/32 width, batch 16, on 256 images) and the loader on a few images, so
+that the budget, the skips and the report are exercised where there is no GPU (tests/test_device.py
+runs it). docs/gpu.md tells how to read the report.
 """
 
 from __future__ import annotations
@@ -51,18 +57,26 @@ OPTIONAL = ("onnx", "onnxruntime")          # only the ONNX export test needs th
 CASES = ("stylegan2-256", "r3gan32", "dcgan32", "resnet32")
 KIMG = {"dcgan32": 4, "resnet32": 4, "r3gan32": 8, "stylegan2-256": 2, "toy": 0.128}
 GUESS_S = {"dcgan32": 35, "resnet32": 45, "r3gan32": 60, "stylegan2-256": 120, "toy": 20}
-PREPARE_GUESS_S = {"rgb32": 10, "rgb256": 30, "toy32": 3}
+PREPARE_GUESS_S = {"rgb32": 10, "rgb64": 10, "rgb256": 30, "toy32": 3, "toy64": 2, "toy256": 2}
 # Speed levers measured against the default, one at a time, on the ResNet in bf16 (a D without
-# BatchNorm, so D's joint forward applies).
+# BatchNorm, so D's joint forward applies); the levers that are off until measured come first.
 LEVER_CASE = ("resnet32", "bf16")
-LEVERS = ("speed.channels_last=false", "speed.joint_d_forward=false", "speed.cudnn_benchmark=false",
-          "speed.tf32=true", "speed.compile=inductor", "optim.adam_impl=foreach")
+LEVERS = ("speed.cudnn_benchmark=true", "speed.pin_memory=true", "speed.compile=inductor", "speed.tf32=true",
+          "speed.channels_last=false", "speed.joint_d_forward=false", "optim.adam_impl=foreach")
+# The loader: img/s per worker count at these sides, on generated data (bench train's DATASETS,
+# or 4,096 images at a side that has none), `LOADER_S` seconds of batches per count after its
+# start-up (a first guess of which per count is LOADER_START_S, 256 px's buffers filling).
+LOADER = "loader"
+LOADER_PX = (64, 256)
+LOADER_S, LOADER_BATCH = 3.0, 64
+LOADER_START_S = {64: 2, 256: 5}
 # --dry-run: three device tests and a toy case on the CPU.
 DRY_RUN_TESTS = "mlp-32px-uncond-fp32 or ada-blit or metrics_on_the_same_features"
 TOY = {"config": "configs/cifar10_r3gan.yaml", "data": "toy32",     # r3gan32's case at 1/32 width, batch 16
        "overrides": ["model.conditional=false", "augment.ada_groups=", "model.g_width=0.03125", "model.d_width=0.03125",
                      "data.batch_size=16", "data.num_workers=0"]}
 TOY_DATA = {"toy32": (256, 32)}
+TOY_LOADER = {"seconds": 0.3, "batch_size": 16}     # --dry-run's loader: on 64 images (32 from 256 px on)
 MIN_SUITE_S = 15            # below this the suite is not started: pytest and torch take seconds to import
 
 # What each speed lever's default rests on (the figures are in docs/benchmarks.md).
@@ -70,12 +84,13 @@ LEVER_NOTES = {
     "speed.mixed_precision": "auto: bf16 on a GPU that has it, fp32 on CPU; not measured on a GPU",
     "speed.channels_last": "on: measured on CPU only",
     "speed.joint_d_forward": "on: measured on CPU only",
-    "speed.compile": "off: slower on CPU; not measured on a GPU",
-    "speed.cudnn_benchmark": "on, not measured: StyleGAN2-ADA's default",
+    "speed.compile": "off: slower on CPU; not measured on a GPU (a lever unit runs inductor)",
+    "speed.cudnn_benchmark": "off until measured (StyleGAN2-ADA's default is on): a lever unit runs it on",
+    "speed.pin_memory": "off until measured: a lever unit runs it on (page-locked batches, asynchronous copies)",
     "speed.tf32": "off: full fp32 precision, as StyleGAN2-ADA",
     "speed.sync_debug": "off: a check, not a speed lever",
     "optim.adam_impl": "fused: skips non-finite steps without a host read; measured on CPU only",
-    "data.num_workers": "-1 (auto): 2 per process with a GPU, 0 on CPU; measured on CPU only",
+    "data.num_workers": "-1 (auto): 2 per process with a GPU, 0 on CPU; the loader section measures 1, 2, 4, ...",
 }
 
 
@@ -270,13 +285,35 @@ def run_suite(args: argparse.Namespace, budget: Budget, out: Path, device: str) 
 
 
 def bench_units(args: argparse.Namespace) -> list[tuple]:
-    """(case, precision, levers) in the order they run."""
+    """(case, precision, levers) in the order they run; (LOADER, side, ()) for the loader's, after
+    the first precision's cases (the GPU's default precision, whose img/s it is compared with)."""
+    loader = [(LOADER, px, ()) for px in args.loader_px]
     if args.dry_run:
-        return [("toy", "fp32", ())]
-    units = [(case, precision, ()) for precision in args.precision for case in args.cases]
+        return [("toy", "fp32", ()), *loader]
+    first, *rest = args.precision
+    units = [(case, first, ()) for case in args.cases] + loader
+    units += [(case, precision, ()) for precision in rest for case in args.cases]
     if args.levers and LEVER_CASE[0] in args.cases and LEVER_CASE[1] in args.precision:
         units += [(*LEVER_CASE, (lever,)) for lever in LEVERS]
     return units
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def loader_data(px: int, dry_run: bool) -> str:
+    """The key of the generated data set the loader is measured on at side `px`."""
+    return f"toy{px}" if dry_run else f"rgb{px}"
+
+
+def data_sizes(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """(images, side) of every data set a unit may prepare."""
+    from pipeline.bench import train as bench_train
+
+    loader = {loader_data(px, args.dry_run): ((64 if px < 256 else 32) if args.dry_run else (4096 if px <= 64 else 1024), px)
+              for px in args.loader_px}
+    return {**loader, **bench_train.DATASETS, **TOY_DATA}
 
 
 def run_benchmarks(args: argparse.Namespace, budget: Budget, work: Path) -> dict:
@@ -284,22 +321,36 @@ def run_benchmarks(args: argparse.Namespace, budget: Budget, work: Path) -> dict
 
     took: dict[str, float] = {}
     prepared: dict[str, Path] = {}
+    workers = bench_loader_counts(args)
 
     def case_of(name: str) -> dict:
         return TOY if name == "toy" else bench_train.CASES[name]
 
+    def data_of(unit: tuple) -> str:
+        return loader_data(unit[1], args.dry_run) if unit[0] == LOADER else case_of(unit[0])["data"]
+
     def estimate(unit: tuple) -> float:
-        name = unit[0]
-        data = case_of(name)["data"]
-        return (1.2 * took[name] if name in took else GUESS_S[name]) + (0 if data in prepared else PREPARE_GUESS_S[data])
+        name, data = unit[0], data_of(unit)
+        if name == LOADER:
+            seconds = TOY_LOADER["seconds"] if args.dry_run else LOADER_S
+            need = len(workers) * (seconds + LOADER_START_S.get(unit[1], LOADER_START_S[256]))
+        else:
+            need = 1.2 * took[name] if name in took else GUESS_S[name]
+        return need + (0 if data in prepared else PREPARE_GUESS_S.get(data, 30))
+
+    def prepare(key: str) -> Path:
+        if key not in prepared:
+            prepared[key] = bench_train.prepare_dataset(work, key, workers=min(8, os.cpu_count() or 1),
+                                                        sizes=data_sizes(args))
+        return prepared[key]
 
     def measure(unit: tuple, deadline: float) -> dict:
+        if unit[0] == LOADER:
+            return measure_loader(unit[1], prepare(data_of(unit)), workers, args.dry_run, deadline)
         name, precision, levers = unit
         case = case_of(name)
         key = case["data"]
-        if key not in prepared:
-            prepared[key] = bench_train.prepare_dataset(work, key, workers=min(8, os.cpu_count() or 1),
-                                                        sizes={**bench_train.DATASETS, **TOY_DATA})
+        prepare(key)
         ns = argparse.Namespace(repeats=1, kimg=args.kimg or KIMG[name], skip_multiprocess=True, set=list(levers),
                                 sync_debug=args.bench_sync_debug, deadline=deadline)
         label = f"{name} {precision}{' ' + ' '.join(levers) if levers else ''}"
@@ -325,11 +376,96 @@ def run_benchmarks(args: argparse.Namespace, budget: Budget, work: Path) -> dict
 
     units = bench_units(args)
     results, skipped = run_units(units, budget, measure, estimate)
-    skipped = [{"case": s["unit"][0], "precision": s["unit"][1], "levers": list(s["unit"][2]), "reason": s["reason"]}
-               for s in skipped]
     for s in skipped:
-        print(f"gpu-check: skipped {s['case']} {s['precision']} {' '.join(s['levers'])}: {s['reason']}", flush=True)
-    return {"units": results, "skipped": skipped}
+        name, what, levers = s["unit"]
+        print(f"gpu-check: skipped {name} {what}{' px' if name == LOADER else ''} {' '.join(levers)}: {s['reason']}",
+              flush=True)
+    loader = {"workers": workers, "resolutions": [r for r in results if r.get("loader")],
+              "skipped": [{"resolution": s["unit"][1], "reason": s["reason"]} for s in skipped if s["unit"][0] == LOADER]}
+    skipped = [{"case": s["unit"][0], "precision": s["unit"][1], "levers": list(s["unit"][2]), "reason": s["reason"]}
+               for s in skipped if s["unit"][0] != LOADER]
+    return {"units": [r for r in results if not r.get("loader")], "skipped": skipped, "loader": loader}
+
+
+def bench_loader_counts(args: argparse.Namespace) -> list[int]:
+    from pipeline.bench.loader import worker_counts
+
+    return worker_counts(min(usable_cpus(), 2) if args.dry_run else usable_cpus())
+
+
+def measure_loader(px: int, data: Path, workers: list[int], dry_run: bool, deadline: float) -> dict:
+    """The loader's img/s per worker count on `data`, batches delivered to the GPU when there is one."""
+    from pipeline.bench import loader as bench_loader
+    from pipeline.bench import train as bench_train
+
+    device = bench_train.bench_device()
+    opts = TOY_LOADER if dry_run else {"seconds": LOADER_S, "batch_size": LOADER_BATCH}
+    t0 = time.monotonic()
+    try:
+        entry = bench_loader.worker_scaling(data, workers, device=device if device.type == "cuda" else None,
+                                            deadline=deadline, **opts)
+    except Exception as exc:        # reported; the next unit still runs
+        print(f"gpu-check: loader on {data.name}: {type(exc).__name__}: {str(exc)[-300:]}", flush=True)
+        return {"loader": True, "data": data.name, "resolution": px, "error": f"{type(exc).__name__}: {str(exc)[-2000:]}"}
+    entry = {"loader": True, "data": data.name, **entry, "wall_s": round(time.monotonic() - t0, 1)}
+    rates = ", ".join(f"{w['workers']}: {w['images_per_s']:.0f}" for w in entry["workers"])
+    print(f"gpu-check: loader at {entry['resolution']} px, img/s by workers {rates}"
+          + (f" ({entry['stopped']})" if entry.get("stopped") else ""), flush=True)
+    return entry
+
+
+def case_resolution(name: str) -> int:
+    """The side of the images a benchmark case trains on."""
+    from pipeline.bench import train as bench_train
+
+    key = TOY["data"] if name == "toy" else bench_train.CASES[name]["data"]
+    return {**bench_train.DATASETS, **TOY_DATA}.get(key, (0, 28))[1]
+
+
+def _workers(n: int) -> str:
+    return f"{n} worker{'s' if n != 1 else ''}"
+
+
+def loader_verdicts(loader: dict, units: list[dict]) -> list[dict]:
+    """Per measured side: the img/s the GPU consumes there (the fastest of the trainer and the bare
+    loop over the benchmarks at that side, or the nearest side below it: an upper bound, as a
+    larger network is slower), the fewest workers whose loader keeps up, and one line saying so."""
+    from pipeline.data.loader import AUTO_WORKERS_GPU
+
+    ran = [u for u in units if "images_per_s" in u]
+    out = [{"resolution": s["resolution"], "verdict": f"{s['resolution']} px: loader not measured, skipped: {s['reason']}"}
+           for s in loader["skipped"]]
+    for entry in loader["resolutions"]:
+        px = entry.get("resolution")
+        measured = entry.get("workers") or []
+        sides = [case_resolution(u["case"]) for u in ran if case_resolution(u["case"]) <= (px or 0)]
+        if "error" in entry or not measured:
+            out.append({"resolution": px, "verdict": f"{px} px: loader not measured ({entry.get('error', 'no count ran')})"})
+            continue
+        if not sides:
+            out.append({"resolution": px, "verdict": f"{px} px: no benchmark at or below {px} px ran: nothing to "
+                        "compare the loader with"})
+            continue
+        at = max(sides)
+        rates = [(max(u["images_per_s"], u["bare_images_per_s"]), u) for u in ran if case_resolution(u["case"]) == at]
+        demand, unit = max(rates, key=lambda r: r[0])
+        source = (f"{unit['case']} {unit['precision']}{' ' + ' '.join(unit['levers']) if unit['levers'] else ''}, "
+                  + ("bare loop" if unit["bare_images_per_s"] >= unit["images_per_s"] else "trainer")
+                  + (f", at {at} px: an upper bound" if at < px else ""))
+        enough = next((w for w in measured if w["images_per_s"] >= demand), None)
+        best = max(measured, key=lambda w: w["images_per_s"])
+        verdict = {"resolution": px, "gpu_images_per_s": demand, "gpu_source": source,
+                   "keeps_up_with_workers": enough["workers"] if enough else None}
+        if enough:
+            line = (f"{px} px: loader keeps up with {_workers(enough['workers'])} ({enough['images_per_s']:.0f} img/s "
+                    f"against the {demand:.0f} img/s consumed in {source})")
+            if enough["workers"] > AUTO_WORKERS_GPU:
+                line += f"; data.num_workers=-1 gives {AUTO_WORKERS_GPU} per GPU process: set {enough['workers']}"
+        else:
+            line = (f"{px} px: loader is the bottleneck: {best['images_per_s']:.0f} img/s of {demand:.0f} "
+                    f"(its best, with {_workers(best['workers'])}; consumed in {source})")
+        out.append({**verdict, "verdict": line})
+    return sorted(out, key=lambda v: v["resolution"] or 0)
 
 
 def _free_device_memory() -> None:
@@ -400,12 +536,33 @@ def markdown(report: dict) -> str:
     if bench["skipped"]:
         lines += ["", "Skipped:", ""] + [f"- {s['case']} {s['precision']} {' '.join(s['levers'])}: {s['reason']}"
                                          for s in bench["skipped"]]
-    lines += ["", "## Speed levers", "", "| key | default | rests on | measured (img/s vs the default) |",
+    lines += loader_markdown(report["loader"])
+    lines += ["", "## Speed levers", "", "| key | default | rests on | measured: img/s set, vs the default |",
               "|---|---|---|---|"]
     for lever in report["speed_levers"]:
-        measured = "; ".join(f"{m['vs_default']}x" for m in lever.get("measured", []))
+        measured = "; ".join(f"{' '.join(m['set'])}: {m['images_per_s']}, {m['vs_default']}x"
+                             for m in lever.get("measured", []))
         lines.append(f"| {lever['key']} | {lever['default']} | {lever['rests_on']} | {measured} |")
     return "\n".join(lines) + "\n"
+
+
+def loader_markdown(loader: dict) -> list[str]:
+    lines = ["", "## Loader", "", "The shard loader's img/s by worker processes, decoding every sample (no cache), batches "
+             "delivered to the device (pipeline/bench/loader.py `worker_scaling`), against the img/s the GPU consumes "
+             "in the benchmarks above.", ""]
+    lines += [f"- {v['verdict']}" for v in loader.get("verdicts", [])] + [""]
+    if loader["resolutions"]:
+        lines += ["| side px | workers | img/s | first batch s |", "|---|---|---|---|"]
+        for entry in loader["resolutions"]:
+            if "error" in entry:
+                lines.append(f"| {entry['resolution']} | | error: {entry['error'][:200].replace('|', '/')} | |")
+            for w in entry.get("workers", []):
+                lines.append(f"| {entry['resolution']} | {w['workers']} | {w['images_per_s']} | {w['first_batch_s']} |")
+            if entry.get("stopped"):
+                lines.append(f"| {entry['resolution']} | {entry['stopped']} | | |")
+    if loader["skipped"]:
+        lines += ["", "Skipped:", ""] + [f"- {s['resolution']} px: {s['reason']}" for s in loader["skipped"]]
+    return lines
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -432,6 +589,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="precisions to benchmark, in this order (default bf16 fp16 fp32)")
     p.add_argument("--kimg", type=float, default=None, help=f"kimg per trainer run (default per case: {KIMG})")
     p.add_argument("--no-levers", dest="levers", action="store_false", help="skip the speed-lever units")
+    p.add_argument("--loader-px", nargs="*", type=int, default=list(LOADER_PX), metavar="PIXELS",
+                   help="image sides the loader is measured at (default 64 256; none: no loader section)")
     p.add_argument("--bench-sync-debug", action="store_true",
                    help="also run each benchmark's trainer under speed.sync_debug (the suite checks it already)")
     args = p.parse_args(argv)
@@ -475,11 +634,15 @@ def main(argv: list[str] | None = None) -> int:
     report["device_suite"] = run_suite(args, budget, out, device)
     with tempfile.TemporaryDirectory(prefix="ganpipe-gpu-check-") as work:
         report["benchmarks"] = run_benchmarks(args, budget, Path(work))
+    report["loader"] = report["benchmarks"].pop("loader")
+    report["loader"]["verdicts"] = loader_verdicts(report["loader"], report["benchmarks"]["units"])
+    for verdict in report["loader"]["verdicts"]:
+        print(f"gpu-check: {verdict['verdict']}", flush=True)
     report["speed_levers"] = speed_levers(report["benchmarks"]["units"])
     report["wall_s"] = round(time.monotonic() - t0, 1)
     suite = report["device_suite"]
     failed = suite.get("counts", {}).get("failed", 0) or "error" in suite
-    broken = any("error" in u for u in report["benchmarks"]["units"])
+    broken = any("error" in u for u in report["benchmarks"]["units"] + report["loader"]["resolutions"])
     report["exit_status"] = 1 if failed or broken else 0
     write_report(report, out)
     print(f"gpu-check: report in {out} (report.json, report.md)")

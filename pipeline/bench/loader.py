@@ -63,6 +63,57 @@ def time_iter(next_batch, batches: int) -> tuple[float, float]:
     return first, n / (time.perf_counter() - t0)
 
 
+def worker_counts(cpus: int) -> list[int]:
+    """1, 2, 4, ... up to `cpus`, and `cpus` itself."""
+    counts = [1 << i for i in range(max(1, cpus).bit_length()) if 1 << i <= cpus]
+    return counts + ([cpus] if cpus > counts[-1] else [])
+
+
+def worker_scaling(data: Path, workers: list[int], *, batch_size: int = 64, seconds: float = 3.0,
+                   device: torch.device | None = None, deadline: float | None = None) -> dict:
+    """The shard loader's images/s on `data` with each number of worker processes in `workers`.
+
+    As the trainer runs it (one rank, flips on, batches copied to `device` and made float there),
+    but decoding every sample (`cache_mb=0`: a data set larger than the decoded-sample cache, which
+    the small benchmark sets are not) and with a shuffle buffer of 4 batches per stream: its size
+    moves the start-up (the first batch waits for every buffer to fill), not the steady rate. Each count:
+    the first batch's seconds, a few batches more so every worker has started, then batches for
+    about `seconds`. A count that would end past `deadline` (time.monotonic) is not started;
+    `stopped` then says so.
+    """
+    shards = ShardSet.resolve(str(data))
+    buffer = 4 * batch_size
+    out: dict = {"resolution": shards.resolution, "batch_size": batch_size, "cache_mb": 0, "shuffle_buffer": buffer,
+                 "workers": []}
+    last_s = 0.0
+    for w in workers:
+        if deadline is not None and time.monotonic() + 1.2 * last_s > deadline:
+            out["stopped"] = f"budget: {w} workers and more not measured"
+            break
+        t0 = time.monotonic()
+        ld = StreamLoader(shards, batch_size=batch_size, seed=0, rank=0, world_size=1, num_workers=w,
+                          shuffle_buffer=buffer, hflip=True, cache_mb=0, device=device)
+        ld.next()
+        first = time.monotonic() - t0
+        for _ in range(w + 2):
+            ld.next()
+        _synchronize(device)
+        n, t1 = 0, time.monotonic()
+        while n == 0 or time.monotonic() - t1 < seconds:
+            n += ld.next()[0].shape[0]
+        _synchronize(device)
+        rate = n / (time.monotonic() - t1)
+        ld.close()                          # its workers stop before the next count starts
+        last_s = time.monotonic() - t0
+        out["workers"].append({"workers": w, "images_per_s": round(rate, 1), "first_batch_s": round(first, 3)})
+    return out
+
+
+def _synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def in_memory_loader(data_dir: Path, batch_size: int):
     """Decode every shard sample once into a uint8 tensor, then a plain shuffled DataLoader."""
     shards = ShardSet.resolve(str(data_dir))

@@ -170,6 +170,28 @@ def _collate_identity(batch):
     return batch
 
 
+def _collate_tensors(batch):
+    """In the worker: images and labels as tensors, which DataLoader's pin thread can pin (it
+    leaves numpy arrays as they are) and which travel to the main process in shared memory."""
+    if "images" in batch:
+        batch = {**batch, "images": torch.from_numpy(batch["images"]), "labels": torch.from_numpy(batch["labels"])}
+    return batch
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, pinned: bool) -> torch.Tensor:
+    """`tensor` on `device`, copied without making the host wait for the device either way.
+
+    Pinned (`speed.pin_memory` on a GPU): page-locked memory, so the copy is a DMA that overlaps
+    the host's next work; a tensor that comes unpinned (no worker process) is pinned here first.
+    Unpinned: from pageable memory, which the driver stages through a buffer of its own before the
+    copy returns, but still without waiting for the device's queued work, unlike a blocking copy
+    (a host synchronisation in every step, which `speed.sync_debug` would fail).
+    """
+    if pinned and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 _PR_SET_PDEATHSIG = 1
 AUTO_WORKERS_GPU = 2
 
@@ -480,7 +502,7 @@ class StreamLoader:
     def __init__(self, shards: ShardSet, *, batch_size: int, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, num_workers: int = 0, shuffle_buffer: int = 1000,
                  hflip: bool = False, require_labels: bool = False, max_bad_fraction: float = 0.05,
-                 cache_mb: float = 0, device: torch.device | str | None = None):
+                 cache_mb: float = 0, device: torch.device | str | None = None, pin_memory: bool = False):
         if rank is None or world_size is None:
             rank, world_size = dist.rank(), dist.world_size()
         if not 0 <= rank < world_size:
@@ -499,6 +521,9 @@ class StreamLoader:
         self.options = dict(shuffle_buffer=shuffle_buffer, hflip=hflip, require_labels=require_labels,
                             max_bad_fraction=max_bad_fraction, cache_mb=cache_mb)
         self.device = torch.device(device) if device is not None else None
+        # speed.pin_memory: workers hand over tensors (for pinning); pinned only where there is a GPU.
+        self.pin_memory = bool(pin_memory)
+        self.pinned = self.pin_memory and self.device is not None and self.device.type == "cuda"
         self.streams: dict[int, dict] = {}     # newest state per stream of this rank
         self.next_local = 0                    # local stream the next batch comes from
         self.last_refs: np.ndarray | None = None
@@ -508,19 +533,21 @@ class StreamLoader:
     @classmethod
     def from_config(cls, data_cfg, *, batch_size: int, seed: int, rank: int | None = None,
                     world_size: int | None = None, device: torch.device | str | None = None,
-                    require_labels: bool) -> "StreamLoader":
+                    require_labels: bool, pin_memory: bool = False) -> "StreamLoader":
         """The loader `data_cfg` (a `DataConfig`) describes: the way training builds one.
 
         `batch_size` is per process; rank and world size default to `pipeline.dist`'s. Labels are
         required when the model needs them (`require_labels`, a conditional model) or when
         `data.require_labels` says so: the config can add the requirement, never waive it.
+        `pin_memory` is `speed.pin_memory` (page-locked batches and asynchronous copies to a GPU).
         """
         shards = ShardSet.resolve(data_cfg.path, data_cfg.split, data_cfg.resolution, data_cfg.channels,
                                   data_cfg.num_classes)
         return cls(shards, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
                    num_workers=auto_workers(data_cfg.num_workers, device), shuffle_buffer=data_cfg.shuffle_buffer,
                    hflip=data_cfg.hflip, require_labels=data_cfg.require_labels or require_labels,
-                   max_bad_fraction=data_cfg.max_bad_fraction, cache_mb=data_cfg.cache_mb, device=device)
+                   max_bad_fraction=data_cfg.max_bad_fraction, cache_mb=data_cfg.cache_mb, device=device,
+                   pin_memory=pin_memory)
 
     def _start(self) -> Iterator[dict]:
         dataset = ShardStreamDataset(
@@ -531,7 +558,8 @@ class StreamLoader:
             return iter(dataset)
         context = torch.multiprocessing.get_context()
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            collate_fn=_collate_identity, pin_memory=bool(self.device and self.device.type == "cuda"),
+                            collate_fn=_collate_tensors if self.pin_memory else _collate_identity,
+                            pin_memory=self.pinned,
                             prefetch_factor=2, persistent_workers=False, multiprocessing_context=context,
                             # A forkserver's children are not ours: only fork and spawn get PDEATHSIG.
                             worker_init_fn=functools.partial(_init_worker, os.getpid(),
@@ -543,7 +571,8 @@ class StreamLoader:
             return iter(loader)
 
     def next_raw(self) -> dict:
-        """The next batch as produced by its stream (uint8 images, numpy), recording its state."""
+        """The next batch as produced by its stream (uint8 images and labels: numpy, or tensors from
+        worker processes under `pin_memory`), recording its state."""
         if self._iter is None:
             self._iter = self._start()
         batch = next(self._iter)
@@ -557,17 +586,19 @@ class StreamLoader:
         self.last_refs, self.last_stream = batch["refs"], st["stream"]
         return batch
 
+    def close(self) -> None:
+        """Stop the worker processes now (the next batch starts them again, where the stream was)."""
+        self._iter = None
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
             yield self.next()
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.next_raw()
-        images = torch.from_numpy(batch["images"])
-        labels = torch.from_numpy(batch["labels"])
+        images, labels = torch.as_tensor(batch["images"]), torch.as_tensor(batch["labels"])
         if self.device is not None:
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+            images, labels = (to_device(t, self.device, self.pinned) for t in (images, labels))
         # uint8 travels from the worker; the float conversion happens here (on the device if given).
         return images.float().div_(127.5).sub_(1.0), labels
 

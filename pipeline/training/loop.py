@@ -260,12 +260,13 @@ def initialise_from(source: str, state: TrainState, log) -> None:
 
 def open_loader(cfg: Config, session: Session, state: TrainState, loader_state: dict | None) -> StreamLoader:
     """The data stream, restored exactly when possible; otherwise a fresh one, seeded away from the
-    run's start when the run has images behind it."""
+    run's start when the run has images behind it. Batches arrive on the session's device, through
+    page-locked memory when `speed.pin_memory` says so."""
     fresh = loader_state is None and state.progress.cur_nimg > 0
     loader = StreamLoader.from_config(cfg.data, batch_size=session.per_proc, rank=session.rank,
                                       seed=cfg.seed + (state.progress.cur_nimg if fresh else 0),
                                       world_size=session.world, device=session.device,
-                                      require_labels=cfg.model.conditional)
+                                      require_labels=cfg.model.conditional, pin_memory=cfg.speed.pin_memory)
     if loader_state is not None:
         try:
             loader.load_state_dict(loader_state)
