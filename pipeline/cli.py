@@ -350,7 +350,8 @@ def bench_train_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--kimg", type=float, default=12.0, help="kimg per trainer measurement")
     p.add_argument("--cases", nargs="+", default=list(CPU_CASES), choices=list(CASES),
-                   help=f"default: {' '.join(CPU_CASES)}; resnet32 and stylegan2-256 are for a GPU")
+                   help=f"default: {' '.join(CPU_CASES)}; {', '.join(c for c in CASES if c not in CPU_CASES)} "
+                        "are for a GPU")
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"],
                    help="autocast dtypes to measure each case under, trainer and bare loop alike (default fp32)")
     p.add_argument("--sync-debug", action="store_true",

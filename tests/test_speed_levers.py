@@ -179,3 +179,16 @@ def test_the_loader_verdict_compares_with_what_the_gpu_consumes(tool):
     (one,) = tool.loader_verdicts({"resolutions": [scaling(256, 500)], "skipped": []}, [unit("stylegan2-256", 30, 40)])
     assert one["verdict"] == ("256 px: loader keeps up with 1 worker (500 img/s against the 40 img/s consumed in "
                               "stylegan2-256 bf16, bare loop)")
+
+
+def test_bench_train_help_names_every_gpu_case():
+    import argparse
+
+    from pipeline.bench.train import CASES, CPU_CASES
+    from pipeline.cli import bench_train_arguments
+
+    p = argparse.ArgumentParser()
+    bench_train_arguments(p)
+    (cases,) = [a for a in p._actions if a.dest == "cases"]
+    gpu = [c for c in CASES if c not in CPU_CASES]
+    assert "r3gan32" in gpu and all(c in cases.help for c in gpu), cases.help

@@ -55,7 +55,7 @@ CASES = {
     "mlp-mnist": {"config": "configs/mnist_mlp.yaml", "data": "mnist", "overrides": []},
     "dcgan64-example": {"config": "configs/cifar10_dcgan.yaml", "data": "rgb64", "overrides": ["data.hflip=false"],
                         "bare": "example"},
-    # For a GPU (`--cases resnet32 stylegan2-256`): the SNGAN ResNet (hinge, 5 D steps per G step,
+    # For a GPU (`--cases resnet32 r3gan32 stylegan2-256`): the SNGAN ResNet (hinge, 5 D steps per G step,
     # no learning-rate schedule in either loop) and StyleGAN2 at 256 px with its lazy R1 but without
     # path length (the bare loop has no G regulariser), beside the published 12.53 s/kimg.
     "resnet32": {"config": "configs/cifar10_sngan_hinge.yaml", "data": "rgb32",
