@@ -151,6 +151,7 @@ class LabelDistribution:
     num_classes: int
     weights: tuple[float, ...] = ()
     source: str = ""
+    last: int = field(default=0, init=False, repr=False, compare=False)
     _cdf: dict = field(default_factory=dict, repr=False, compare=False)    # device -> cumulative weights
 
     def __post_init__(self):
@@ -161,11 +162,8 @@ class LabelDistribution:
             raise ValueError(f"data labels need {self.num_classes} weights >= 0 with a positive sum, got "
                              f"{list(self.weights)[:20]}")
         self.weights = tuple(self.weights)
-
-    @property
-    def last(self) -> int:
-        """The last class of positive weight (where a draw at the top of the range lands)."""
-        return max(i for i, w in enumerate(self.weights) if w > 0)
+        # The last class of positive weight: where a draw rounded up to the top of the range lands.
+        self.last = max((i for i, w in enumerate(self.weights) if w > 0), default=self.num_classes - 1)
 
     def draw(self, n: int, device: torch.device) -> torch.Tensor:
         """`n` training labels from the device's global RNG, without reading anything back."""

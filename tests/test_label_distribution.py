@@ -18,6 +18,7 @@ from pipeline import generate
 from pipeline.catalog import from_dict, load_config
 from pipeline.data.loader import ShardSet
 from pipeline.errors import UserError
+from pipeline.metrics.compare import _differences
 from pipeline.metrics.records import protocol_key, read_records
 from pipeline.networks import build_networks
 from pipeline.rundir import RunDir
@@ -154,6 +155,7 @@ def test_the_choice_survives_resume_exactly_and_eval_records_which(tmp_path, ske
     assert data3["label_weights"] == COUNTS
     assert uniform["labels"] == generate.BALANCED and "label_weights" not in uniform
     assert protocol_key(uniform) != protocol_key(data3)
+    assert _differences(data3, uniform).startswith("labels data ")       # `ganpipe compare` names the field
     # A uniform score keys as every score before the choice existed (they were all i % num_classes).
     old = {k: v for k, v in uniform.items() if k != "labels"}
     assert protocol_key(old) == protocol_key(uniform)

@@ -96,6 +96,7 @@ class Evaluator:
     """Scores snapshots of one run under one protocol; all processes call `score`, rank 0 records."""
 
     weights = "ema"                 # which G of each snapshot (GENERATORS); set by __init__
+    classes: generate.LabelDistribution | None = None   # a conditional G's classes (--labels); set by __init__
 
     def __init__(self, run_dir: str | Path, *, metrics: list[str], extractor: str, num_gen: int | None = None,
                  split: str = "train", seed: int = 0, batch_size: int = 250, device: str | None = None,
