@@ -77,6 +77,14 @@ def check(cfg: Config, world_size: int | None = None) -> None:
         if penalty.networks is not None and cfg.model.name not in penalty.networks:
             raise ConfigError(f"loss.penalties: {name} needs {penalty.needs} (model.name="
                               f"{' or '.join(penalty.networks)}); the {cfg.model.name} generator has none")
+    # The finite-difference form (no double backward) exists for R1 and R2 only; its step belongs to it.
+    for i, spec in enumerate(loss.penalties):
+        if spec.approximate and not PENALTIES.get(spec.name).approximable:
+            raise ConfigError(f"loss.penalties[{i}].approximate: {spec.name} has no finite-difference form (only "
+                              "r1 and r2 have one); remove approximate from this entry")
+        if not spec.approximate and spec.sigma != config.PenaltyConfig.sigma:
+            raise ConfigError(f"loss.penalties[{i}].sigma={spec.sigma} is the step of the finite-difference "
+                              f"{spec.name}; set approximate: true in this entry too, or remove sigma")
 
     # The networks.
     if cfg.model.spectral_norm and cfg.model.name in NO_SPECTRAL_NORM:

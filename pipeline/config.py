@@ -97,6 +97,8 @@ class PenaltyConfig:
     weight: float = opt(1.0, min=0.0)             # lambda for wgan-gp, gamma for r1/r2 (gamma/2 * E|grad D|^2), w_pl for pl (2 in StyleGAN2), beta for ortho (1e-4 in BigGAN)
     interval: int = opt(1, min=1, max=10_000)     # steps of the penalty's side (D steps; G steps for pl, ortho) between evaluations (lazy when > 1; the loss is scaled by it)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # course of the weight over kimg
+    approximate: bool = opt(False)                # r1, r2: ((D(x + sigma eps) - D(x)) / sigma)^2, eps ~ N(0, I), in place of |grad D|^2 (GAT, Hyun et al. 2026): no double backward, same weight
+    sigma: float = opt(0.01, min=1e-4, max=1.0)   # with approximate: the finite difference's step, in image units ([-1, 1] images; GAT's 0.01)
 
 
 @dataclass

@@ -12,7 +12,8 @@
     reg, stats = PENALTIES.get("pl")(2.0, 4)(G, z, y)   # a G-side penalty (side "G"): G's own graph
 
 Every penalty has a `side`: "D" (wgan-gp, r1, r2: called as penalty(D, real, fake, labels), its
-interval counted in D steps) or "G" (pl, ortho: called as penalty(G, z, labels), interval in G
+interval counted in D steps; r1 and r2 also in a finite-difference form without double backward,
+`approximate`) or "G" (pl, ortho: called as penalty(G, z, labels), interval in G
 steps). The trainer's phases (training/phases.py) put each on its side. A penalty that works
 with some network families only names them (`networks`), so a config is checked before any
 network is built (`pipeline.catalog.check`). A penalty with running state (pl's mean path
@@ -235,12 +236,19 @@ class Penalty:
     side: ClassVar[str] = "D"       # the network it regularises; `interval` counts that side's steps
     networks: ClassVar[tuple[str, ...] | None] = None   # the network families it can regularise (None = any)
     needs: ClassVar[str] = ""       # what those families have and the others lack, for the error
+    approximable: ClassVar[bool] = False    # has a finite-difference form (`approximate`): r1, r2
+    approximate: bool = False       # this one uses it (`finite_difference_penalty`)
 
     def __init__(self, weight: float = 10.0, interval: int = 1):
         if weight < 0 or interval < 1:
             raise ConfigError(f"penalty {self.name}: need weight >= 0 and interval >= 1, "
                               f"got weight={weight}, interval={interval}")
         self.weight, self.interval = float(weight), int(interval)
+
+    @property
+    def label(self) -> str:
+        """The name its statistics go by: `r1_approx` for the finite-difference R1."""
+        return f"{self.name}_approx" if self.approximate else self.name
 
     def state_dict(self) -> dict:
         """Running state to checkpoint (none for the gradient penalties)."""
@@ -271,8 +279,8 @@ class Penalty:
 
 
 def joint_penalty(penalties: list[Penalty], D: nn.Module, real: Tensor | None, fake: Tensor | None,
-                  labels: Tensor | None = None, *, scaler=None, augment=None,
-                  observe_real=None) -> tuple[Tensor, dict[str, Tensor]]:
+                  labels: Tensor | None = None, *, scaler=None, augment=None, observe_real=None,
+                  forward=None, joint: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """The sum of several D penalties (R1 and R2, say) from one forward of D and one input gradient,
     on the concatenation of their points: each sample's gradient is its own when D treats samples
     independently (`not D.mixes_batch`), so this equals calling each penalty and adding the losses
@@ -282,7 +290,19 @@ def joint_penalty(penalties: list[Penalty], D: nn.Module, real: Tensor | None, f
     order, as separate calls would) and the gradient is still taken w.r.t. x (StyleGAN2-ADA).
     `observe_real`, if given, is called with D's detached logits of the real images (R1's points):
     a lazy R1 step's logits count towards ADA's r_t, as StyleGAN2-ADA counts them.
+    Penalties with `approximate` go to `finite_difference_penalty` (`forward` and `joint` are its),
+    the others take the input gradient here.
     """
+    if any(p.approximate for p in penalties):
+        exact = [p for p in penalties if not p.approximate]
+        loss, stats = finite_difference_penalty([p for p in penalties if p.approximate], D, real, fake, labels,
+                                                augment=augment, observe_real=observe_real, forward=forward,
+                                                joint=joint)
+        if exact:
+            more, more_stats = joint_penalty(exact, D, real, fake, labels, scaler=scaler, augment=augment,
+                                             observe_real=observe_real)
+            loss, stats = loss + more, {**stats, **more_stats}
+        return loss, stats
     parts = [p.points(real, fake).detach() for p in penalties]
     x = (parts[0] if len(parts) == 1 else torch.cat(parts)).requires_grad_(True)
     sizes = [len(part) for part in parts]
@@ -309,6 +329,76 @@ def joint_penalty(penalties: list[Penalty], D: nn.Module, real: Tensor | None, f
     return loss, stats
 
 
+def finite_difference_penalty(penalties: list[Penalty], D: nn.Module, real: Tensor | None, fake: Tensor | None,
+                              labels: Tensor | None = None, *, augment=None, observe_real=None, forward=None,
+                              joint: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """R1/R2 without double backward (GAT: Hyun et al., "Scalable GANs with Transformers", ICML 2026):
+    each sample's ||grad_x D||^2 is replaced by q^2, q = (D(x + sigma eps) - D(x)) / sigma with one
+    eps ~ N(0, I) per sample. For small sigma q -> eps . grad_x D, and E[(eps . g)^2] = ||g||^2, so
+    q^2 estimates the squared norm without bias in the limit and takes the exact penalty's weight
+    (gamma/2, x interval when lazy), as the authors' code does; the per-sample estimate is noisy (q^2
+    is ||g||^2 times a chi-square of one degree of freedom), the batch mean averages it. The loss is
+    an ordinary function of D's parameters: one backward, no create_graph.
+
+    Both forwards see the same augmentation draws (`augment` is called twice under one forked RNG
+    state, so the perturbation is taken through the augmentation as the exact penalty's gradient is),
+    and, where D treats samples independently (`joint`, default `not D.mixes_batch`), run as one
+    forward on cat(x, x + sigma eps); otherwise as two, each with its own batch statistics (minibatch
+    stddev), so a sample's perturbation reaches the other samples' logits as the exact penalty's
+    gradient of the summed logits does. `forward` evaluates D (the trainer's compiled D, or D).
+
+    Precision: the difference of two logits divided by sigma = 0.01 magnifies their rounding 100
+    times, and an 8-bit-mantissa bf16 image cannot even hold x + 0.01 eps apart from x (its spacing
+    near 1 is 2^-7 = 0.0078); fp16 (spacing 2^-10) keeps the step only to about 10%. So both forwards
+    run in fp32 with autocast off whatever the phase's precision, and the difference is taken in
+    fp32: a logit of magnitude L then carries about L x 6e-8 of rounding, 1e-5 L after division.
+    Under fp16 the phase's GradScaler scales this loss like any other.
+
+    Stats: `Loss/D/<name>_approx` (the mean unweighted penalty, gamma-free: mean q^2 / 2) and
+    `Grad/D/<name>_approx_rms` (sqrt of mean q^2: the RMS of ||grad_x D|| over the batch).
+    """
+    forward = D if forward is None else forward
+    if joint is None:
+        joint = not getattr(getattr(D, "module", D), "mixes_batch", True)
+    parts = [p.points(real, fake).detach().float() for p in penalties]
+    sizes = [len(part) for part in parts]
+    x = parts[0] if len(parts) == 1 else torch.cat(parts)
+    sigma = torch.cat([x.new_full((n,), p.sigma) for p, n in zip(penalties, sizes)])
+    shifted = x + sigma.view(-1, *[1] * (x.dim() - 1)) * torch.randn_like(x)
+    if labels is not None and len(parts) > 1:
+        labels = labels.repeat(len(parts))      # the same labels for the real and the fake points
+    with torch.autocast(x.device.type, enabled=False):
+        if augment is not None:
+            pairs = [_same_draws(augment, a, b) for a, b in zip(x.split(sizes), shifted.split(sizes))]
+            x, shifted = (torch.cat([pair[i] for pair in pairs]).float() for i in (0, 1))
+        if joint:
+            both = None if labels is None else torch.cat([labels, labels])
+            before, after = forward(torch.cat([x, shifted]), both).float().chunk(2)
+        else:
+            before, after = forward(x, labels).float(), forward(shifted, labels).float()
+        q_sq = ((after - before) / sigma).square()
+    loss, stats = before.new_zeros(()), {}
+    if observe_real is not None:
+        for p, part in zip(penalties, before.detach().split(sizes)):
+            if getattr(p, "on", None) == "real":
+                observe_real(part)
+    for p, part in zip(penalties, q_sq.split(sizes)):
+        value = p.per_sample(part).mean()
+        loss = loss + value * (p.weight * p.interval)
+        stats.update({f"Loss/D/{p.label}": value.detach(), f"Grad/D/{p.label}_rms": part.detach().mean().sqrt()})
+    return loss, stats
+
+
+def _same_draws(augment, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(augment(a), augment(b)) with the same random draws: the RNG of a's device is forked for the
+    first call and restored for the second (the augmentations draw from torch's global RNG only, and
+    the same number of draws for inputs of one shape)."""
+    devices = [a.device] if a.device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=a.device.type if devices else "cuda"):
+        first = augment(a)
+    return first, augment(b)
+
+
 @PENALTIES.register("wgan-gp")
 class WGANGP(Penalty):
     """Gulrajani et al. (2017), Eq. 3 and Alg. 1: lambda E[(||grad D(x_hat)||_2 - 1)^2] at
@@ -328,9 +418,22 @@ class WGANGP(Penalty):
 
 
 class ZeroCentred(Penalty):
-    """Mescheder et al. (2018): gamma/2 E[||grad D(x)||^2] at the real (R1) or fake (R2) samples."""
+    """Mescheder et al. (2018): gamma/2 E[||grad D(x)||^2] at the real (R1) or fake (R2) samples.
+    `approximate`: the squared norm estimated by a finite difference with step `sigma`
+    (`finite_difference_penalty`), at the same weight."""
 
     on: ClassVar[str]           # "real" or "fake"
+    approximable = True
+
+    def __init__(self, weight: float = 10.0, interval: int = 1, *, approximate: bool = False, sigma: float = 0.01):
+        super().__init__(weight, interval)
+        if approximate and not sigma > 0:
+            raise ConfigError(f"penalty {self.name}: the finite difference needs sigma > 0, got {sigma}")
+        self.approximate, self.sigma = bool(approximate), float(sigma)
+
+    def __repr__(self) -> str:
+        extra = f", approximate=True, sigma={self.sigma}" if self.approximate else ""
+        return f"{type(self).__name__}(weight={self.weight}, interval={self.interval}{extra})"
 
     def points(self, real: Tensor | None, fake: Tensor | None) -> Tensor:
         x = real if self.on == "real" else fake
@@ -466,5 +569,13 @@ class Orthogonal(GPenalty):
 
 def build_penalties(loss_cfg) -> list[Penalty]:
     """One penalty per entry of `loss_cfg.penalties` (a `LossConfig`), in order, each with its
-    configured weight and interval."""
-    return [PENALTIES.get(p.name)(p.weight, p.interval) for p in loss_cfg.penalties]
+    configured weight and interval (and, for r1 and r2, `approximate` and `sigma`)."""
+    out = []
+    for p in loss_cfg.penalties:
+        cls = PENALTIES.get(p.name)
+        extra = {"approximate": True, "sigma": p.sigma} if getattr(p, "approximate", False) else {}
+        if extra and not cls.approximable:
+            raise ConfigError(f"loss.penalties: {p.name} has no finite-difference form (approximate: true is "
+                              "for r1 and r2); remove approximate")
+        out.append(cls(p.weight, p.interval, **extra))
+    return out

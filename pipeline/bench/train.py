@@ -7,7 +7,9 @@ bundled MNIST (batch 64, non-saturating), and `dcgan64-example`: the CIFAR DCGAN
 4,096 RGB images against a loop written the way PyTorch's own DCGAN example is (examples/dcgan:
 BatchNorm in D, sigmoid + BCE, one fake batch per iteration reused for G's step (the config's
 `train.reuse_fakes: true` does the same), Adam 2e-4 (0.5,
-0.999), N(0, 0.02) init; in-memory batches here, where the example reads files). The trainer runs as `ganpipe train` in a subprocess
+0.999), N(0, 0.02) init; in-memory batches here, where the example reads files); on request
+`rpgan-mnist` and `rpgan-mnist-approx`, the demo recipe with exact and with finite-difference
+(`approximate`) R1 + R2. The trainer runs as `ganpipe train` in a subprocess
 (shard loader at its default, which on a CPU-only run is no worker process: `--set
 data.num_workers=1` measures one; EMA, per-tick stats, sample grids, snapshots, checkpoint all on);
 its rate is images shown to D per second of wall time between two ticks, so start-up is excluded
@@ -70,6 +72,13 @@ CASES = {
                       "published": {"s_per_kimg": 12.53, "what": "StyleGAN2 at 256 px on one A100, with path length "
                                     "(the figure issue 15 cites); stylegan2-ada-pytorch's README: 21.6-24.2 s/kimg "
                                     "on one V100"}},
+    # The demo recipe (configs/mnist_rpgan.yaml: RpGAN + R1 + R2, gamma 0.1, lazy every 4 D steps) with
+    # its exact penalties and with the finite-difference ones (`approximate`, no double backward),
+    # trainer and bare loop alike: `--cases rpgan-mnist rpgan-mnist-approx`.
+    "rpgan-mnist": {"config": "configs/mnist_rpgan.yaml", "data": "mnist", "overrides": []},
+    "rpgan-mnist-approx": {"config": "configs/mnist_rpgan.yaml", "data": "mnist", "overrides": [
+        "loss.penalties=[{name: r1, weight: 0.1, interval: 4, schedule: {kind: cosine, end: 0.1}, approximate: true}, "
+        "{name: r2, weight: 0.1, interval: 4, schedule: {kind: cosine, end: 0.1}, approximate: true}]"]},
 }
 CPU_CASES = ["dcgan32", "mlp-mnist", "dcgan64-example"]    # the default: what a CPU measures in minutes
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -17,8 +17,9 @@ skips a non-finite step (counted; too many in a row stop the run), steps and run
 after-step hook (WGAN weight clipping).
 
 A new regulariser is a new entry in `build_phases`, not a new branch in the loop. Penalties have
-a side (`pipeline.losses`): D-side ones (r1, r2, wgan-gp) join D's main phase when every-step or
-get "Dreg" phases; G-side ones (pl, ortho) join G's main phase or get "Greg" phases, every k G
+a side (`pipeline.losses`): D-side ones (r1, r2, wgan-gp; r1 and r2 exact or `approximate`, by
+finite differences without double backward, under the same phases, intervals and scaler) join D's
+main phase when every-step or get "Dreg" phases; G-side ones (pl, ortho) join G's main phase or get "Greg" phases, every k G
 steps, with G's Adam adjusted for them as D's is for its lazy penalties. A penalty's running
 state (pl's mean) travels in the checkpoint through `Phases.penalty_state()`.
 """
@@ -305,8 +306,10 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
             real, fake, aug = (mb.real, mb.fake, augment) if clean else (augment(mb.real), augment(mb.fake), None)
             value = 0
             for part in ([group] if joint else [[p] for p in group]):
+                # An approximate (finite-difference) R1/R2 has no double backward, so it may run
+                # through the compiled forward; the exact ones differentiate D eagerly.
                 loss_part, stats = joint_penalty(part, D, real, fake, mb.labels, scaler=scaler_D, augment=aug,
-                                                 observe_real=observe)
+                                                 observe_real=observe, forward=fwd_D, joint=joint)
                 value = value + loss_part
                 for name, v in stats.items():
                     report(name, v)
@@ -355,8 +358,9 @@ def build_phases(cfg: Config, *, G: nn.Module, D: nn.Module, device: torch.devic
 
 def compiled(module: nn.Module, backend: str) -> nn.Module:
     """`module` itself (`speed.compile=off`), or torch.compile of it with `backend`, sharing its
-    parameters: only the main phases' forwards use it. The penalties call the eager module: they
-    differentiate through the gradient (create_graph), which compiled graphs do not support."""
+    parameters: the main phases' forwards and the approximate (finite-difference) R1/R2 use it. The
+    exact penalties call the eager module: they differentiate through the gradient (create_graph),
+    which compiled graphs do not support."""
     if backend == "off":
         return module
     return torch.compile(module, backend=backend, dynamic=False)
