@@ -53,6 +53,9 @@ def prepare_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: PATH/dataset.json if present, else one subfolder per class)")
     p.add_argument("--image-column", default=None, help="hf: column with the images (default: the Image column)")
     p.add_argument("--label-column", default=None, help="hf: column with the classes (default: 'label' if present)")
+    p.add_argument("--min-size", type=int, default=0, metavar="PX",
+                   help="skip source images with a side under PX pixels (recorded in the manifest; default 0: keep "
+                        "all, and name those upscaled more than 4x)")
 
 
 def verify_arguments(p: argparse.ArgumentParser) -> None:

@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline import dist
 from pipeline.data.manifest import check_shard, read_manifest, shard_path
-from pipeline.data.shards import read_samples
+from pipeline.data.shards import bad_sample, read_samples
 from pipeline.errors import DataError, printable
 
 
@@ -289,6 +289,7 @@ class ShardStreamDataset(IterableDataset):
         self.resume = resume or {}
         self.worker_offset = worker_offset
         self.last_error = ""
+        self.first_bad: dict[int, str] = {}    # shard -> its first bad sample, named with its source
         self.cache: dict[tuple[int, int, int], tuple[list, str]] = {}
         self.cache_bytes = int(cache_mb * 2**20)
         self.cache_used = 0
@@ -341,13 +342,14 @@ class ShardStreamDataset(IterableDataset):
         stream = None
         try:
             stream = self.shards.open(shard)
-            for index, _, image, label, bad in read_samples(
+            for index, key, image, label, bad in read_samples(
                     stream, url, channels=self.shards.channels, resolution=self.shards.resolution,
                     num_classes=self.shards.num_classes, require_label=self.require_labels,
                     select=lambda i: i >= start and i % parts == part):
                 kind = bad.kind if bad is not None else None
                 if kind is not None:
                     counts[kind] += 1
+                    self.first_bad.setdefault(shard, bad_sample(key, bad))
                 if record:
                     entries.append((index, image, label, kind))
                 yield index, image, label
@@ -415,6 +417,8 @@ class ShardStreamDataset(IterableDataset):
         bad = decoded_bad + max(missing, 0)
         if total and bad / total > self.max_bad_fraction:
             detail = f"; {self.last_error}" if pass_counts["read_error"] else ""
+            if shard in self.first_bad:
+                detail += f"; first bad sample: {self.first_bad[shard]}"
             raise DataError(
                 f"shard {self.shards.name(shard)}: {bad} of {total} samples bad ({dict(pass_counts)}{detail}), "
                 f"above data.max_bad_fraction={self.max_bad_fraction}; run `ganpipe verify` on the data, "

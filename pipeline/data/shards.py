@@ -12,8 +12,10 @@ consecutive and share a key, the member path up to the first dot of its file nam
 `a/1.seg.png` and `a/1.cls` are sample `a/1` with entries `png`, `seg.png`, `cls`; `b/1.png` is
 another one), and the rest of the name, lower-cased, is the entry's extension. The image entry
 may be PNG (what `ganpipe prepare` writes, via `encode_png`), JPEG or WebP; `cls` holds the class
-index as text. The loader, `ganpipe verify` and whole-split reading all go through
-`read_samples` and `decode_sample`, so they agree on which samples are good.
+index as text; `json`, where `ganpipe prepare` wrote it, says where the sample came from
+(`sample_source`), and every other entry is ignored. The loader, `ganpipe verify` and whole-split
+reading all go through `read_samples` and `decode_sample`, so they agree on which samples are
+good, and name a bad one with `bad_sample`: its key and, where known, its source.
 
 No byte sequence may crash or exhaust the process. The tar reader bounds what it holds (a
 sample's members and bytes, a member, a name record: the MAX_* constants below), and a header it
@@ -38,6 +40,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import struct
 import warnings
 import zlib
@@ -620,6 +623,32 @@ def iter_tar_samples(fileobj, name: str = "tar") -> Iterator[tuple[str, dict[str
         yield key, files
 
 
+# A `json` entry longer than this is not ganpipe's small source record: not parsed.
+MAX_SOURCE_RECORD_BYTES = 64 << 10
+
+
+def sample_source(files: dict[str, bytes]) -> str | None:
+    """Where a sample came from, as `ganpipe prepare` records it in the sample's `json` entry
+    (`{"source": "cats/001.jpg", ...}`: a path under a folder source, an index, an hf split/row),
+    or None. Read for bad samples only: a good sample costs nothing."""
+    data = files.get("json")
+    if not data or len(data) > MAX_SOURCE_RECORD_BYTES:
+        return None
+    try:
+        record = json.loads(data)
+    except (ValueError, RecursionError):        # not JSON (or not UTF-8), or nested too deep
+        return None
+    source = record.get("source") if isinstance(record, dict) else None
+    return str(source) if isinstance(source, (str, int)) and not isinstance(source, bool) else None
+
+
+def bad_sample(key: str, bad: BadSample) -> str:
+    """'key K: what is wrong (source S)', printable: how messages name a bad sample that
+    `read_samples` gave, with its source where the sample records one."""
+    source = getattr(bad, "source", None)
+    return f"key {printable(key)}: {bad}" + (f" (source {printable(source)})" if source else "")
+
+
 def key_digest(key: str) -> bytes:
     """A short stand-in for a sample key in a set of the keys seen (they may be 64 KiB each)."""
     return hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).digest()
@@ -633,7 +662,8 @@ def read_samples(fileobj, name: str, *, channels: int, resolution: int, num_clas
     `index` counts every sample in file order; `select(index)` False skips one undecoded. A bad
     sample comes out with image None, label -1 and `bad` (kind "duplicate" for a key an earlier
     sample of the shard had: webdataset would merge or reorder them, so it is skipped, not kept
-    twice). A truncated or corrupt tar raises `TruncatedTar` after the last whole sample.
+    twice), whose `source` attribute is the sample's `sample_source` (None when unknown). A
+    truncated or corrupt tar raises `TruncatedTar` after the last whole sample.
     """
     seen: set[bytes] = set()        # digests: a shard of many long keys must not fill the memory
     for index, (key, files) in enumerate(iter_tar_samples(fileobj, name)):
@@ -648,6 +678,7 @@ def read_samples(fileobj, name: str, *, channels: int, resolution: int, num_clas
             image, label = decode_sample(files, channels=channels, resolution=resolution,
                                          num_classes=num_classes, require_label=require_label)
         except BadSample as exc:
+            exc.source = sample_source(files)
             yield index, key, None, -1, exc
         else:
             yield index, key, image, label, None

@@ -17,8 +17,8 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.data.manifest import read_manifest, shard_path
-from pipeline.data.shards import read_samples
-from pipeline.errors import TruncatedTar, UserError
+from pipeline.data.shards import bad_sample, read_samples
+from pipeline.errors import TruncatedTar, UserError, printable
 
 
 def iter_split(data_dir: str | Path, split: str, batch_size: int = 250
@@ -26,9 +26,11 @@ def iter_split(data_dir: str | Path, split: str, batch_size: int = 250
     """(uint8 images (B, C, H, W), int64 labels (B,)) batches of every sample of `split`."""
     data_dir = Path(data_dir)
     m = read_manifest(data_dir)
+    where = printable(str(data_dir))
     if split not in m["splits"]:
-        raise UserError(f"{data_dir}: no split '{split}' in the manifest (has: {', '.join(m['splits'])}); "
-                        "choose --split, or re-prepare with --holdout N for a test split")
+        raise UserError(f"{where}: no split '{printable(split)}' in the manifest (has: "
+                        f"{printable(', '.join(m['splits']))}); choose --split, or re-prepare with --holdout N "
+                        "for a test split")
     shape = dict(channels=m["channels"], resolution=m["resolution"], num_classes=m["num_classes"])
     images, labels = [], []
     for shard in m["splits"][split]["shards"]:
@@ -37,16 +39,19 @@ def iter_split(data_dir: str | Path, split: str, batch_size: int = 250
             for _, key, image, label, bad in read_samples(open(path, "rb"), str(path), **shape,
                                                           require_label=False):
                 if bad is not None:
-                    raise UserError(f"{path} key {key}: {bad}; split '{split}' is read whole (every sample "
-                                    f"counts): run `ganpipe verify {data_dir}` and re-prepare the data")
+                    raise UserError(f"{printable(str(path))} {bad_sample(key, bad)}; split "
+                                    f"'{printable(split)}' is read whole (every sample counts): run "
+                                    f"`ganpipe verify {where}` and re-prepare the data")
                 images.append(image)
                 labels.append(label)
                 if len(images) == batch_size:
                     yield np.stack(images), np.asarray(labels, dtype=np.int64)
                     images, labels = [], []
         except (TruncatedTar, OSError) as exc:
-            raise UserError(f"{path}: {exc}; split '{split}' is read whole (every sample counts): "
-                            f"run `ganpipe verify {data_dir}` and re-prepare the data") from None
+            # TruncatedTar names the shard printably already; an OSError's file name is raw
+            cause = exc if isinstance(exc, TruncatedTar) else printable(str(exc))
+            raise UserError(f"{printable(str(path))}: {cause}; split '{printable(split)}' is read "
+                            f"whole (every sample counts): run `ganpipe verify {where}` and re-prepare the data") from None
     if images:
         yield np.stack(images), np.asarray(labels, dtype=np.int64)
 

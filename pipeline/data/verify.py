@@ -2,7 +2,8 @@
 
     ganpipe verify data/mnist
 
-Each problem is printed with its shard (and key, where there is one); the exit status is 0 only
+Each problem is printed with its shard (and key, where there is one, with the source file or
+row `ganpipe prepare` recorded in the sample); the exit status is 0 only
 when every shard (tar or tar.gz) matches its size and sha256, every sample decodes to the
 manifest's shape (with `read_samples`, the loader's reader: PNG, JPEG or WebP, no duplicate keys),
 and every label is present (for labelled data) and in range. A damaged shard is a reported
@@ -18,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.data.manifest import read_manifest, shard_path
-from pipeline.data.shards import read_samples
+from pipeline.data.shards import bad_sample, read_samples
 from pipeline.errors import TruncatedTar, printable
 from pipeline.io import sha256_file
 
@@ -43,7 +44,7 @@ def verify_shard(path: Path, name: str, shard: dict, shape: dict, progress: bool
                                       leave=False):
             n += 1
             if bad is not None:
-                problems.append(f"{shown} key {printable(key)}: {bad}")
+                problems.append(f"{shown} {bad_sample(key, bad)}")
     except (TruncatedTar, OSError) as exc:
         problems.append(f"{shown}: unreadable tar after {n} samples ({type(exc).__name__}: {exc})")
     if n != shard["num_samples"]:
