@@ -207,21 +207,21 @@ def _truncation_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _extractor_arguments(p: argparse.ArgumentParser, several: bool = False) -> None:
-    from pipeline.metrics.features import DINOV2_ENV, EXTRACTORS, INCEPTION_ENV
+    from pipeline.metrics.features import DINOV2_ENV, EXTRACTORS, INCEPTION_ENV, VGG16_ENV
 
     if several:     # eval/watch: one pass over the images feeds every extractor named
-        p.add_argument("--extractor", default="inception",
-                       help=f"feature network(s), comma-separated, from: {', '.join(EXTRACTORS.keys())} "
-                            "(default inception, the published standard; mnist works offline; "
-                            "dinov2-l14 gives FD_DINOv2)")
+        p.add_argument("--extractor", default=None,
+                       help=f"feature network(s) for every metric, comma-separated, from: {', '.join(EXTRACTORS.keys())} "
+                            "(default: each metric's own as its paper: vgg16 for pr and dc, inception for fid, kid "
+                            "and is; mnist works offline; dinov2-l14 gives FD_DINOv2)")
     else:
         p.add_argument("--extractor", default="inception", choices=EXTRACTORS.keys(),
                        help="feature network (default inception, the published standard; mnist works offline)")
     p.add_argument("--weights", "--inception-weights", dest="inception_weights", default=None, metavar="PATH",
                    help="weights file of the extractor, or a directory holding each extractor's file "
-                        "(inception-2015-12-05.pt, dinov2_vitb14_pretrain.pth, dinov2_vitl14_pretrain.pth); "
-                        f"default ${INCEPTION_ENV} / ${DINOV2_ENV}, else ~/.cache/ganpipe ($XDG_CACHE_HOME/ganpipe) / "
-                        "torch hub's "
+                        "(inception-2015-12-05.pt, vgg16-397923af.pth, dinov2_vitb14_pretrain.pth, "
+                        f"dinov2_vitl14_pretrain.pth); default ${INCEPTION_ENV} / ${VGG16_ENV} / ${DINOV2_ENV}, else "
+                        "~/.cache/ganpipe ($XDG_CACHE_HOME/ganpipe) / torch hub's "
                         "checkpoints folder; nothing is downloaded. `--weights raw` / `--weights ema` is "
                         "--generator raw / ema")
     p.add_argument("--batch-size", type=int, default=250,
@@ -229,16 +229,35 @@ def _extractor_arguments(p: argparse.ArgumentParser, several: bool = False) -> N
     p.add_argument("--device", default=None, help="torch device (default cuda if available, else cpu)")
 
 
+def _num_real(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of images, or 'all'") from None
+
+
+def _num_real_argument(p: argparse.ArgumentParser) -> None:
+    from pipeline.metrics.refstats import SAMPLE_MAX
+
+    p.add_argument("--num-real", type=_num_real, default=SAMPLE_MAX, metavar="N|all",
+                   help=f"real images in the seeded reference sample of KID, precision/recall and density/coverage "
+                        f"(default {SAMPLE_MAX}, as Naeem et al.; all: the whole split, as StyleGAN2-ADA's pr50k3); "
+                        "the generated sample is the first min(--num-gen, N)")
+
+
 def refstats_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", type=Path, help="prepared data directory (has manifest.json)")
     p.add_argument("--split", default="train", help="manifest split to describe (default train)")
+    _num_real_argument(p)
     _extractor_arguments(p)
     p.add_argument("--force", action="store_true", help="recompute even if cached")
 
 
 def _scoring_arguments(p: argparse.ArgumentParser) -> None:
     """What `eval` and `watch` share: the run, the protocol and the extractor."""
-    from pipeline.metrics.scores import METRICS, record_metrics
+    from pipeline.metrics.scores import IS_RESIZES, METRICS, record_metrics
 
     p.add_argument("--run-dir", required=True, type=Path, help="run directory written by `ganpipe train`")
     p.add_argument("--metrics", default="fid,kid",
@@ -248,7 +267,11 @@ def _scoring_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"metric(s) best.json ranks snapshots by, comma-separated, from: {', '.join(record_metrics())} "
                         "(default fid,kid)")
     p.add_argument("--num-gen", type=int, default=None,
-                   help="images generated per snapshot (default: 50000 inception, 10000 mnist)")
+                   help="images generated per snapshot (default: 50000 inception and vgg16, 10000 mnist)")
+    _num_real_argument(p)
+    p.add_argument("--is-resize", default="clean", choices=IS_RESIZES,
+                   help="how the Inception Score's images reach 299 px: clean (clean-fid's, as FID; default) or "
+                        "tf-bilinear (the original IS code's and StyleGAN2-ADA's, that of published IS figures)")
     p.add_argument("--split", default="train", help="reference split of the run's data (default train)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images and of KID's subsets")
     p.add_argument("--data", type=Path, default=None, help="reference data dir (default: data.path of the run)")

@@ -6,6 +6,9 @@ density/coverage, Inception Score) and record the protocol.
     ganpipe eval --run-dir RUN --snapshot snapshot-000004000.json --metrics fid --num-gen 5000
     torchrun --nproc_per_node 2 -m pipeline eval --run-dir RUN --all   # generation split over 2 processes
     ganpipe eval --run-dir RUN --metrics fid,kid,pr,dc,is --extractor inception,dinov2-l14 --weights ~/weights
+    ganpipe eval --run-dir RUN --metrics fid,pr,dc,is --weights ~/weights      # pr, dc on vgg16; fid, is on inception
+    ganpipe eval --run-dir RUN --metrics pr --num-gen 50000 --num-real all     # StyleGAN2-ADA's pr50k3(_full)
+    ganpipe eval --run-dir RUN --metrics is --is-resize tf-bilinear            # the IS as published
 
     ganpipe watch --run-dir RUN --extractor mnist --interval 60     # until the run finishes
     ganpipe watch --run-dir RUN --extractor mnist --once            # one pass (cron / Slurm array)
@@ -14,7 +17,8 @@ Both build one `Evaluator` (evaluator.py) from the same arguments (cli.py). Outp
 `metrics.jsonl` (one line per snapshot and metric: the value with extractor and its weights hash,
 resize, N generated, reference data/split/N/manifest hash, seed and seeding convention,
 truncation psi and cutoff (`--psi`, `--cutoff`; a different psi is a different protocol), snapshot
-sha256, kimg, seconds; k and sample sizes for the k-NN metrics, subsets for KID, splits for the IS),
+sha256, kimg, seconds; k and sample sizes (sample_gen, and sample_ref = num_real) for the k-NN metrics and
+KID, subsets for KID, splits and resize for the IS),
 `best.json` (the best value per metric under the newest protocol, for FID and KID or the
 `--best-metric` list; lower is better except for precision, recall, density, coverage and IS),
 TensorBoard scalars `Metrics/{metric}_{extractor}` in RUN/tb at step cur_nimg (and the same in the
@@ -72,6 +76,7 @@ from pipeline.metrics import posthoc
 from pipeline.metrics.alerts import AlertRules, check, new_alerts, record_alerts
 from pipeline.metrics.evaluator import Evaluator
 from pipeline.metrics.records import main_protocol, read_lines, scores
+from pipeline.metrics.refstats import SAMPLE_MAX
 from pipeline.metrics.scores import parse_metrics
 from pipeline.training.snapshot import list_snapshots
 from pipeline.rundir import RunDir
@@ -80,7 +85,8 @@ from pipeline.rundir import RunDir
 
 def evaluator_from_args(args: argparse.Namespace, log: Callable[[str], None] = print) -> Evaluator:
     return Evaluator(args.run_dir, metrics=parse_metrics(args.metrics), extractor=args.extractor,
-                     num_gen=args.num_gen, split=args.split, seed=args.seed, batch_size=args.batch_size,
+                     num_gen=args.num_gen, num_real=getattr(args, "num_real", SAMPLE_MAX),
+                     is_resize=getattr(args, "is_resize", "clean"), split=args.split, seed=args.seed, batch_size=args.batch_size,
                      device=args.device, inception_weights=args.inception_weights, data=args.data, log=log,
                      psi=getattr(args, "psi", 1.0), cutoff=getattr(args, "cutoff", None),
                      best_metrics=parse_best_metrics(getattr(args, "best_metric", None)),

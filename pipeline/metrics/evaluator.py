@@ -2,6 +2,7 @@
 
     ev = Evaluator(RUN, metrics=["fid", "kid"], extractor="mnist")   # every process builds one
     ev = Evaluator(RUN, metrics=["fid", "pr", "is"], extractor="inception,dinov2-l14")
+    ev = Evaluator(RUN, metrics=["fid", "pr"])            # no extractor named: fid on inception, pr on vgg16
     ev.start(main="watch")                                           # the main protocol; best.json in line
     for meta in ev.pending():                                        # snapshots not yet scored
         with ev.claimed(meta["json_path"], recheck=True) as mine:    # one scorer per snapshot and protocol
@@ -14,7 +15,7 @@ generate N images with `pipeline.generate` (image i, its latent and its class de
 seed and i, so neither the batch size nor the number of processes changes which images are
 scored), quantise them to uint8 as a saved PNG would be, run every extractor once over
 them, keep per extractor running float64 sums (FID), IS sums and the features of the first
-`scores.SAMPLE_GEN` images (KID, precision/recall, density/coverage) (`stats.py`), and score them
+min(N, `--num-real`) images (KID, precision/recall, density/coverage) (`stats.py`), and score them
 against the reference statistics of the run's data (`refstats.py`, computed on first use). With
 several processes each generates every world_size-th batch; the sums are gathered every round
 and added in batch order (the same bits for any number of processes), the sample goes to rank 0,
@@ -54,8 +55,8 @@ from pipeline.metrics.features import CLASSIFIERS, Extractor, check_data, get_ex
 from pipeline.metrics.records import (BEST_METRICS, KIND_BAD, append_records, bad_marks, main_protocol,
                                       main_protocol_line, plot_metrics, protocol_key, read_lines, read_records,
                                       record_main_protocol, scores, sync_best, write_best)
-from pipeline.metrics.refstats import RefStats, reference_stats
-from pipeline.metrics.scores import METRICS, SAMPLE_GEN, Metric, Setup
+from pipeline.metrics.refstats import SAMPLE_MAX, RefStats, reference_stats
+from pipeline.metrics.scores import IS_RESIZES, METRICS, Metric, Setup, extractor_plan
 from pipeline.metrics.stats import IS_SPLITS, generated_statistics
 from pipeline.training.snapshot import list_snapshots, load_snapshot, read_snapshot_meta
 from pipeline.training.trackers import Sink
@@ -98,7 +99,8 @@ class Evaluator:
     weights = "ema"                 # which G of each snapshot (GENERATORS); set by __init__
     classes: generate.LabelDistribution | None = None   # a conditional G's classes (--labels); set by __init__
 
-    def __init__(self, run_dir: str | Path, *, metrics: list[str], extractor: str, num_gen: int | None = None,
+    def __init__(self, run_dir: str | Path, *, metrics: list[str], extractor: str | None = None,
+                 num_gen: int | None = None, num_real: int | None = SAMPLE_MAX, is_resize: str = "clean",
                  split: str = "train", seed: int = 0, batch_size: int = 250, device: str | None = None,
                  inception_weights: str | None = None, data: str | Path | None = None,
                  psi: float = 1.0, cutoff: int | None = None, best_metrics: list[str] | None = None,
@@ -131,7 +133,14 @@ class Evaluator:
         self.log = log if self.rank == 0 else (lambda msg: None)
         self.best_metrics = list(best_metrics or BEST_METRICS)
         self.specs: dict[str, Metric] = {m: METRICS.get(m) for m in metrics}
-        names = parse_extractors(extractor)
+        # Which extractors serve which metric: every one named, or each metric's own (pr/dc: vgg16).
+        self.uses = extractor_plan(metrics, parse_extractors(extractor) if extractor else None)
+        names = list(dict.fromkeys(n for m in metrics for n in self.uses[m]))
+        if is_resize not in IS_RESIZES:
+            raise UserError(f"--is-resize {is_resize}: choose one of {', '.join(IS_RESIZES)}")
+        if num_real is not None and num_real < 2:
+            raise UserError(f"--num-real {num_real}: KID and the k-NN metrics need at least 2 real images (or 'all')")
+        self.num_real, self.is_resize = num_real, is_resize
         shape = read_manifest(self.data_dir)
         check_data(names, shape["channels"], shape["resolution"], f"the reference data {self.data_dir}")
         # How a conditional G's classes are chosen: part of the protocol.
@@ -153,18 +162,25 @@ class Evaluator:
         if "is" in self.specs and self.num_gen < IS_SPLITS:
             raise UserError(f"--num-gen {self.num_gen}: the Inception Score's {IS_SPLITS} splits need at least "
                             f"{IS_SPLITS} images")
-        self.sample_gen = min(self.num_gen, SAMPLE_GEN) if any(s.sample for s in self.specs.values()) else 0
+        # The generated sample matches the real one in size (both papers compare equal numbers): the
+        # first min(N, --num-real) images; --num-real all: all N.
+        self.sample_gen = (min(self.num_gen, num_real or self.num_gen)
+                           if any(s.sample for s in self.specs.values()) else 0)
         if ("pr" in self.specs or "dc" in self.specs) and 0 < self.sample_gen <= 5:
             raise UserError(f"--num-gen {self.num_gen}: precision/recall and density/coverage need more than "
                             "5 generated images (k = 3 and 5 nearest neighbours)")
+        if ("pr" in self.specs or "dc" in self.specs) and num_real is not None and num_real <= 5:
+            raise UserError(f"--num-real {num_real}: precision/recall and density/coverage need more than "
+                            "5 real images (k = 3 and 5 nearest neighbours)")
         # Rank 0 alone needs the references (it scores); the others only generate.
         self.refs: dict[str, RefStats] | None = dist.on_main(lambda: {ext.name: reference_stats(
-            self.data_dir, split, ext, batch_size=batch_size, log=self.log) for ext in self.extractors},
+            self.data_dir, split, ext, batch_size=batch_size, log=self.log, sample_max=num_real)
+            for ext in self.extractors},
             (UserError, DataError, FileNotFoundError))
         self.ref: RefStats | None = None if self.refs is None else self.refs[self.extractor.name]
         for ext in self.extractors:
             ref = None if self.refs is None else self.refs[ext.name]
-            if ref is not None and "fid" in self.specs and min(ref.num, self.num_gen) <= ext.dim:
+            if ref is not None and ext.name in self.uses.get("fid", ()) and min(ref.num, self.num_gen) <= ext.dim:
                 self.log(f"warning: {min(ref.num, self.num_gen)} samples for {ext.dim}-d {ext.name} features: "
                          "the covariance is singular and FID is unreliable (use more images)")
         self.tensorboard = "tensorboard" in cfg.log.trackers
@@ -233,12 +249,12 @@ class Evaluator:
     def setup(self, ext: Extractor) -> Setup:
         assert self.refs is not None
         return Setup(num_gen=self.num_gen, sample_gen=self.sample_gen, sample_ref=self.refs[ext.name].sample_num,
-                     seed=self.seed, device=ext.device)
+                     seed=self.seed, device=ext.device, is_resize=ext.resize_tag(self.is_resize))
 
     def _planned(self) -> list[tuple[Extractor, str, Metric]]:
         """(extractor, --metrics name, metric) of every score a snapshot gets; the IS only with class logits."""
         return [(ext, name, spec) for ext in self.extractors for name, spec in self.specs.items()
-                if not spec.classes or ext.num_classes]
+                if ext.name in self.uses[name] and (not spec.classes or ext.num_classes)]
 
     def series_keys(self) -> dict[str, tuple]:
         """{record name: protocol key} of every score this evaluator gives a snapshot."""
@@ -379,10 +395,14 @@ class Evaluator:
         suffix = "" if self.weights == "ema" else f"_{self.weights}"      # raw scores: their own series
         t1 = time.perf_counter()
         # One pass: every image generated once, every extractor run once over it.
+        # Each extractor keeps what its own metrics need.
+        used = {flag: {n for m, spec in self.specs.items() if getattr(spec, flag) for n in self.uses[m]}
+                for flag in ("moments", "classes", "sample")}
         stats = generated_statistics(
             G, self.extractors, num=self.num_gen, batch_size=self.batch_size, seed=self.seed,
-            moments=any(s.moments for s in self.specs.values()), classes=any(s.classes for s in self.specs.values()),
-            keep=self.sample_gen, generate_kwargs={"psi": self.psi, "cutoff": self.cutoff, "classes": classes})
+            moments=used["moments"], classes=used["classes"],
+            keep={n: self.sample_gen for n in used["sample"]},
+            generate_kwargs={"psi": self.psi, "cutoff": self.cutoff, "classes": classes}, is_resize=self.is_resize)
         gen_s = time.perf_counter() - t1
         if self.rank != 0:
             return []

@@ -1,7 +1,7 @@
 """Feature extractors for FID/KID, precision/recall, density/coverage and the Inception Score,
 served by name from one registry.
 
-    ext = get_extractor("mnist", device="cpu")        # or "inception", "dinov2-b14", "dinov2-l14"
+    ext = get_extractor("mnist", device="cpu")        # or "inception", "vgg16", "dinov2-b14", "dinov2-l14"
     feats = ext(images_uint8_nchw)                    # (N, ext.dim) float32 numpy
     feats, logits = ext.extract(images, logits=True)  # torch on ext.device; logits for the IS
 
@@ -22,6 +22,21 @@ served by name from one registry.
   `$GANPIPE_DINOV2_WEIGHTS`, else torch hub's checkpoint folder; nothing is downloaded. The
   518-px position embeddings are resampled to 16 x 16 as DINOv2 itself does at run time
   (bicubic, scale factor (16 + 0.1) / 37, no antialias).
+- `vgg16`: torchvision's VGG16 architecture, the 4096-d output of fc2 after its ReLU: the features
+  of precision/recall (Kynkäänniemi et al. 2019, StyleGAN2-ADA's `pr50k3`) and density/coverage
+  (Naeem et al. 2020), and the default extractor of those metrics (`scores.py`). After the ReLU:
+  the reference network of pr50k3 (NVIDIA's `vgg16.pt`, ported from Kynkäänniemi et al.'s TF
+  graph) returns fc2 after its ReLU as its features, as ports that reproduce it do (genforce's
+  `PerceptualModel` 'feature', torch-fidelity's `fc2_relu`, its default for precision/recall).
+  Input: uint8 images resized to 224 x 224 by TF1's bilinear resize (`tf-bilinear`: no
+  half-pixel centres, no antialias; `tf_bilinear_resize`), because that is what the reference
+  network does inside its graph (as does the Inception file: StyleGAN2-ADA's affine-grid resize),
+  then /255 and ImageNet mean/std, torchvision's normalisation for these weights. Weights:
+  torchvision's `vgg16-397923af.pth` from `--weights PATH` (a file, or a directory holding it),
+  else `$GANPIPE_VGG16_WEIGHTS`, else torch hub's checkpoint folder (where torchvision leaves
+  it); nothing is downloaded. They are torchvision's ImageNet weights, not NVIDIA's `vgg16.pt`
+  (Oxford's weights in TorchScript, with code), so values are close to, not equal to, published
+  pr50k3 figures; the weights hash in every record keeps the two apart.
 
 clean-fid extractors (inception, mnist) follow clean-fid's protocol: uint8 images (grey is
 repeated to RGB, as clean-fid's `convert('RGB')` does) go through clean-fid's "clean" resize
@@ -31,8 +46,9 @@ same `ext.net` can be handed to `cleanfid.fid.compute_fid(custom_feat_extractor=
 the same numbers. A `weights` directory serves several extractors: each takes its own file name
 from it.
 
-Every weights file is checked against its published sha256 (`PUBLISHED_SHA256`) before it is
-loaded, and a file that differs is refused with both hashes in the message: a score is only as
+Every weights file is checked against its published sha256 (`PUBLISHED_SHA256`; for torchvision's
+VGG16 file only the 8-digit prefix torchvision publishes in its name, `PUBLISHED_SHA256_PREFIX`)
+before it is loaded, and a file that differs is refused with both hashes in the message: a score is only as
 true as its feature network, and a stand-in network (a 2.5 kB TorchScript file returning constant
 features scores every snapshot FID 0) must not be able to write the record. The Inception file is
 TorchScript, so it is hashed and loaded from the same bytes in memory.
@@ -72,6 +88,15 @@ PUBLISHED_SHA256: dict[str, tuple[str, ...]] = {
     "dinov2-l14": ("d5383ea8f4877b2472eb973e0fd72d557c7da5d3611bd527ceeb1d7162cbf428",),
 }
 
+# torchvision publishes no full hash of its weights files: by its convention the 8 hex digits in
+# the file name are the start of the file's sha256 (torch.hub's check_hash compares just those).
+# So a vgg16 file is checked against that prefix alone: 32 bits, enough to refuse a truncated
+# download or another file by accident, not a forgery made to match. The file's full sha256 goes
+# into every record (`extractor_sha256`), as for the other extractors.
+PUBLISHED_SHA256_PREFIX: dict[str, tuple[str, ...]] = {
+    "vgg16": ("397923af",),
+}
+
 # name -> build(device, weights=None) -> Extractor
 EXTRACTORS = Registry("feature extractor")
 CLASSIFIERS = ("inception", "mnist")    # extractors whose networks have class logits (Inception Score)
@@ -91,13 +116,19 @@ class Extractor:
     # Class logits from the features (for the Inception Score); None: the network has no classes.
     head: Callable[[torch.Tensor], torch.Tensor] | None = None
     num_classes: int = 0
-    resize_kind: str = "clean"  # "clean": clean-fid's float resize; "pil": PIL bicubic on uint8 (DINOv2)
+    resize_kind: str = "clean"  # one of RESIZES: how images reach size x size
 
     @property
     def resize(self) -> str:
-        """Protocol tag of the resize: clean-fid 'clean' mode (PIL bicubic, float) to size x size,
-        or `pil-bicubic{size}` (uint8 PIL bicubic, torchvision's Resize on a PIL image)."""
-        return f"clean{self.size}" if self.resize_kind == "clean" else f"pil-bicubic{self.size}"
+        """Protocol tag of the extractor's own resize (`resize_tag`)."""
+        return self.resize_tag()
+
+    def resize_tag(self, kind: str | None = None) -> str:
+        """Protocol tag of a resize to size x size: `clean{size}` (clean-fid's 'clean' mode: PIL
+        bicubic on float), `pil-bicubic{size}` (uint8 PIL bicubic, torchvision's Resize on a PIL
+        image) or `tf-bilinear{size}` (TF1's resize_bilinear, `tf_bilinear_resize`)."""
+        kind = kind or self.resize_kind
+        return f"{'pil-bicubic' if kind == 'pil' else kind}{self.size}"
 
     def protocol(self) -> dict:
         return {"extractor": self.name, "extractor_sha256": self.weights_sha256, "feature_dim": self.dim,
@@ -109,14 +140,20 @@ class Extractor:
 
         return make_resizer("PIL", False, "bicubic", (self.size, self.size))
 
-    def prepare(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (B, 1|3, H, W) -> float (B, 3, size, size) in [0, 255], exactly as clean-fid does it."""
+    def prepare(self, images: np.ndarray, resize: str | None = None) -> torch.Tensor:
+        """uint8 (B, 1|3, H, W) -> float (B, 3, size, size) in [0, 255] by `resize` (default the
+        extractor's own); "clean" exactly as clean-fid does it."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected uint8 images (B, 1|3, H, W), got shape {images.shape}")
+        kind = resize or self.resize_kind
+        if kind not in RESIZES:
+            raise ValueError(f"unknown resize {kind!r}; choose from {', '.join(RESIZES)}")
         if images.shape[1] == 1:
             images = np.repeat(images, 3, axis=1)
-        if self.resize_kind == "pil":
+        if kind == "pil":
             return _pil_bicubic(images, self.size)
+        if kind == "tf-bilinear":
+            return tf_bilinear_resize(torch.from_numpy(images).to(self.device, torch.float32), self.size)
         if images.shape[2:] == (self.size, self.size):
             # PIL returns an unchanged copy for a same-size resize (checked in the tests), so skip it:
             # it costs ~0.3 ms per image, more than the mnist network itself.
@@ -126,10 +163,11 @@ class Extractor:
         return torch.from_numpy(out.transpose(0, 3, 1, 2).copy())
 
     @torch.no_grad()
-    def extract(self, images: np.ndarray, logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def extract(self, images: np.ndarray, logits: bool = False, resize: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 (B, C, H, W) numpy -> (float32 (B, dim) features, (B, num_classes) logits or None),
-        on `device`, from one pass of the network."""
-        feats = self.net(self.prepare(images).to(self.device)).float()
+        on `device`, from one pass of the network over the images resized by `resize` (default: its own)."""
+        feats = self.net(self.prepare(images, resize).to(self.device)).float()
         if not logits:
             return feats, None
         if self.head is None:
@@ -139,6 +177,26 @@ class Extractor:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, C, H, W) numpy -> float32 (B, dim) numpy features."""
         return self.extract(images)[0].cpu().numpy()
+
+
+RESIZES = ("clean", "pil", "tf-bilinear")     # Extractor.resize_kind / prepare(resize=...)
+
+
+def tf_bilinear_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """float (B, C, H, W) -> (B, C, size, size) as TF1's `tf.image.resize_bilinear` (align_corners
+    False), the resize inside the reference metric networks (the Inception file's graph, which
+    StyleGAN2-ADA reproduces with a shifted affine grid, and the VGG16 of pr50k3): output pixel i
+    reads input position i * in / out, with no half-pixel centres, no antialiasing, and its upper
+    neighbour clamped at the border. A same-size resize returns the input."""
+    def axis(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pos = torch.arange(size, device=x.device, dtype=torch.float64) * (n / size)
+        lo = pos.floor().long().clamp_(max=n - 1)
+        return lo, (lo + 1).clamp_(max=n - 1), (pos - lo).to(x.dtype)
+
+    top, bottom, dy = axis(x.shape[2])
+    left, right, dx = axis(x.shape[3])
+    rows = torch.lerp(x[:, :, top], x[:, :, bottom], dy[:, None])
+    return torch.lerp(rows[..., left], rows[..., right], dx)
 
 
 def _pil_bicubic(images: np.ndarray, size: int) -> torch.Tensor:
@@ -157,16 +215,22 @@ def user_cache_dir() -> Path:
 
 
 def check_weights(name: str, path: Path, sha256: str, fetch: str) -> str:
-    """`sha256` (of the file at `path`) when it is one published for extractor `name`; else a
-    UserError with both hashes and `fetch` (where to get the right file)."""
-    published = PUBLISHED_SHA256[name]
-    if sha256 not in published:
-        from pipeline.errors import UserError
+    """`sha256` (of the file at `path`) when it is one published for extractor `name` (or, for a
+    file whose publisher gives only a prefix, begins with it); else a UserError with both hashes
+    and `fetch` (where to get the right file)."""
+    published = PUBLISHED_SHA256.get(name, ())
+    prefixes = PUBLISHED_SHA256_PREFIX.get(name, ())
+    if sha256 in published or any(sha256.startswith(p) for p in prefixes):
+        return sha256
+    from pipeline.errors import UserError
 
+    why = "(an interrupted download, or another file: a score is only as true as its feature network)"
+    if published:
         raise UserError(f"weights file {path} cannot be loaded: its sha256 {sha256} is not the published "
-                        f"{' or '.join(published)} of the {name} extractor (an interrupted download, or another "
-                        f"file: a score is only as true as its feature network); {fetch}")
-    return sha256
+                        f"{' or '.join(published)} of the {name} extractor {why}; {fetch}")
+    raise UserError(f"weights file {path} cannot be loaded: its sha256 {sha256} does not begin with "
+                    f"{' or '.join(prefixes)}, the prefix published in the name of the {name} extractor's file "
+                    f"{why}; {fetch}")
 
 
 def get_extractor(name: str, device: str | torch.device = "cpu", weights: str | Path | None = None) -> Extractor:
@@ -200,9 +264,11 @@ def check_data(names: list[str], channels: int, resolution: int, where: str) -> 
             raise UserError(
                 f"--extractor {name} scores {MADE_FOR[name][1]}, but {where} holds {channels}-channel "
                 f"{resolution} px images: its scores would mean nothing there. Use inception (the FID of the "
-                f"literature; needs {INCEPTION_FILE}: --weights FILE or ${INCEPTION_ENV}) or dinov2-b14 / "
-                f"dinov2-l14 (need {', '.join(f for _, f, _ in DINOV2.values())}: --weights FILE or "
-                f"${DINOV2_ENV}); nothing is downloaded (docs/evaluation.md)")
+                f"literature; needs {INCEPTION_FILE}: --weights FILE or ${INCEPTION_ENV}), vgg16 (precision/recall "
+                f"and density/coverage as their papers; needs {VGG16_FILE}: --weights FILE or ${VGG16_ENV}) or "
+                f"dinov2-b14 / dinov2-l14 (need {', '.join(f for _, f, _ in DINOV2.values())}: --weights FILE or "
+                f"${DINOV2_ENV}); with several, --weights DIR holding each file; nothing is downloaded "
+                f"(docs/evaluation.md)")
 
 
 def get_extractors(names: list[str], device: str | torch.device = "cpu", weights: str | Path | None = None
@@ -213,7 +279,7 @@ def get_extractors(names: list[str], device: str | torch.device = "cpu", weights
 
         raise UserError(f"--weights {weights} names one file, but {len(names)} extractors "
                         f"({', '.join(names)}) need weights: name a directory holding each one's file "
-                        f"(e.g. {INCEPTION_FILE}, {DINOV2['dinov2-l14'][1]})")
+                        f"(e.g. {INCEPTION_FILE}, {VGG16_FILE}, {DINOV2['dinov2-l14'][1]})")
     return [get_extractor(name, device, weights) for name in names]
 
 
@@ -417,3 +483,67 @@ def build_dinov2_b14(device: torch.device, weights: str | Path | None = None) ->
 @EXTRACTORS.register("dinov2-l14")
 def build_dinov2_l14(device: torch.device, weights: str | Path | None = None) -> Extractor:
     return _build_dinov2("dinov2-l14", device, weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# vgg16 (precision/recall: Kynkäänniemi et al. 2019; density/coverage: Naeem et al. 2020)
+
+VGG16_FILE = "vgg16-397923af.pth"          # torchvision's VGG16_Weights.IMAGENET1K_V1
+VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
+VGG16_ENV = "GANPIPE_VGG16_WEIGHTS"
+VGG16_SIZE = 224
+
+
+def vgg16_path(weights: str | Path | None = None) -> Path:
+    """The argument, else $GANPIPE_VGG16_WEIGHTS, else torch hub's checkpoints folder (where
+    torchvision's `vgg16(weights="IMAGENET1K_V1")` leaves the file); a directory gets the file name."""
+    chosen = weights or os.environ.get(VGG16_ENV) or Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
+    path = Path(chosen).expanduser()
+    return path / VGG16_FILE if path.is_dir() else path
+
+
+def _missing_vgg16(path: Path) -> str:
+    return (f"VGG16 weights file {path} not found; the vgg16 extractor (the features of precision/recall and "
+            f"density/coverage unless --extractor names another) needs torchvision's {VGG16_FILE}: on a machine "
+            f"with network run `curl -L -o {VGG16_FILE} {VGG16_URL}`, copy it to {path} (or anywhere, and point "
+            f"--weights or ${VGG16_ENV} at it, or at a directory holding it); nothing is downloaded at run time")
+
+
+class Vgg16Features(nn.Module):
+    """float (B, 3, 224, 224) in [0, 255] -> (B, 4096): torchvision's VGG16 up to fc2 and its ReLU
+    (`classifier[:5]`: fc1, ReLU, Dropout, fc2, ReLU; dropout is off in eval mode). /255 then
+    ImageNet mean/std, the normalisation torchvision's weights were trained with."""
+
+    def __init__(self, vgg: nn.Module):
+        super().__init__()
+        self.features, self.avgpool, self.fc2 = vgg.features, vgg.avgpool, vgg.classifier[:5]
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features((x / 255 - self.mean) / self.std)
+        return self.fc2(torch.flatten(self.avgpool(x), 1))
+
+
+@EXTRACTORS.register("vgg16")
+def build_vgg16(device: torch.device, weights: str | Path | None = None) -> Extractor:
+    from pipeline.errors import UserError
+
+    path = vgg16_path(weights)
+    if not path.is_file():
+        raise UserError(_missing_vgg16(path))
+    # torch.load(weights_only=True) runs no code: hashing the file, then reading it, is enough.
+    sha = check_weights("vgg16", path, sha256_file(path), f"fetch {VGG16_FILE} again from {VGG16_URL}")
+    import torchvision
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        # No random initialisation: every parameter is overwritten by the file's.
+        vgg = torchvision.models.vgg16(weights=None, init_weights=False)
+        vgg.load_state_dict(state, strict=True)
+    except Exception as exc:     # a truncated file, or another network's weights: say which and what to do
+        raise UserError(f"VGG16 weights file {path} cannot be loaded into torchvision's vgg16 "
+                        f"({str(exc).splitlines()[0][:160]}); fetch {VGG16_FILE} again from {VGG16_URL}") from None
+    net = Vgg16Features(vgg).to(device).eval().requires_grad_(False)
+    # 50k generated: StyleGAN2-ADA's pr50k3.
+    return Extractor("vgg16", net, 4096, VGG16_SIZE, str(path), sha, device, 50_000, resize_kind="tf-bilinear")

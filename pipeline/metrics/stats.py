@@ -2,6 +2,8 @@
 
     stats = generated_statistics(G, extractors, num=50_000, batch_size=256, seed=0,
                                  moments=True, classes=True, keep=10_000)
+    stats = generated_statistics(G, [inception, vgg16], ..., moments={"inception"}, classes={"inception"},
+                                 keep={"vgg16": 50_000}, is_resize="tf-bilinear")   # per extractor
     stats["inception"].mean(), .cov()        # FID: running float64 sums, never all features at once
     stats["inception"].class_sums            # Inception Score: per-split sums of p(y|x) and p log p
     stats["inception"].sample                # features of images 0..keep-1 (KID, precision/recall, ...)
@@ -12,12 +14,17 @@ sum p(y|x)]. With P processes, rank r makes batches r, r + P, ...; after every r
 are gathered (`dist.all_gather`) and added in batch order, so the sums are the same bits whatever
 the number of processes, and no process ever holds more than one round of packets. The kept
 sample (the first `keep` images, i.i.d. like every other image of the seeded sequence) is
-gathered on rank 0 at the end.
+gathered on rank 0 at the end. What each extractor keeps can differ (`moments`, `classes` and
+`keep` per extractor name), so a 4096-d VGG16 that serves precision/recall alone never builds a
+4096 x 4096 outer product. The Inception Score's logits come from the same pass, unless
+`is_resize` asks for another resize than the extractor's own: then from a second pass of the
+network over the same images, resized that way.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Collection
 
 import numpy as np
 import torch
@@ -122,22 +129,35 @@ class FeatureStats:
         return ((self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)).cpu().numpy()
 
 
+def _for(value, name: str):
+    """A per-extractor setting: the same for all (bool, int), or per name (a set or a dict)."""
+    if isinstance(value, dict):
+        return value.get(name, 0)
+    if isinstance(value, (bool, int)):
+        return value
+    return name in value
+
+
 def generated_statistics(G: torch.nn.Module, extractors: list, *, num: int, batch_size: int, seed: int,
-                         moments: bool, classes: bool, keep: int, generate_kwargs: dict | None = None
+                         moments: bool | Collection[str], classes: bool | Collection[str], keep: int | dict[str, int],
+                         generate_kwargs: dict | None = None, is_resize: str | None = None
                          ) -> dict[str, FeatureStats]:
     """The statistics of images 0..num-1 of `seed` per extractor name; the sums on every rank, the
     kept sample on rank 0. `batch_size` must be a whole number of `generate.MICRO_BATCH`es (see
-    `evaluator.generation_batch`); `classes`: IS sums for the extractors that have class logits."""
+    `evaluator.generation_batch`); `classes`: IS sums for the extractors that have class logits,
+    their images resized by `is_resize` (None: the extractor's own resize). `moments`, `classes`:
+    for all extractors (bool) or those named; `keep`: for all (int) or per name."""
     if getattr(G, "resolution", 0) == 0:
         from pipeline.errors import UserError
 
         raise UserError("this snapshot's generator makes flat vectors (resolution 0), not images: "
                         "FID/KID need images")
     device = extractors[0].device
-    stats = {ext.name: FeatureStats(ext.dim, ext.device, moments=moments,
+    stats = {ext.name: FeatureStats(ext.dim, ext.device, moments=bool(_for(moments, ext.name)),
                                     class_sums=ClassSums(ext.num_classes, num, device=ext.device)
-                                    if classes and ext.num_classes else None)
+                                    if _for(classes, ext.name) and ext.num_classes else None)
              for ext in extractors}
+    keeps = {ext.name: int(_for(keep, ext.name)) for ext in extractors}
     rank, world = dist.rank(), dist.world_size()
     batches = math.ceil(num / batch_size)
     kept: dict[str, list] = {ext.name: [] for ext in extractors}
@@ -151,10 +171,15 @@ def generated_statistics(G: torch.nn.Module, extractors: list, *, num: int, batc
                                 **(generate_kwargs or {}))
             images = generate.to_uint8(x)
             for ext in extractors:
-                feats, logits = ext.extract(images, logits=stats[ext.name].class_sums is not None)
-                packets.append(stats[ext.name].packet(start, feats, logits))
-                if start < keep:
-                    kept[ext.name].append((start, feats[:keep - start].float().cpu().numpy()))
+                s, want = stats[ext.name], start < keeps[ext.name]
+                if s.class_sums is not None and is_resize not in (None, ext.resize_kind):
+                    logits = ext.extract(images, logits=True, resize=is_resize)[1]   # the IS's own pass
+                    feats = ext.extract(images)[0] if s.moments or want else torch.empty(len(images), 0)
+                else:
+                    feats, logits = ext.extract(images, logits=s.class_sums is not None)
+                packets.append(s.packet(start, feats, logits))
+                if want:
+                    kept[ext.name].append((start, feats[:keeps[ext.name] - start].float().cpu().numpy()))
         else:       # this rank has no batch in the last round: an empty packet keeps the gather aligned
             packets = [torch.zeros(s.size, dtype=torch.float64, device=s.device) for s in stats.values()]
         flat = torch.cat([p.to(device) for p in packets])
@@ -165,10 +190,11 @@ def generated_statistics(G: torch.nn.Module, extractors: list, *, num: int, batc
             for s in stats.values():
                 s.add(part[offset:offset + s.size].to(s.device))
                 offset += s.size
-    if keep > 0:
+    if any(keeps.values()):
         gathered = dist.gather_objects(kept)
         if gathered is not None:
             for name, s in stats.items():
-                parts = sorted((start, f) for g in gathered for start, f in g[name])
-                s.sample = np.concatenate([f for _, f in parts])
+                if keeps[name]:
+                    parts = sorted((start, f) for g in gathered for start, f in g[name])
+                    s.sample = np.concatenate([f for _, f in parts])
     return stats
