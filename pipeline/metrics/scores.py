@@ -13,10 +13,10 @@
 `fid` with a DINOv2 extractor is FD_DINOv2 (Stein et al. 2023). Without `--extractor`, each metric
 runs on the network its paper defines it on (`Metric.extractor`, `extractor_plan`): precision/recall
 and density/coverage on VGG16 fc2 features, the others on Inception; a named `--extractor` serves
-every metric. The samples (KID, P/R, D/C): the features of generated images 0..min(N, R)-1 and of a
-seeded sample of R real images, R = `--num-real` (default `refstats.SAMPLE_MAX`, 10,000 as Naeem et
-al.; `all`: the whole split, R = infinity on the generated side), so both sides are equal in size
-as in both papers unless the data is smaller. Each metric names the protocol fields that make its
+every metric. The samples (KID, P/R, D/C): a seeded sample of R real images, R = `--num-real`
+(default `refstats.SAMPLE_MAX`, 10,000 as Naeem et al.; `all`: the whole split), and the features
+of generated images 0..min(N, R)-1 (with `all`: all N), so both sides are equal in size as in both
+papers unless the data is smaller. Each metric names the protocol fields that make its
 scores comparable (k, sample sizes, KID subsets, the IS's splits and resize); they go into every record.
 """
 
