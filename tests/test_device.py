@@ -15,6 +15,8 @@ What runs on the device, each against the CPU or against itself:
 - `ganpipe train` of each family for a few steps, checkpoint and resume: exact (see
   `test_resume_is_exact`), and the steady-state steps of each family and precision under
   `speed.sync_debug=true` (torch's sync debug mode "error": no host synchronisation between ticks);
+- the loader's copies to the device with `speed.pin_memory` on and off: the same batches, no host
+  synchronisation;
 - ADA and DiffAugment, FID / KID / precision-recall / IS on the same features, and `ganpipe eval`,
   each equal to the CPU's within tolerance; ONNX and TorchScript export of a device-trained
   snapshot; a process group of one (NCCL on a GPU, gloo on the CPU) with DDP through it.

@@ -39,6 +39,11 @@ workers are forked, so a worker is covered from its first instruction, not only 
 worker that does not exit in time) ends it. On Linux a worker is also killed when its parent dies
 (PR_SET_PDEATHSIG), so a SIGKILLed trainer leaves no workers. A DataError
 in a worker travels to the main process as a record and is raised there as one line.
+
+Batches go to the training device without making the host wait for it. With `speed.pin_memory`
+(on a GPU) the workers hand images and labels over as tensors, which DataLoader's pin thread copies
+into page-locked memory, so the copy to the device is an asynchronous DMA; without it the copy is
+from pageable memory (staged by the driver, still not waiting for the device's queued work).
 """
 
 from __future__ import annotations
