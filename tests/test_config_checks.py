@@ -24,6 +24,10 @@ STEP0 = {
     "an unknown ADA group": (
         "configs/stylegan2_ada_small.yaml", ["augment.ada_groups=blit,warp"], ["augment.ada_groups", "warp"]),
     "ADA groups that name none": (None, ["augment.ada_groups=' , '"], ["augment.ada_groups"]),
+    "adaptive ADA with a loss whose logits have no zero": (
+        "configs/mnist_rpgan.yaml", ["augment.ada_groups=blit"], ["augment.ada_target", "loss.name=rpgan"]),
+    "adaptive ADA with the Wasserstein loss": (
+        "configs/cifar10_wgan_gp.yaml", ["augment.ada_groups=blit"], ["augment.ada_target", "loss.name=wasserstein"]),
     "a penalty twice": (None, ["loss.penalties=[{name: r1}, {name: r1}]"], ["loss.penalties", "r1"]),
     "path length without StyleGAN2": (
         "configs/ffhq256_stylegan2.yaml", ["model.name=dcgan"], ["loss.penalties", "pl", "model.name=stylegan2"]),
