@@ -54,6 +54,21 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Confi
         raise ConfigError(f"{exc}{where}") from None
 
 
+# Fields added after runs were recorded, with the value that keeps such a run's behaviour: RUN/config.yaml
+# is a full dump, so a recorded config without the field was trained before it existed, that way.
+BEFORE_FIELD = {"train.gen_labels": "uniform"}
+
+
+def load_recorded(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """A run's recorded config (RUN/config.yaml), read as what that run did: a field it predates
+    takes the value of the behaviour it had (BEFORE_FIELD), unless `overrides` set it."""
+    data, overrides = config._read(path), list(overrides)
+    set_here = {o.split("=", 1)[0].strip() for o in overrides}
+    missing = [f"{key}={value}" for key, value in BEFORE_FIELD.items()
+               if key not in set_here and key.split(".")[1] not in (data.get(key.split(".")[0]) or {})]
+    return load_config(path, [*missing, *overrides])
+
+
 def check(cfg: Config, world_size: int | None = None) -> None:
     """Raise ConfigError, naming the keys and the remedy, for the first combination of fields that
     would fail at training's start. With `world_size` (the number of processes, known when

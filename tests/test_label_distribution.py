@@ -162,3 +162,32 @@ def test_the_choice_survives_resume_exactly_and_eval_records_which(tmp_path, ske
     with pytest.raises(AssertionError, match="--labels"):
         cli(*score, "--labels", "balanced")
     assert load_config(RunDir(run).config).train.gen_labels == "data"
+
+
+def test_a_run_recorded_before_gen_labels_keeps_drawing_uniformly(tmp_path):
+    """RUN/config.yaml is a full dump: one without train.gen_labels was trained with uniform classes,
+    and resuming it (with or without --config) or scoring it by default must go on so."""
+    import yaml
+
+    from pipeline.catalog import from_dict, load_recorded
+    from pipeline.errors import UserError
+    from pipeline.config import config_yaml
+    from pipeline.rundir import RunDir
+    from pipeline.training.run_config import resolve_run_config
+
+    root = tmp_path / "run"
+    root.mkdir()
+    run = RunDir(root)
+    recorded = yaml.safe_load(config_yaml(from_dict({"model": {"conditional": True}})))
+    del recorded["train"]["gen_labels"]
+    run.config.write_text(yaml.safe_dump(recorded))
+    config = tmp_path / "c.yaml"
+    config.write_text("model: {conditional: true}\n")
+    assert load_recorded(run.config).train.gen_labels == "uniform"
+    assert resolve_run_config(None, root, []).train.gen_labels == "uniform"
+    assert resolve_run_config(str(config), root, []).train.gen_labels == "uniform"
+    with pytest.raises(UserError, match=r"train\.gen_labels: 'uniform' there, 'data' now"):
+        resolve_run_config(str(config), root, ["train.gen_labels=data"])
+    recorded["train"]["gen_labels"] = "data"                 # recorded after the field: its value stands
+    run.config.write_text(yaml.safe_dump(recorded))
+    assert resolve_run_config(str(config), root, []).train.gen_labels == "data"

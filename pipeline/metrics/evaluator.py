@@ -105,12 +105,12 @@ class Evaluator:
                  inception_weights: str | None = None, data: str | Path | None = None,
                  psi: float = 1.0, cutoff: int | None = None, best_metrics: list[str] | None = None,
                  log: Callable[[str], None] = print, weights: str = "ema", labels: str | None = None):
-        from pipeline.catalog import load_config
+        from pipeline.catalog import load_recorded
 
         self.run_dir = Path(run_dir)
         if not RunDir(self.run_dir).config.is_file():
             raise UserError(f"{self.run_dir}: not a run directory (no config.yaml; `ganpipe train` writes it)")
-        cfg = load_config(RunDir(self.run_dir).config)
+        cfg = load_recorded(RunDir(self.run_dir).config)
         self.data_dir = Path(data or cfg.data.path).expanduser()
         if not (self.data_dir / MANIFEST).is_file():
             raise UserError(f"reference data {self.data_dir} (data.path of {RunDir(self.run_dir).config}) has no "

@@ -18,7 +18,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.catalog import load_config
+from pipeline import config as config_module
+from pipeline.catalog import BEFORE_FIELD, load_config, load_recorded
 from pipeline.config import Config, diff_configs, flat_config
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir
@@ -34,8 +35,10 @@ RESUMABLE = {"train.total_kimg", "train.tick_kimg", "train.snapshot_kimg", "trai
 def resolve_run_config(config: str | None, run_dir: Path, overrides: list[str]) -> Config:
     recorded = RunDir(run_dir).config
     if recorded.is_file():
-        old = load_config(recorded)
-        new = load_config(config or recorded, overrides)
+        old = load_recorded(recorded)
+        # A field the run predates keeps the run's value unless the command sets it.
+        kept = [f"{key}={flat_config(old)[key]}" for key in BEFORE_FIELD if config and not _sets(config, overrides, key)]
+        new = load_config(config, [*kept, *overrides]) if config else load_recorded(recorded, overrides)
         conflicts = [k for k in diff_configs(old, new) if k not in RESUMABLE]
         if conflicts:
             was, now = flat_config(old), flat_config(new)
@@ -46,6 +49,13 @@ def resolve_run_config(config: str | None, run_dir: Path, overrides: list[str]) 
     if config is None:
         raise UserError(f"{run_dir} has no config.yaml: pass --config FILE to start a new run")
     return load_config(config, overrides)
+
+
+def _sets(path: str, overrides: list[str], key: str) -> bool:
+    """Whether the config file at `path` or an override gives `key` (section.field) a value."""
+    section, name = key.split(".", 1)
+    return any(o.split("=", 1)[0].strip() == key for o in overrides) or \
+        name in (config_module._read(path).get(section) or {})
 
 
 def train_command(args: argparse.Namespace) -> int:
