@@ -205,6 +205,23 @@ def test_pr_and_dc_default_to_vgg16_never_inception(vgg_file, tmp_path, monkeypa
         comparable_series([run, other], "precision_vgg16")
 
 
+def test_num_real_sizes_the_real_sample_and_its_cache(tmp_path):
+    from pipeline.cli import build_parser
+    from pipeline.metrics.refstats import SAMPLE_MAX, cache_name, compute_refstats
+
+    parse = build_parser(["eval"]).parse_args
+    assert parse(["eval", "--run-dir", "R"]).num_real == SAMPLE_MAX
+    assert parse(["eval", "--run-dir", "R", "--num-real", "all"]).num_real is None
+    assert parse(["eval", "--run-dir", "R", "--num-real", "50000"]).num_real == 50_000
+    data, ext = tiny_data(tmp_path, n=8), get_extractor("mnist")
+    assert compute_refstats(data, "train", ext, sample_max=None).feats.shape == (8, ext.dim)
+    small = compute_refstats(data, "train", ext, sample_max=5)
+    assert small.sample_num == 5 and small.num == 8 and small.meta["sample_max"] == "5"
+    names = {n: cache_name(data, "train", ext, n) for n in (SAMPLE_MAX, 5, None)}
+    assert not names[SAMPLE_MAX].split("-")[-1].startswith("real")       # today's files keep their names
+    assert names[5].endswith("-real5.npz") and names[None].endswith("-realall.npz")
+
+
 # ---------------------------------------------------------------------------------------------
 # The Inception Score's resize
 
