@@ -252,9 +252,9 @@ def test_inception_score_uses_the_files_1008_class_logits_without_bias(tmp_path,
                                  keep=0)["inception"]
     assert stats.class_sums.score() == pytest.approx(inception_score(theirs.double().numpy()), rel=1e-5)
     # The existing stand-in without an output layer (test_metrics) has no class logits.
-    from test_metrics import _fake_inception
+    from stubs import inception_stub
 
-    publish(monkeypatch, "inception", _fake_inception(tmp_path / "bare"))
+    publish(monkeypatch, "inception", inception_stub(tmp_path / "bare" / INCEPTION_FILE))
     bare = get_extractor("inception", weights=tmp_path / "bare" / INCEPTION_FILE)
     assert bare.head is None and bare.num_classes == 0
     with pytest.raises(ValueError, match="no class logits"):
