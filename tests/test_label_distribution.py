@@ -191,3 +191,19 @@ def test_a_run_recorded_before_gen_labels_keeps_drawing_uniformly(tmp_path):
     recorded["train"]["gen_labels"] = "data"                 # recorded after the field: its value stands
     run.config.write_text(yaml.safe_dump(recorded))
     assert resolve_run_config(str(config), root, []).train.gen_labels == "data"
+
+
+def test_a_run_recorded_with_cudnn_autotuning_resumes_under_the_new_default(tmp_path):
+    """speed.cudnn_benchmark's default went from on to off (until gpu-check measures it): a run whose
+    config.yaml recorded it on resumes with the same --config, as the speed levers change no result."""
+    from pipeline.catalog import from_dict
+    from pipeline.config import config_yaml
+    from pipeline.rundir import RunDir
+    from pipeline.training.run_config import resolve_run_config
+
+    root = tmp_path / "run"
+    root.mkdir()
+    RunDir(root).config.write_text(config_yaml(from_dict({}, ["speed.cudnn_benchmark=true"])))
+    config = tmp_path / "c.yaml"
+    config.write_text("data: {batch_size: 64}\n")
+    assert resolve_run_config(str(config), root, []).speed.cudnn_benchmark is False

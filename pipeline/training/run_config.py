@@ -29,7 +29,8 @@ RESUMABLE = {"train.total_kimg", "train.tick_kimg", "train.snapshot_kimg", "trai
              "train.keep_checkpoints", "train.keep_snapshots", "train.peer_timeout_s",
              "log.progress", "train.threads", "train.max_nonfinite_steps",
              "log.grid_size", "train.snapshot_raw", "data.num_workers", "data.path",
-             "log.trackers", "log.tracker_project", "log.mlflow_uri"}
+             "log.trackers", "log.tracker_project", "log.mlflow_uri",
+             "speed.cudnn_benchmark", "speed.pin_memory"}     # how fast, not what: runs recorded with cuDNN on resume
 
 
 def resolve_run_config(config: str | None, run_dir: Path, overrides: list[str]) -> Config:
