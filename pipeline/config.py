@@ -171,7 +171,7 @@ class SpeedConfig:
     mixed_precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))  # autocast dtype (auto: bf16 on capable GPUs, fp32 on CPU)
     channels_last: bool = opt(True)              # NHWC memory format for conv nets' weights and activations (faster convolutions; docs/benchmarks.md)
     joint_d_forward: bool = opt(True)            # D's step runs D once on cat(reals, fakes) where D treats samples independently (no BatchNorm, no minibatch stddev); two forwards otherwise
-    compile: str = opt("off", choices=("off", "inductor", "aot_eager"))  # torch.compile backend for G's and D's forwards in the main phases (penalties stay eager: double backward)
+    compile: str = opt("off", choices=("off", "inductor", "aot_eager"))  # torch.compile backend for G's and D's forwards in the main phases and approximate r1/r2 (exact penalties stay eager: double backward)
     cudnn_benchmark: bool = opt(False)           # CUDA only: cuDNN times conv algorithms per shape and keeps the fastest (StyleGAN2-ADA's default; off here until measured: `make gpu-check` measures it on and off)
     pin_memory: bool = opt(False)                # CUDA only: batches reach the host in page-locked memory and are copied to the GPU without blocking (off until measured: `make gpu-check` measures it on and off)
     tf32: bool = opt(False)                      # CUDA only: TF32 matmuls and convolutions on Ampere and later (off, as StyleGAN2-ADA: full fp32 precision)

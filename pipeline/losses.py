@@ -270,7 +270,8 @@ class Penalty:
         """(loss, stats): loss = weight x interval x mean penalty, ready to add to D's loss.
 
         stats holds detached values named for reporting: `Loss/D/<name>` (the unweighted mean
-        penalty) and `Grad/D/<name>_norm` (mean ||grad_x D||).
+        penalty) and `Grad/D/<name>_norm` (mean ||grad_x D||); for an `approximate` one
+        `Loss/D/<name>_approx` and `Grad/D/<name>_approx_rms` (`finite_difference_penalty`).
         """
         return joint_penalty([self], D, real, fake, labels, scaler=scaler, augment=augment)
 
