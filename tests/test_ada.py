@@ -271,3 +271,58 @@ def test_parse_groups():
         AdaptiveAugment(groups="noise")
     assert set(TRANSFORMS) >= {"xflip", "rot90", "xint", "scale", "rotate", "aniso", "xfrac",
                                "brightness", "contrast", "lumaflip", "hue", "saturation"}
+
+
+# On a GPU -------------------------------------------------------------------------------------
+
+def test_geom_is_twice_differentiable_without_torchs_grid_sampler_double_backward():
+    """R1 through the augmentation (`penalty_inputs: clean`) differentiates grid_sample's backward.
+    torch's CUDA kernel has no derivative for it (torch 2.11: `make gpu-check` failed R3GAN's
+    training so); ours is exact (gradgradcheck in float64) and its graph holds none of torch's
+    GridSampler2DBackwardBackward nodes, so it runs wherever the forward does."""
+    import torch.nn.functional as F
+
+    from pipeline.training.ada import grid_sample
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    theta = torch.eye(2, 3, dtype=torch.float64) + 0.2 * torch.randn(2, 2, 3, dtype=torch.float64, generator=gen)
+    grid = F.affine_grid(theta, [2, 2, 6, 6], align_corners=False)
+    assert torch.autograd.gradgradcheck(lambda a: grid_sample(a, grid), (x,))
+    assert torch.equal(grid_sample(x, grid), F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                                                           align_corners=False))
+    torch.manual_seed(1)
+    ada = AdaptiveAugment(groups="geom", p=1.0, adaptive=False)
+    real = images(4, 3, 8).double().requires_grad_(True)
+    (grad,) = torch.autograd.grad(ada(real).square().sum(), real, create_graph=True)
+    seen, stack = set(), [grad.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(n for n, _ in node.next_functions)
+    names = {type(n).__name__ for n in seen}
+    assert not any(n.startswith("GridSampler2DBackward") for n in names), names
+    assert any("GridSample" in n for n in names), names        # the gradient did go through the warp
+
+
+def test_adaptive_p_moves_on_the_tensors_device_and_is_read_only_when_asked(monkeypatch):
+    """The update reads nothing from the device (no `.item()`, `.tolist()`, `float()` of a tensor:
+    each a host synchronisation on a GPU, every `interval` D steps); p is read when `ada.p` or
+    `stats()` asks. Once an update has run, every batch is augmented (p may be 0 on the device)."""
+    ada = AdaptiveAugment(groups="xflip", p=0.0, target=0.6, speed_kimg=1.0, interval=2)
+    x = images(8, 3, 8)
+    assert ada(x) is x                      # p = 0 and no update yet: no work
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__", "numpy"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (reads.append(_n), _o(self, *a, **k))[1])
+    for d_step in range(1, 5):
+        ada.observe(-torch.ones(8))       # rt = -1 < target: p would fall, and stays clamped at 0
+        ada.update(d_step, batch=8)
+        y = ada(x)
+    assert reads == []
+    monkeypatch.undo()
+    assert ada.p == 0.0 and torch.equal(y, x) and y is not x      # augmented, every gate closed
+    assert ada.stats()["Augment/rt"] == -1.0

@@ -3,9 +3,10 @@
 
 Counted on CPU by wrapping the Tensor methods that copy a value to the host: two runs with the
 same maintenance (one tick, one snapshot, one checkpoint, at the end) and 8 vs 24 G steps must
-read the same number of values. On a GPU the same property is what
-`torch.cuda.set_sync_debug_mode("error")` checks; no GPU has been lent to this project yet, so
-that check has not been run."""
+read the same number of values, and make the same number of tensors from Python data (a copy to
+the device, which waits for it). On a GPU the same property is what
+`torch.cuda.set_sync_debug_mode("error")` checks (tests/test_device.py); its first run on an H200
+found StyleGAN2's blur filter made from a Python list in every forward, which these counts now see."""
 
 import threading
 
@@ -13,30 +14,41 @@ import pytest
 import torch
 
 from pipeline.catalog import load_config
+from pipeline.networks.base import separable_filter
 from pipeline.training.loop import training_loop
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy")
+# A tensor made from Python data (a list or a number) is a host-to-device copy on a GPU, which
+# waits for the device: `make gpu-check` found StyleGAN2's blur filter built so in every forward.
+# (The loader's batches come from arrays, copied by `to_device` with `non_blocking`: not counted.)
+COPIES = ("tensor", "as_tensor")
+PYTHON_DATA = (list, tuple, int, float, bool)
 
 
 def count_reads(fn):
     main = threading.get_ident()
     counts = {"n": 0}
     saved = {name: getattr(torch.Tensor, name) for name in READS}
+    saved_copies = {name: getattr(torch, name) for name in COPIES}
 
-    def wrap(name, original):
-        def counted(self, *args, **kwargs):
-            if threading.get_ident() == main:
+    def wrap(name, original, when=lambda *args: True):
+        def counted(*args, **kwargs):
+            if threading.get_ident() == main and when(*args):
                 counts["n"] += 1
-            return original(self, *args, **kwargs)
+            return original(*args, **kwargs)
         return counted
 
     for name, original in saved.items():
         setattr(torch.Tensor, name, wrap(name, original))
+    for name, original in saved_copies.items():
+        setattr(torch, name, wrap(name, original, lambda data, *rest: isinstance(data, PYTHON_DATA)))
     try:
         fn()
     finally:
         for name, original in saved.items():
             setattr(torch.Tensor, name, original)
+        for name, original in saved_copies.items():
+            setattr(torch, name, original)
     return counts["n"]
 
 
@@ -65,6 +77,35 @@ def test_steps_between_ticks_read_nothing_from_the_device(tmp_path, mnist_dir, i
         assert per_step == 0, f"{per_step:.2f} host reads per extra G step"
     else:
         assert per_step >= 2.5, per_step       # D, G and every 2nd step Dreg: the counter sees them
+
+
+# The families whose forwards filter (StyleGAN2's blur, R3GAN's resampling) and adaptive ADA, whose
+# p moves every `ada_interval` D steps: the same counts, on networks too small to matter.
+FAMILIES = {
+    "stylegan2-ada": ["model.name=stylegan2", "model.w_dim=32", "model.mapping_layers=2",
+                      "loss.penalties=[{name: r1, weight: 1, interval: 4}, {name: pl, weight: 2, interval: 2}]",
+                      "augment.ada_groups=blit,geom,color", "augment.ada_target=0.6", "augment.ada_interval=2",
+                      "augment.ada_speed_kimg=0.1"],
+    "r3gan": ["model.name=r3gan", "model.conditional=true", "loss.name=rpgan",
+              "loss.penalties=[{name: r1, weight: 0.1}, {name: r2, weight: 0.1}]",
+              "augment.ada_groups=blit,geom,color", "augment.ada_target=0", "augment.ada_p=0.5"],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_filtering_families_and_adaptive_ada_read_nothing_between_ticks(tmp_path, mnist_dir, family):
+    def run(steps: int, name: str) -> int:
+        cfg = load_config(None, [
+            f"data.path={mnist_dir}", "data.batch_size=16", "data.num_workers=0", "model.g_width=0.0625",
+            "model.d_width=0.0625", f"train.total_kimg={steps * 16 / 1000}", "train.tick_kimg=1000",
+            "train.snapshot_kimg=0", "train.checkpoint_kimg=0", "log.progress=false", "log.grid_size=4",
+            "train.threads=1", "ema.halflife_kimg=0.1", *FAMILIES[family]])
+        separable_filter.cache_clear()      # each run builds its filters once, as a fresh process does
+        return count_reads(lambda: training_loop(cfg, tmp_path / name))
+
+    short, long = run(4, "short"), run(8, "long")
+    assert short > 0
+    assert long == short, f"{(long - short) / 4:.2f} host reads or host-to-device copies per extra G step"
 
 
 def test_speed_levers_give_the_plain_path_results(tmp_path, mnist_dir):

@@ -136,13 +136,15 @@ def test_worker_counts_double_up_to_the_cpus():
     assert worker_counts(6) == [1, 2, 4, 6] and worker_counts(16) == [1, 2, 4, 8, 16]
 
 
-def test_the_loader_runs_after_the_first_precisions_cases(tool):
+def test_the_loader_then_the_levers_run_after_the_first_precisions_cases(tool):
     args = tool.parse_args(["--cases", "r3gan32", "resnet32", "--precision", "bf16", "fp16"])
     units = tool.bench_units(args)
     assert units[:4] == [("r3gan32", "bf16", ()), ("resnet32", "bf16", ()), ("loader", 64, ()), ("loader", 256, ())]
-    assert units[4:6] == [("r3gan32", "fp16", ()), ("resnet32", "fp16", ())]
-    assert ("resnet32", "bf16", ("speed.pin_memory=true",)) in units
-    assert ("resnet32", "bf16", ("speed.cudnn_benchmark=true",)) in units
+    levers = [("resnet32", "bf16", (lever,)) for lever in tool.LEVERS]
+    assert units[4:4 + len(levers)] == levers
+    assert levers[:2] == [("resnet32", "bf16", ("speed.cudnn_benchmark=true",)),
+                          ("resnet32", "bf16", ("speed.pin_memory=true",))]
+    assert units[4 + len(levers):] == [("r3gan32", "fp16", ()), ("resnet32", "fp16", ())]
     assert all(u[0] != "loader" for u in tool.bench_units(tool.parse_args(["--loader-px"])))
 
 

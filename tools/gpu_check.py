@@ -12,8 +12,9 @@
    stopped at its limit still reports what it did, and names the tests it did not reach.
 3. The benchmarks of `ganpipe bench train` (pipeline/bench/train.py): trainer against the bare
    PyTorch loop for `make bench-gpu`'s cases (DCGAN-32, the SNGAN ResNet, StyleGAN2 at 256 px) and
-   R3GAN at CIFAR-10 size, under bf16, then fp16, then fp32 (the GPU's default precision first),
-   then a few speed levers against their defaults on the ResNet in bf16. A unit runs only when its
+   R3GAN at CIFAR-10 size under bf16 (the GPU's default precision), then the loader (4.), then a
+   few speed levers against their defaults on the ResNet in bf16, then the cases under fp16 and
+   fp32. A unit runs only when its
    estimate fits the time left (a first guess per case, then 1.2x what that case took); one still
    running at the deadline is stopped. What did not run is listed with the reason.
 4. The loader, after the first precision's cases: the shard loader's img/s with 1, 2, 4, ... worker
@@ -292,9 +293,11 @@ def bench_units(args: argparse.Namespace) -> list[tuple]:
         return [("toy", "fp32", ()), *loader]
     first, *rest = args.precision
     units = [(case, first, ()) for case in args.cases] + loader
-    units += [(case, precision, ()) for precision in rest for case in args.cases]
+    # The levers before the other precisions: they decide defaults, and the first H200 window
+    # (2026-12-04, 420 s) spent its benchmark time on the first precision and skipped them all.
     if args.levers and LEVER_CASE[0] in args.cases and LEVER_CASE[1] in args.precision:
         units += [(*LEVER_CASE, (lever,)) for lever in LEVERS]
+    units += [(case, precision, ()) for precision in rest for case in args.cases]
     return units
 
 
@@ -366,7 +369,7 @@ def run_benchmarks(args: argparse.Namespace, budget: Budget, work: Path) -> dict
             return {"case": name, "precision": precision, "levers": list(levers),
                     "error": f"{type(exc).__name__}: {str(exc)[-2000:]}"}
         finally:
-            _free_device_memory()
+            bench_train.free_device_memory()
         if not levers:
             took[name] = time.monotonic() - t0
         result = unit_summary(name, precision, levers, entry, time.monotonic() - t0, ns.kimg)
@@ -466,16 +469,6 @@ def loader_verdicts(loader: dict, units: list[dict]) -> list[dict]:
                     f"(its best, with {_workers(best['workers'])}; consumed in {source})")
         out.append({**verdict, "verdict": line})
     return sorted(out, key=lambda v: v["resolution"] or 0)
-
-
-def _free_device_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def unit_summary(name: str, precision: str, levers: tuple, entry: dict, wall_s: float, kimg: float) -> dict:
@@ -614,6 +607,13 @@ def main(argv: list[str] | None = None) -> int:
     if missing := missing_packages(NEEDED):
         print(f"gpu-check: missing Python packages {', '.join(missing)}: `make test`'s set-up installs them (offline: "
               "carry them as wheels, docs/gpu.md)", file=sys.stderr)
+        return 2
+    import scipy
+
+    if tuple(int(x) for x in scipy.__version__.split(".")[:2]) >= (1, 18):
+        # The H200 image of 2026-12 has scipy 1.18.1: every FID would stop in clean-fid's sqrtm(disp=...).
+        print(f"gpu-check: scipy {scipy.__version__} is too new for clean-fid 0.1.35 (sqrtm's `disp` is gone in "
+              "1.18): install scipy<1.18 (offline: carry its wheel, docs/gpu.md)", file=sys.stderr)
         return 2
     if not args.dry_run and not torch.cuda.is_available():
         # Not a failure: the same command runs everywhere, and a machine without a GPU has nothing to check.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -101,3 +102,15 @@ def projection(h: torch.Tensor, embed: nn.Module, labels: torch.Tensor | None) -
     if labels is None:
         return 0.0
     return (embed(labels) * h).sum(1)
+
+
+@functools.lru_cache(maxsize=None)
+def separable_filter(taps: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The (k, k) 2-D filter of 1-D `taps`, normalised to sum 1 (computed in float32), made once per
+    device and dtype: building it from a Python list in every forward copied host memory to the GPU
+    each time, a host synchronisation in every step (`make gpu-check` found it under sync debug
+    mode). Made outside inference mode, so a kernel first built while sampling still trains."""
+    with torch.inference_mode(False):
+        k = torch.tensor(taps, dtype=torch.float32, device=device)
+        k = k[:, None] * k[None, :]
+        return (k / k.sum()).to(dtype)

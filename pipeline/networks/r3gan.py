@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.networks.base import Network, projection, resolution_plan, scaled
+from pipeline.networks.base import Network, separable_filter, projection, resolution_plan, scaled
 
 RESOLUTIONS = (28, 32, 64, 128, 256)
 Z_DIM = 64                          # noise numbers; a conditional G's class embedding has as many
@@ -84,9 +84,7 @@ def _init(layer: nn.Module, gain: float) -> nn.Module:
 
 def _kernel(x: torch.Tensor, taps: list[float]) -> torch.Tensor:
     """The separable 2-D filter of 1-D `taps` (normalised to sum 1), one copy per channel of x."""
-    k = torch.tensor(taps, dtype=torch.float32, device=x.device)
-    k = k[:, None] * k[None, :]
-    k = (k / k.sum()).to(x.dtype)
+    k = separable_filter(tuple(taps), x.device, x.dtype)
     return k.expand(x.shape[1], 1, *k.shape)
 
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ConfigError, SnapshotError
-from pipeline.networks.base import Network, resolution_plan, scaled
+from pipeline.networks.base import Network, separable_filter, resolution_plan, scaled
 
 RESOLUTIONS = (28, 32, 64, 128, 256, 512, 1024)
 Z_DIM = 512
@@ -65,8 +65,7 @@ def upsample(x: torch.Tensor) -> torch.Tensor:
 
 def blur(x: torch.Tensor, *, padding: int, stride: int = 1) -> torch.Tensor:
     """Per-channel convolution with the separable [1, 3, 3, 1] filter (normalised), zero padding."""
-    k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device)
-    k = (k[:, None] * k[None, :] / 64).to(x.dtype).expand(x.shape[1], 1, 4, 4)
+    k = separable_filter((1.0, 3.0, 3.0, 1.0), x.device, x.dtype).expand(x.shape[1], 1, 4, 4)
     return F.conv2d(x, k, stride=stride, padding=padding, groups=x.shape[1])
 
 

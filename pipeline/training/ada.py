@@ -14,7 +14,12 @@ The heuristic. D overfits when its outputs on real images drift positive: r_t = 
 is 0 when D cannot tell reals from fakes and 1 when it is sure of every real. Every `interval`
 D steps r_t is measured over those steps (summed across ranks) and p moves by
 sign(r_t - target) * batch * interval / (speed_kimg * 1000): p can go from 0 to 1 in `speed_kimg`
-kimg. p is a Python float computed from all-reduced numbers, so every rank holds the same p.
+kimg. The adaptive p lives on D's device and moves there (all-reduced numbers, so every rank holds
+the same p): a step reads nothing back from the GPU (StyleGAN2-ADA keeps it so); reading `ada.p` or
+`stats()` copies it to the host, which the trainer does at ticks. Once the first update has run, an
+adaptive pipeline augments every batch, with whatever p the device holds (at p = 0 every gate says
+no and the images pass unchanged), since the host no longer knows whether p is 0; before that, and
+for a fixed or scheduled p (a Python float), p = 0 skips the work.
 
 The pipeline (paper, Sec. 2.3 and Appendix B), in this order, each transform applied to each
 image independently with probability p (one Bernoulli draw per image per transform):
@@ -106,7 +111,10 @@ def _expand(names: list[str]) -> frozenset[str]:
 # ------------------------------------------------------------------------------------------------
 # Random draws: one per image, replaced by the identity value where the per-image coin says no.
 
-def _coin(n: int, p: float, device: torch.device) -> torch.Tensor:
+Prob = "float | torch.Tensor"      # p: a Python float, or a 0-d float64 tensor on the images' device
+
+
+def _coin(n: int, p: Prob, device: torch.device) -> torch.Tensor:
     return torch.rand(n, device=device) < p
 
 
@@ -114,7 +122,7 @@ def _gated(value: torch.Tensor, on: torch.Tensor, identity: float) -> torch.Tens
     return torch.where(on, value, torch.full_like(value, identity))
 
 
-def _lognormal(n: int, std: float, p: float, device: torch.device) -> torch.Tensor:
+def _lognormal(n: int, std: float, p: Prob, device: torch.device) -> torch.Tensor:
     log = torch.randn(n, device=device) * std
     return _gated(log, _coin(n, p, device), 0.0).exp()
 
@@ -129,7 +137,7 @@ def _reflect(i: torch.Tensor, size: int) -> torch.Tensor:
     return torch.where(i >= size, 2 * size - 1 - i, i)
 
 
-def _blit(x: torch.Tensor, p: float, ops: frozenset[str]) -> torch.Tensor:
+def _blit(x: torch.Tensor, p: Prob, ops: frozenset[str]) -> torch.Tensor:
     n, c, h, w = x.shape
     dev = x.device
     # The forward chain is xflip -> rot90 -> xint. The gather needs each output pixel's source,
@@ -179,14 +187,14 @@ def _rotation(theta: torch.Tensor) -> torch.Tensor:
     return _affine(len(theta), theta.device, (cos, -sin, sin, cos))
 
 
-def _geom(x: torch.Tensor, p: float, ops: frozenset[str]) -> torch.Tensor:
+def _geom(x: torch.Tensor, p: Prob, ops: frozenset[str]) -> torch.Tensor:
     n, dev = x.shape[0], x.device
     # Coordinates are affine_grid's normalised ones (centre 0, edges +-1), so scaling and rotation
     # are about the image centre and a shift of t sides is 2t. The forward map is
     # T . R2 . A . R1 . S; grid_sample needs output -> input, its inverse S^-1 R1^-1 A^-1 R2^-1 T^-1,
     # built by right-multiplying each step's inverse in forward order.
     inv = torch.eye(3, device=dev).expand(n, 3, 3)
-    p_rot = 1 - math.sqrt(1 - p)
+    p_rot = 1 - ((1 - p).sqrt() if torch.is_tensor(p) else math.sqrt(1 - p))
     for step in ("scale", "rotate", "aniso", "rotate", "xfrac"):
         if step not in ops:
             continue
@@ -204,13 +212,55 @@ def _geom(x: torch.Tensor, p: float, ops: frozenset[str]) -> torch.Tensor:
             t = _gated(torch.randn(2, n, device=dev) * XFRAC_STD, on.expand(2, n), 0.0)
             inv = inv @ _affine(n, dev, (1, 0, 0, 1), (-2 * t[0], -2 * t[1]))
     grid = F.affine_grid(inv[:, :2, :].to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return grid_sample(x, grid)
+
+
+class _GridSample(torch.autograd.Function):
+    """Bilinear `grid_sample` (reflection padding, align_corners=False) with a backward that can
+    itself be differentiated w.r.t. the image, as R1 through the augmentation needs (the gradient
+    w.r.t. the un-augmented reals, `loss.penalty_inputs: clean`). torch's own CUDA kernel has no
+    derivative for its backward (torch 2.11: "derivative for aten::grid_sampler_2d_backward is not
+    implemented", found by `make gpu-check`). The map is linear in the image, so the backward's
+    own derivative w.r.t. its incoming gradient is the forward again (StyleGAN2-ADA's
+    grid_sample_gradfix does the same). The grid takes no gradient: it is drawn, not learnt."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grid)
+        ctx.shape = x.shape
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grid,) = ctx.saved_tensors
+        return _GridSampleBackward.apply(grad_out, grid, ctx.shape), None
+
+
+class _GridSampleBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad_out: torch.Tensor, grid: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        ctx.save_for_backward(grid)
+        # The image's values are not read when only its gradient is asked for: an expanded zero stands in.
+        blank = grad_out.new_zeros(()).expand(shape)
+        grad_x, _ = torch.ops.aten.grid_sampler_2d_backward(grad_out, blank, grid, 0, 2, False, [True, False])
+        return grad_x
+
+    @staticmethod
+    def backward(ctx, grad_grad_x: torch.Tensor):
+        (grid,) = ctx.saved_tensors
+        return _GridSample.apply(grad_grad_x, grid), None, None
+
+
+def grid_sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """`F.grid_sample(x, grid, "bilinear", "reflection", align_corners=False)`, twice differentiable
+    w.r.t. x on every device (`_GridSample`)."""
+    return _GridSample.apply(x, grid)
 
 
 # ------------------------------------------------------------------------------------------------
 # Colour: one homogeneous matrix per image.
 
-def _color(x: torch.Tensor, p: float, ops: frozenset[str]) -> torch.Tensor:
+def _color(x: torch.Tensor, p: Prob, ops: frozenset[str]) -> torch.Tensor:
     n, c = x.shape[:2]
     dev = x.device
     eye = torch.eye(c + 1, device=dev)
@@ -271,7 +321,10 @@ class AdaptiveAugment:
             raise ValueError(f"AdaptiveAugment: interval={interval} must be a positive number of D steps")
         self.groups = parse_groups(groups)
         self._ops = _expand(self.groups)
-        self.p = float(p)
+        self._p = float(p)                          # fixed or scheduled p; adaptive: its last host copy
+        self._p_dev: torch.Tensor | None = None     # adaptive: p on D's device once an update ran
+        self._rt_dev: torch.Tensor | None = None
+        self._engaged = False                       # adaptive: an update has run (augment every batch)
         self.target = float(target)
         self.speed_kimg = float(speed_kimg)
         self.interval = int(interval)
@@ -283,7 +336,8 @@ class AdaptiveAugment:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Augment a batch of NCHW images; `x` itself when p == 0 (no work, no random draws)."""
-        if self.p <= 0.0 or x.dim() != 4:
+        p = self._p_dev if self._p_dev is not None else self._p
+        if not (self._engaged or self._p > 0.0) or x.dim() != 4:
             return x
         n, c, h, w = x.shape
         spatial = self._ops & frozenset(GROUPS["blit"] + GROUPS["geom"])
@@ -296,7 +350,7 @@ class AdaptiveAugment:
             for names, stage in _STAGES:
                 ops = self._ops.intersection(names)
                 if ops:
-                    y = stage(y, self.p, ops)
+                    y = stage(y, p, ops)
         return y.to(x.dtype)
 
     # Controller ---------------------------------------------------------------------------------
@@ -317,17 +371,42 @@ class AdaptiveAugment:
     def update(self, d_step: int, batch: int) -> None:
         """After every D step: `d_step` D steps done so far (1, 2, ...), `batch` the global batch.
         Every `interval` steps, a collective: every rank must call it at the same steps, after
-        at least one `observe` (which puts the accumulator on D's device, as NCCL needs)."""
+        at least one `observe` (which puts the accumulator on D's device, as NCCL needs). p moves
+        on that device, in float64, with the host's arithmetic: nothing is read back."""
         if not self.adaptive or d_step % self.interval != 0:
             return
-        acc = self._acc if self._acc is not None else torch.zeros(2)
-        total, count = dist.all_reduce_sum(acc).tolist()
-        acc.zero_()
-        if count <= 0:
-            return
-        self._rt = total / count
-        direction = (self._rt > self.target) - (self._rt < self.target)
-        self.set_p(self.p + direction * batch * self.interval / (self.speed_kimg * 1000))
+        if self._acc is None:
+            self._acc = torch.zeros(2)
+        acc = dist.all_reduce_sum(self._acc).double()
+        if self._p_dev is None or self._p_dev.device != acc.device:
+            # torch.full: a fill with the value as an argument, not a copy of host memory (a sync).
+            self._p_dev = torch.full((), self._p, dtype=torch.float64, device=acc.device)
+            self._rt_dev = torch.full((), self._rt, dtype=torch.float64, device=acc.device)
+        total, count = acc[0], acc[1]
+        rt = total / count.clamp(min=1)
+        direction = torch.sign(rt - self.target)
+        p = self._snap(self._p_dev + direction * (batch * self.interval / (self.speed_kimg * 1000)))
+        counted = count > 0
+        self._p_dev = torch.where(counted, p, self._p_dev)
+        self._rt_dev = torch.where(counted, rt, self._rt_dev)
+        self._acc.zero_()
+        self._engaged = True
+
+    @staticmethod
+    def _snap(p: torch.Tensor) -> torch.Tensor:
+        p = p.clamp(0.0, 1.0)
+        return torch.where(p < _SNAP, 0.0, torch.where(p > 1.0 - _SNAP, 1.0, p))
+
+    @property
+    def p(self) -> float:
+        """The current p as a Python float (adaptive: a copy from the device, a host sync)."""
+        if self._p_dev is not None:
+            self._p = float(self._p_dev)
+        return self._p
+
+    @property
+    def rt(self) -> float:
+        return float(self._rt_dev) if self._rt_dev is not None else self._rt
 
     def set_p(self, p: float) -> None:
         """Set p (clamped to [0, 1]), e.g. from a schedule when adaptive=False."""
@@ -335,18 +414,22 @@ class AdaptiveAugment:
         if math.isnan(p):
             raise ValueError("AdaptiveAugment.set_p: p is NaN")
         p = min(max(p, 0.0), 1.0)
-        self.p = 0.0 if p < _SNAP else 1.0 if p > 1.0 - _SNAP else p
+        self._p = 0.0 if p < _SNAP else 1.0 if p > 1.0 - _SNAP else p
+        if self._p_dev is not None:
+            self._p_dev = torch.full((), self._p, dtype=torch.float64, device=self._p_dev.device)
 
     def stats(self) -> dict[str, float]:
-        return {"Augment/p": self.p, "Augment/rt": self._rt}
+        return {"Augment/p": self.p, "Augment/rt": self.rt}
 
     # Checkpoint ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         acc = self._acc.detach().cpu().clone() if self._acc is not None else torch.zeros(2)
-        return {"p": self.p, "rt": self._rt, "acc": acc}
+        return {"p": self.p, "rt": self.rt, "acc": acc, "engaged": self._engaged}
 
     def load_state_dict(self, state: dict) -> None:
-        self.p = float(state["p"])
+        self._p, self._p_dev, self._rt_dev = float(state["p"]), None, None
         self._rt = float(state["rt"])
+        # Checkpoints from before p moved on the device skipped the work at p = 0 whenever it was 0.
+        self._engaged = bool(state.get("engaged", self._p > 0))
         self._acc = torch.as_tensor(state["acc"], dtype=torch.float32).detach().clone().reshape(2)
