@@ -54,3 +54,17 @@ def test_every_bench_case_is_a_config_the_trainer_accepts():
     for name, case in CASES.items():
         cfg = load_config(case["config"], case["overrides"])
         assert cfg.model.name, name
+
+
+def test_the_approximate_demo_case_differs_from_the_demo_only_in_approximate():
+    """`rpgan-mnist-approx` restates the demo's penalties: they must stay the demo's (gamma, interval,
+    schedule) with `approximate` on, or the side-by-side compares two recipes."""
+    import dataclasses
+
+    from pipeline.bench.train import CASES
+    from pipeline.catalog import load_config
+
+    exact, approx = (load_config(CASES[n]["config"], CASES[n]["overrides"]).loss.penalties
+                     for n in ("rpgan-mnist", "rpgan-mnist-approx"))
+    assert [p.approximate for p in exact] == [False, False] and [p.approximate for p in approx] == [True, True]
+    assert [dataclasses.replace(p, approximate=False) for p in approx] == exact

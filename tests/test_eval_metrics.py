@@ -377,3 +377,23 @@ def test_compare_plots_runs_and_refuses_to_mix_protocols(tmp_path, mnist_dir, mn
     assert not (tmp_path / "x.png").exists()
     code, _, err = ganpipe(capsys, "compare", str(a), str(tmp_path / "nope"))
     assert code == 2 and "does not exist" in err
+
+
+def test_compare_gives_each_of_many_runs_its_own_colour(tmp_path, monkeypatch):
+    """Past matplotlib's 10-colour cycle (11 runs in docs/demo-candidates.png), tab20: no two lines share a colour."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from pipeline.metrics import compare
+
+    drawn = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (drawn.append(self), original(self, *a, **k))[1])
+    monkeypatch.setattr(compare, "describe", lambda rec: "the protocol")
+    series = {tmp_path / f"run{i}": [{"metric": "fid", "kimg": k, "cur_nimg": k * 1000, "value": 10.0 - k / 10 + i}
+                                     for k in (20, 40)] for i in range(12)}
+    compare.plot([("fid", series)], tmp_path / "many.png")
+    (ax,) = drawn[0].axes
+    colours = [tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
+               for line in ax.get_lines() if line.get_linestyle() != "None"]
+    assert len(colours) == 12 and len(set(colours)) == 12

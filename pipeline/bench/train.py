@@ -72,13 +72,13 @@ CASES = {
                       "published": {"s_per_kimg": 12.53, "what": "StyleGAN2 at 256 px on one A100, with path length "
                                     "(the figure issue 15 cites); stylegan2-ada-pytorch's README: 21.6-24.2 s/kimg "
                                     "on one V100"}},
-    # The demo recipe (configs/mnist_rpgan.yaml: RpGAN + R1 + R2, gamma 0.1, lazy every 4 D steps) with
+    # The demo recipe (configs/mnist_rpgan.yaml: RpGAN + R1 + R2, gamma 1.0, lazy every 4 D steps) with
     # its exact penalties and with the finite-difference ones (`approximate`, no double backward),
     # trainer and bare loop alike: `--cases rpgan-mnist rpgan-mnist-approx`.
     "rpgan-mnist": {"config": "configs/mnist_rpgan.yaml", "data": "mnist", "overrides": []},
     "rpgan-mnist-approx": {"config": "configs/mnist_rpgan.yaml", "data": "mnist", "overrides": [
-        "loss.penalties=[{name: r1, weight: 0.1, interval: 4, schedule: {kind: cosine, end: 0.1}, approximate: true}, "
-        "{name: r2, weight: 0.1, interval: 4, schedule: {kind: cosine, end: 0.1}, approximate: true}]"]},
+        "loss.penalties=[{name: r1, weight: 1.0, interval: 4, schedule: {kind: cosine, end: 0.1}, approximate: true}, "
+        "{name: r2, weight: 1.0, interval: 4, schedule: {kind: cosine, end: 0.1}, approximate: true}]"]},
 }
 CPU_CASES = ["dcgan32", "mlp-mnist", "dcgan64-example"]    # the default: what a CPU measures in minutes
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

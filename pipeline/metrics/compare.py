@@ -101,6 +101,7 @@ def plot(panels: list[tuple[str, dict[Path, list[dict]]]], out: Path, labels: di
     from pipeline.extras import require
 
     require("matplotlib", "plots", "compare's figure")
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -109,8 +110,10 @@ def plot(panels: list[tuple[str, dict[Path, list[dict]]]], out: Path, labels: di
     for i, (name, series) in enumerate(panels):
         ax = fig.add_subplot(len(panels), 1, i + 1)
         values = []
+        # Up to 10 runs: matplotlib's default cycle; more: tab20, so no two runs share a colour up to 20.
+        colors = [f"C{j}" for j in range(10)] if len(series) <= 10 else [matplotlib.colormaps["tab20"](j) for j in range(20)]
         for j, (run, recs) in enumerate(series.items()):
-            color = f"C{j % 10}"
+            color = colors[j % len(colors)]
             x, y = [r["kimg"] for r in recs], [r["value"] for r in recs]
             values += y
             ax.plot(x, y, marker="o", ms=3, lw=1.2, color=color, label=(labels or {}).get(run, str(run)))
