@@ -160,6 +160,40 @@ def test_snapshots_hold_standing_statistics_when_asked(tmp_path, mnist_dir):
     assert all(torch.allclose(standing[k], expected[k], rtol=1e-4, atol=1e-5) for k in stats)
 
 
+def test_the_batchnorm_side_by_side_tool_writes_three_statistics_for_the_same_weights(tmp_path, mnist_dir):
+    """tools/ema_batchnorm.py (docs/benchmarks.md's before/after): the same EMA weights with the raw
+    G's statistics (the old behaviour), the EMA's averaged ones, and standing ones; each a snapshot
+    that `ganpipe eval` reads."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import REPO
+    from pipeline.training.checkpoint import list_checkpoints
+    from pipeline.training.loop import training_loop
+
+    cfg = load_config("configs/mnist_dcgan.yaml", [
+        f"data.path={mnist_dir}", "data.batch_size=16", "data.num_workers=0", "model.g_width=0.125",
+        "model.d_width=0.125", "train.total_kimg=0.064", "train.tick_kimg=1000", "train.snapshot_kimg=0",
+        "train.checkpoint_kimg=0", "log.progress=false", "log.grid_size=4", "train.threads=1", "ema.halflife_kimg=0.5"])
+    assert training_loop(cfg, tmp_path / "run") == 0
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "ema_batchnorm.py"), str(tmp_path / "run"), "--out",
+                           str(tmp_path / "bn"), "--batches", "2"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(list_checkpoints(tmp_path / "run")[-1] / "state.pt", weights_only=True)
+    snaps = {v: load_file(next((tmp_path / "bn" / v / "snapshots").glob("*.safetensors")))
+             for v in ("copied", "averaged", "standing")}
+    stats = [k for k in state["G"] if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in state["G"] if k not in stats and not k.endswith("num_batches_tracked")]
+    for v, snap in snaps.items():
+        assert all(torch.equal(snap[k], state["G_ema"][k]) for k in weights), v       # the EMA weights, always
+    assert all(torch.equal(snaps["copied"][k], state["G"][k]) for k in stats)
+    assert all(torch.equal(snaps["averaged"][k], state["G_ema"][k]) for k in stats)
+    assert any(not torch.equal(snaps["standing"][k], state["G_ema"][k]) for k in stats)
+    assert (tmp_path / "bn" / "copied" / "config.yaml").is_file()
+
+
 # ------------------------------------------------------------------------------------------------
 # 3. Orthogonal regularisation at the strength of BigGAN's released code.
 
