@@ -68,3 +68,21 @@ def test_the_approximate_demo_case_differs_from_the_demo_only_in_approximate():
                      for n in ("rpgan-mnist", "rpgan-mnist-approx"))
     assert [p.approximate for p in exact] == [False, False] and [p.approximate for p in approx] == [True, True]
     assert [dataclasses.replace(p, approximate=False) for p in approx] == exact
+
+
+def test_gpu_utilisation_keeps_the_steady_windows_samples(tmp_path):
+    """Each nvidia-smi sample notes how many stats rows the run had written; the steady median
+    takes those between the middle tick's row and the last (the window of bench train's img/s)."""
+    from pipeline.bench.train import GpuUtilisation
+
+    stats = tmp_path / "stats.jsonl"
+    util = GpuUtilisation(stats)
+    assert util.rows_written() == 0                        # no file yet
+    stats.write_text("{}\n{}\n")
+    assert util.rows_written() == 2
+    # start-up (0 rows), the first ticks, the steady window (rows 3-4 of 5 written), the exit (5 rows)
+    util.samples = [0, 0, 10, 10, 90, 95, 92, 0, 0, 0]
+    util.rows_then = [0, 0, 1, 2, 3, 3, 4, 5, 5, 5]
+    out = util.summary(steady_from=5 // 2 + 1, rows=5)
+    assert out["median"] == 5.0 and out["steady_median"] == 92.0 and out["steady_samples"] == 3
+    assert "steady_median" not in util.summary()

@@ -513,14 +513,15 @@ def markdown(report: dict) -> str:
             lines.append(f"| {t['test']} | {t['outcome']} | {t.get('duration_s', '')} | {note} |")
     lines += ["", "## Benchmarks", "", "Trainer (`ganpipe train` in a subprocess, its steady window) against the bare "
               "PyTorch loop of the same networks, batch, loss and penalties (pipeline/bench/train.py).", "",
-              "| case | precision | set | s/kimg | img/s | bare img/s | trainer / bare | GPU util. median % "
+              "| case | precision | set | s/kimg | img/s | bare img/s | trainer / bare | GPU util. % median, steady window (whole run) "
               "| peak GiB trainer / bare | vs published |", "|---|---|---|---|---|---|---|---|---|---|"]
     for u in bench["units"]:
         if "error" in u:
             lines.append(f"| {u['case']} | {u['precision']} | {' '.join(u['levers'])} | error: "
                          f"{u['error'][:200].replace('|', '/')} | | | | | | |")
             continue
-        util = (u.get("gpu_utilisation_percent") or {}).get("median", "")
+        g = u.get("gpu_utilisation_percent") or {}
+        util = (f"{g['steady_median']} ({g['median']})" if "steady_median" in g else g.get("median", ""))
         published = (f"{u['over_published']}x of {u['published']['s_per_kimg']} s/kimg" if "published" in u else "")
         peak = f"{u['gpu_peak_gb']} / {u['bare_gpu_peak_gb']}" if u.get("gpu_peak_gb") is not None else ""
         lines.append(f"| {u['case']} | {u['precision']} | {' '.join(u['levers'])} | {u['s_per_kimg']} | "

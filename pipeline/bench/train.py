@@ -176,7 +176,7 @@ def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg:
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", "29561", "-m", "pipeline", *args]
     t0 = time.perf_counter()
-    with GpuUtilisation() as util:
+    with GpuUtilisation(RunDir(run).stats) as util:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -196,28 +196,40 @@ def trainer_rate(config: str, data: Path, run: Path, overrides: list[str], kimg:
             # process start to the first step, plus the exit after the last: the wall time the loop did not see
             "startup_and_exit_s": round(wall - rows[-1]["Timing/total_s"], 1),
             "s_per_kimg": round(1000 / rate(rows[len(rows) // 2], rows[-1]), 2),
-            **({"gpu_utilisation_percent": util.summary()} if util.samples else {}),
+            **({"gpu_utilisation_percent": util.summary(steady_from=len(rows) // 2 + 1, rows=len(rows))}
+               if util.samples else {}),
             **({"gpu_peak_gb": round(max(r["Mem/gpu_peak_gb"] for r in rows), 3)} if "Mem/gpu_peak_gb" in rows[-1] else {})}
 
 
 class GpuUtilisation:
     """`nvidia-smi`'s utilisation.gpu of device 0, sampled every 0.5 s in a thread while the block
-    runs; nothing where there is no nvidia-smi. `summary()`: median and mean of the samples (the
-    median is the steady state: start-up and exit are a minority of a run)."""
+    runs; nothing where there is no nvidia-smi. Each sample notes how many rows the run's
+    stats.jsonl had then, so that `summary()` can keep the steady window's samples: a trainer's
+    start-up, its first ticks and its exit left the median of a whole run at 0 on the first H200
+    run (a 2-kimg run is mostly start and end)."""
 
-    def __init__(self, period_s: float = 0.5):
+    def __init__(self, stats: Path | None = None, period_s: float = 0.5):
         import shutil
         import threading
 
-        self.tool, self.period_s, self.samples = shutil.which("nvidia-smi"), period_s, []
+        self.tool, self.stats, self.period_s = shutil.which("nvidia-smi"), stats, period_s
+        self.samples: list[int] = []
+        self.rows_then: list[int] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.sample, daemon=True) if self.tool else None
+
+    def rows_written(self) -> int:
+        try:
+            return self.stats.read_bytes().count(b"\n") if self.stats is not None else 0
+        except OSError:
+            return 0
 
     def sample(self) -> None:
         while not self.stop.wait(self.period_s):
             out = subprocess.run([self.tool, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
                                   "--id=0"], capture_output=True, text=True)
             if out.returncode == 0 and out.stdout.strip().isdigit():
+                self.rows_then.append(self.rows_written())
                 self.samples.append(int(out.stdout.strip()))
 
     def __enter__(self):
@@ -230,9 +242,18 @@ class GpuUtilisation:
         if self.thread is not None:
             self.thread.join()
 
-    def summary(self) -> dict:
-        return {"median": float(np.median(self.samples)), "mean": round(float(np.mean(self.samples)), 1),
-                "samples": len(self.samples)}
+    def summary(self, steady_from: int | None = None, rows: int | None = None) -> dict:
+        """Median and mean of every sample, and of those taken while the stats file held at least
+        `steady_from` and fewer than `rows` rows (between the middle tick and the last: the window
+        bench train's img/s comes from)."""
+        out = {"median": float(np.median(self.samples)), "mean": round(float(np.mean(self.samples)), 1),
+               "samples": len(self.samples)}
+        if steady_from is not None and rows is not None:
+            steady = [u for u, n in zip(self.samples, self.rows_then) if steady_from <= n < rows]
+            if steady:
+                out.update({"steady_median": float(np.median(steady)), "steady_mean": round(float(np.mean(steady)), 1),
+                            "steady_samples": len(steady)})
+        return out
 
 
 def allreduce_ms(sizes: dict[str, int], procs: int = 2) -> dict:
