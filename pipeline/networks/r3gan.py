@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ConfigError
-from pipeline.networks.base import Network, separable_filter, projection, resolution_plan, scaled
+from pipeline.networks.base import Network, projection, resolution_plan, scaled, separable_filter
 
 RESOLUTIONS = (28, 32, 64, 128, 256)
 Z_DIM = 64                          # noise numbers; a conditional G's class embedding has as many

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import ConfigError, SnapshotError
-from pipeline.networks.base import Network, separable_filter, resolution_plan, scaled
+from pipeline.networks.base import Network, resolution_plan, scaled, separable_filter
 
 RESOLUTIONS = (28, 32, 64, 128, 256, 512, 1024)
 Z_DIM = 512

@@ -335,7 +335,8 @@ class AdaptiveAugment:
     # Augment ------------------------------------------------------------------------------------
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Augment a batch of NCHW images; `x` itself when p == 0 (no work, no random draws)."""
+        """Augment a batch of NCHW images; `x` itself (no work, no random draws) while p is 0 and,
+        for an adaptive p, no update has run yet."""
         p = self._p_dev if self._p_dev is not None else self._p
         if not (self._engaged or self._p > 0.0) or x.dim() != 4:
             return x
