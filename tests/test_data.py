@@ -7,7 +7,7 @@ import io
 import json
 import os
 import tarfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -393,6 +393,26 @@ def test_in_memory_cache_replays_passes_exactly(small_dir):
     (plain, plain_counts), (cached, cached_counts) = runs
     assert all(torch.equal(a, b) for a, b in zip(plain, cached))
     assert plain_counts == cached_counts and plain_counts["undecodable"] >= 2
+
+
+def test_in_memory_cache_decodes_each_sample_once(small_dir, monkeypatch):
+    # The cache is keyed by (shard, part, parts): later passes must not decode again (a sample's
+    # own key once took that name, so every pass missed and the cache filled with dead entries).
+    from pipeline.data import shards as shards_module
+    decoded = Counter()
+    real = shards_module.decode_image
+
+    def counting(*args, **kwargs):
+        decoded["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards_module, "decode_image", counting)
+    for cache_mb, expected in ((64, 80), (0, 280)):
+        decoded.clear()
+        ld = loader(small_dir, batch_size=8, shuffle_buffer=0, cache_mb=cache_mb)
+        for _ in range(35):                 # 280 samples: 3.5 epochs of 80
+            ld.next()
+        assert decoded["n"] == expected, cache_mb
 
 
 def test_cifar10_source_reads_the_standard_batches_folder(tmp_path):

@@ -347,14 +347,14 @@ class ShardStreamDataset(IterableDataset):
         stream = None
         try:
             stream = self.shards.open(shard)
-            for index, key, image, label, bad in read_samples(
+            for index, sample_key, image, label, bad in read_samples(
                     stream, url, channels=self.shards.channels, resolution=self.shards.resolution,
                     num_classes=self.shards.num_classes, require_label=self.require_labels,
                     select=lambda i: i >= start and i % parts == part):
                 kind = bad.kind if bad is not None else None
                 if kind is not None:
                     counts[kind] += 1
-                    self.first_bad.setdefault(shard, bad_sample(key, bad))
+                    self.first_bad.setdefault(shard, bad_sample(sample_key, bad))
                 if record:
                     entries.append((index, image, label, kind))
                 yield index, image, label
