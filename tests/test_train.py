@@ -132,20 +132,26 @@ def test_two_processes_stay_in_sync_with_r1_and_batchnorm(tmp_path, mnist_dir, r
            "--main_process_port", port, "-m", "pipeline", "train", "--config", "configs/mnist_dcgan.yaml", "--run-dir", str(run),
            f"data.path={mnist_dir}", *TINY, "data.num_workers=1", "train.total_kimg=0.256", "train.tick_kimg=0.128",
            "loss.penalties=[{name: r1, weight: 1}]", f"train.reuse_fakes={str(reuse).lower()}"]
+    if not reuse:      # adaptive ADA: r_t all-reduced, p moving on each rank's device in step
+        cmd += ["augment.ada_groups=blit,geom,color", "augment.ada_target=0.01", "augment.ada_speed_kimg=0.5",
+                "augment.ada_interval=1"]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stats = rows(run)
     assert all(r["world_size"] == 2 for r in stats) and "Loss/D/r1" in stats[-1]
     assert "batch 16 = 2 x 1 x 8" in proc.stdout
     ckpt = list_checkpoints(run)[-1]
-    d0 = torch.load(ckpt / "rank-0000.pt", weights_only=True)["param_digest"]
-    d1 = torch.load(ckpt / "rank-0001.pt", weights_only=True)["param_digest"]
+    r0 = torch.load(ckpt / "rank-0000.pt", weights_only=True)
+    r1 = torch.load(ckpt / "rank-0001.pt", weights_only=True)
     for net in ("G", "D"):
-        assert torch.equal(d0[net], d1[net]), f"{net} differs between ranks"
+        assert torch.equal(r0["param_digest"][net], r1["param_digest"][net]), f"{net} differs between ranks"
+    if not reuse:
+        assert r0["ada_p"] == r1["ada_p"] == stats[-1]["Augment/p"]
+        assert r0["ada_p"] > 0 and "ADA p" in proc.stdout
+    else:
+        assert "ada_p" not in r0
     # the ranks read different data: their loader streams are distinct
-    l0 = torch.load(ckpt / "rank-0000.pt", weights_only=True)["loader"]["streams"]
-    l1 = torch.load(ckpt / "rank-0001.pt", weights_only=True)["loader"]["streams"]
-    assert set(l0).isdisjoint(l1)
+    assert set(r0["loader"]["streams"]).isdisjoint(r1["loader"]["streams"])
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -104,9 +104,12 @@ class TrainState:
             unwrap(self.D).load_state_dict(weights["D"])
 
     def rank_state_dict(self, loader, device: torch.device) -> dict:
-        """What each rank writes: its RNG states, its loader position and a digest of its replicas."""
+        """What each rank writes: its RNG states, its loader position, a digest of its replicas and
+        (with adaptive ADA) its p, which every rank must agree on."""
         state = {"torch_cpu": torch.get_rng_state(), "loader": loader.state_dict(),
                  "param_digest": {name: dist.param_digest(net) for name, net in self.networks.items()}}
+        if self.phases.ada is not None:
+            state["ada_p"] = self.phases.ada.p
         if device.type == "cuda":
             state["torch_cuda"] = torch.cuda.get_rng_state(device)
         return state
