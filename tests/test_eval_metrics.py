@@ -379,6 +379,45 @@ def test_compare_plots_runs_and_refuses_to_mix_protocols(tmp_path, mnist_dir, mn
     assert code == 2 and "does not exist" in err
 
 
+def _fid_record(kimg: int, value: float, *, split: str = "train", labels: str = "none",
+                weights: list[int] | None = None) -> dict:
+    rec = {"name": "fid_mnist", "metric": "fid", "value": value, "snapshot": f"snapshot-{kimg * 1000:09d}",
+           "snapshot_sha256": f"sha-{kimg}", "cur_nimg": kimg * 1000, "kimg": kimg, "extractor": "mnist",
+           "extractor_sha256": "e", "resize": "clean28", "num_gen": 5000, "seed": 0, "seeding": "seed-index-v1",
+           "psi": 1.0, "cutoff": None, "weights": "ema", "labels": labels,
+           "reference": {"data": "d", "split": split, "num": 4000 if split == "train" else 1000,
+                         "manifest_sha256": "m"}}
+    return {**rec, "label_weights": weights} if weights is not None else rec
+
+
+def test_compare_puts_unconditional_and_conditional_runs_side_by_side(tmp_path):
+    """An unconditional G made no choice of classes: its scores compare with a conditional G's,
+    whichever classes that one drew; two conditional runs must have drawn alike. A one-off score
+    under another protocol (a test-split eval) does not take the run's main one's place."""
+    from pipeline import generate
+    from pipeline.metrics.compare import comparable_series
+    from pipeline.metrics.records import append_records, protocol_key, record_main_protocol
+
+    data = dict(labels="data (drawn per image from the class weights of split 'train')", weights=[3, 1])
+    runs = {"uncond": [_fid_record(20, 2.0), _fid_record(40, 1.5)],
+            "cond": [_fid_record(20, 1.0, **data), _fid_record(40, 0.4, **data)],
+            "uniform": [_fid_record(20, 1.1, labels=generate.BALANCED), _fid_record(40, 0.5, labels=generate.BALANCED)]}
+    for name, recs in runs.items():
+        (tmp_path / name).mkdir()
+        append_records(tmp_path / name, recs)
+        record_main_protocol(tmp_path / name, {"fid_mnist": protocol_key(recs[-1])}, {}, by="eval --all")
+    append_records(tmp_path / "cond", [_fid_record(40, 0.6, split="test", **data)])   # newest, not the main
+    u, c, k = (tmp_path / n for n in runs)
+    for order in ([u, c], [c, u], [u, k], [k, u]):
+        name, series = comparable_series(order, "fid")
+        assert name == "fid_mnist"
+        for run in order:
+            assert [r["value"] for r in series[run]] == [r["value"] for r in runs[run.name]]
+    for order in ([c, k], [u, c, k]):
+        with pytest.raises(UserError, match=r"different protocols \(labels data .* vs None\)"):
+            comparable_series(order, "fid")
+
+
 def test_compare_gives_each_of_many_runs_its_own_colour(tmp_path, monkeypatch):
     """Past matplotlib's 10-colour cycle (11 runs in docs/demo-candidates.png), tab20: no two lines share a colour."""
     pytest.importorskip("matplotlib")

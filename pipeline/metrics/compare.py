@@ -7,7 +7,9 @@ Reads every RUN/metrics.jsonl (written by `ganpipe eval` / `ganpipe watch`). Sco
 comparable under one protocol (extractor and its weights, resize, N generated, seed, truncation,
 how the generated classes were chosen, reference split/N/manifest, k and sample sizes): per metric,
 the runs must share one, else the command stops and names the fields that differ. Where a run was
-scored under several, the newest protocol that every run has is used. `--metric` takes record
+scored under several, the first run's main protocol (`ganpipe eval --all`'s) is used when every run
+has it, else its newest one that every run has; an unconditional G's scores compare with a
+conditional one's whatever classes it was given. `--metric` takes record
 metrics (fid, kid, precision, recall, density, coverage, is) or full names (fid_inception);
 `--extractor` picks one extractor's scores when runs hold several. Prints one table per metric (best snapshot of each run: lowest FID/KID,
 highest precision/recall/density/coverage/IS) and writes the figure: one panel per metric, one
@@ -20,8 +22,8 @@ import argparse
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.metrics.records import (METRIC_PROTOCOL, HIGHER_IS_BETTER, best_of, labels_key, protocol_key,
-                                      read_records)
+from pipeline.metrics.records import (METRIC_PROTOCOL, HIGHER_IS_BETTER, best_of, labels_key, main_protocol,
+                                      protocol_key, read_records)
 from pipeline.rundir import RunDir
 
 # Names of protocol_key's fields, for saying what differs.
@@ -42,8 +44,30 @@ def _select(records: list[dict], metric: str, extractor: str | None) -> list[dic
     return [r for r in out if r["extractor"] == extractor] if extractor else out
 
 
+def _split_key(rec: dict) -> tuple[tuple, str | None]:
+    """(protocol key without the labels part, the labels part): "*" for an unconditional G's score,
+    which matches any choice of classes (it made none), else `labels_key` (None: i % num_classes)."""
+    key = protocol_key(rec)
+    base = key[:len(KEY_FIELDS)]
+    return base, "*" if rec.get("labels") == "none" else labels_key(rec)
+
+
+def _shared_labels(per_run: list[set]) -> set | None:
+    """The labels parts every conditional run holds (unconditional runs hold "*"); None if none is shared."""
+    conditional = [labels for labels in per_run if "*" not in labels]
+    if not conditional:
+        return {"*"}
+    shared = set.intersection(*conditional)
+    return shared or None
+
+
 def comparable_series(runs: list[Path], metric: str, extractor: str | None = None) -> tuple[str, dict[Path, list[dict]]]:
-    """(metric name, per run the records of one shared protocol, one per snapshot, by kimg)."""
+    """(metric name, per run the records of one shared protocol, one per snapshot, by kimg).
+
+    The protocol is the first run's main one (`ganpipe eval --all`) where every run has it, else
+    the newest of the first run's that every run has. An unconditional run's scores compare with
+    a conditional run's under any choice of classes; two conditional runs must have chosen alike.
+    """
     chosen: dict[Path, list[dict]] = {}
     for run in runs:
         recs = _select(read_records(run), metric, extractor)
@@ -57,21 +81,38 @@ def comparable_series(runs: list[Path], metric: str, extractor: str | None = Non
         raise UserError(f"'{metric}' names several scores ({', '.join(names)}): pick one extractor with "
                         "--extractor NAME, or give the full name (e.g. --metric "
                         f"{names[0]})")
-    keys = [{protocol_key(r) for r in recs} for recs in chosen.values()]
-    common = set.intersection(*keys)
     first = runs[0]
-    if not common:
-        newest = {run: recs[-1] for run, recs in chosen.items()}
-        other = next(run for run in runs[1:] if protocol_key(newest[run]) not in keys[0])
-        raise UserError(f"{names[0]} of {first} and {other} were scored under different protocols "
-                        f"({_differences(newest[first], newest[other])}); scores are only comparable under one: "
-                        f"score both alike (`ganpipe eval --all` with the same --extractor, --num-gen, --seed, ...)")
-    key = next(protocol_key(r) for r in reversed(chosen[first]) if protocol_key(r) in common)
-    series = {}
-    for run, recs in chosen.items():
-        per_snapshot = {r["snapshot_sha256"]: r for r in recs if protocol_key(r) == key}
-        series[run] = sorted(per_snapshot.values(), key=lambda r: r["cur_nimg"])
-    return names[0], series
+    main_key = main_protocol(first).get(names[0])
+    candidates = [r for r in chosen[first] if protocol_key(r) == main_key] + list(reversed(chosen[first]))
+    for candidate in candidates:
+        base = _split_key(candidate)[0]
+        per_run = [{labels for b, labels in map(_split_key, recs) if b == base} for recs in chosen.values()]
+        if not all(per_run):
+            continue
+        shared = _shared_labels(per_run)
+        if shared is None:
+            continue
+        mine = _split_key(candidate)[1]
+        want = mine if mine in shared else sorted(shared, key=str)[0]
+        series = {}
+        for run, recs in chosen.items():
+            per_snapshot = {r["snapshot_sha256"]: r for r in recs
+                            if _split_key(r)[0] == base and _split_key(r)[1] in (want, "*")}
+            series[run] = sorted(per_snapshot.values(), key=lambda r: r["cur_nimg"])
+        return names[0], series
+    # Say what differs between each run's main (else newest) protocol and the first run's.
+    shown = {run: next((r for r in reversed(recs) if protocol_key(r) == main_protocol(run).get(names[0])), recs[-1])
+             for run, recs in chosen.items()}
+    a, b = first, next((run for run in runs[1:] if _split_key(shown[run])[0] != _split_key(shown[first])[0]), None)
+    if b is None:       # the same protocol but for the classes: name two conditional runs that differ
+        conditional = [run for run in runs if _split_key(shown[run])[1] != "*"] or runs
+        a = conditional[0]
+        b = next((run for run in conditional[1:] if _split_key(shown[run])[1] != _split_key(shown[a])[1]),
+                 conditional[-1])
+    raise UserError(f"{names[0]} of {a} and {b} were scored under different protocols "
+                    f"({_differences(shown[a], shown[b])}); scores are only "
+                    "comparable under one: score both alike (`ganpipe eval --all` with the same --extractor, "
+                    "--num-gen, --seed, --labels, ...)")
 
 
 def describe(rec: dict) -> str:
