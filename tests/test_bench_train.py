@@ -86,3 +86,16 @@ def test_gpu_utilisation_keeps_the_steady_windows_samples(tmp_path):
     out = util.summary(steady_from=5 // 2 + 1, rows=5)
     assert out["median"] == 5.0 and out["steady_median"] == 92.0 and out["steady_samples"] == 3
     assert "steady_median" not in util.summary()
+
+
+def test_the_bare_loop_runs_the_demos_conditional_networks(mnist_dir):
+    # The demo is class-conditional: its bare loop builds G and D with the data's classes and feeds
+    # them the real batch's labels (a conditional D refuses a batch without them).
+    from conftest import REPO
+
+    tiny = ["model.g_width=0.125", "model.d_width=0.125", "data.batch_size=16"]
+    config = str(REPO / "configs" / "mnist_rpgan.yaml")
+    cond = bench_train.bare_rate(config, mnist_dir, tiny, kimg=0.064, threads=1)
+    plain = bench_train.bare_rate(config, mnist_dir, [*tiny, "model.conditional=false"], kimg=0.064, threads=1)
+    assert cond["images_per_s"] > 0 and cond["steps"] == 2
+    assert cond["params"]["G"] > plain["params"]["G"] and cond["params"]["D"] > plain["params"]["D"]

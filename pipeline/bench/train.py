@@ -72,8 +72,8 @@ CASES = {
                       "published": {"s_per_kimg": 12.53, "what": "StyleGAN2 at 256 px on one A100, with path length "
                                     "(the figure issue 15 cites); stylegan2-ada-pytorch's README: 21.6-24.2 s/kimg "
                                     "on one V100"}},
-    # The demo recipe (configs/mnist_rpgan.yaml: RpGAN + R1 + R2, gamma 1.0, lazy every 4 D steps) with
-    # its exact penalties and with the finite-difference ones (`approximate`, no double backward),
+    # The demo recipe (configs/mnist_rpgan.yaml: class-conditional, RpGAN + R1 + R2, gamma 1.0, lazy
+    # every 4 D steps) with its exact penalties and with the finite-difference ones (`approximate`, no double backward),
     # trainer and bare loop alike: `--cases rpgan-mnist rpgan-mnist-approx`.
     "rpgan-mnist": {"config": "configs/mnist_rpgan.yaml", "data": "mnist", "overrides": []},
     "rpgan-mnist-approx": {"config": "configs/mnist_rpgan.yaml", "data": "mnist", "overrides": [
@@ -288,8 +288,12 @@ def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, thread
     raw = StreamLoader(shards, batch_size=min(2048, sum(n or 0 for n in shards.num_samples) or 2048), seed=0, rank=0, world_size=1,
                        shuffle_buffer=0).next_raw()
     reals = torch.from_numpy(raw["images"]).to(dev).float().div_(127.5).sub_(1)
+    # A conditional config (the demo's): G and D take the real batch's labels, as the trainer's
+    # default train.gen_labels=data draws them in the data's proportions.
+    num_classes = shards.num_classes if cfg.model.conditional else 0
+    classes = torch.from_numpy(raw["labels"]).to(dev) if num_classes else None
     torch.manual_seed(0)
-    G, D = build_networks(cfg.model, resolution=shards.resolution, channels=shards.channels, num_classes=0)
+    G, D = build_networks(cfg.model, resolution=shards.resolution, channels=shards.channels, num_classes=num_classes)
     G, D = G.to(dev), D.to(dev)
     loss_fn = build_loss(cfg.loss)
     penalties = [p for p in build_penalties(cfg.loss) if p.side == "D"]    # the bare loop has no G regulariser
@@ -310,28 +314,33 @@ def bare_rate(config: str, data: Path, overrides: list[str], kimg: float, thread
         scaler.step(opt)
         scaler.update()
 
+    def draw() -> tuple[torch.Tensor, torch.Tensor | None]:
+        index = torch.randint(len(reals), (b,), device=dev)
+        return reals[index], (classes[index] if classes is not None else None)
+
     def one_step() -> None:
         for _ in range(cfg.train.n_critic):
-            real = reals[torch.randint(len(reals), (b,), device=dev)]
+            real, labels = draw()
             with torch.no_grad(), autocast():
-                fake = G(torch.randn(b, G.z_dim, device=dev))
+                fake = G(torch.randn(b, G.z_dim, device=dev), labels)
             with autocast():
-                loss = loss_fn.d_loss(D(real).float(), D(fake).float())
+                loss = loss_fn.d_loss(D(real, labels).float(), D(fake, labels).float())
                 for penalty in every_step:
-                    loss = loss + penalty(D, real, fake, scaler=scale_D)[0]
+                    loss = loss + penalty(D, real, fake, labels, scaler=scale_D)[0]
             update(opt_D, scale_D, loss)
             for penalty in lazy:
                 if d_steps[0] % penalty.interval == 0:
                     with autocast():
-                        pen, _ = penalty(D, real, fake, scaler=scale_D)
+                        pen, _ = penalty(D, real, fake, labels, scaler=scale_D)
                     update(opt_D, scale_D, pen)
             d_steps[0] += 1
+        real, labels = draw()
         with autocast():
             real_logits = None
             if loss_fn.relativistic:
                 with torch.no_grad():
-                    real_logits = D(reals[torch.randint(len(reals), (b,), device=dev)]).float()
-            g_loss = loss_fn.g_loss(D(G(torch.randn(b, G.z_dim, device=dev))).float(), real_logits)
+                    real_logits = D(real, labels).float()
+            g_loss = loss_fn.g_loss(D(G(torch.randn(b, G.z_dim, device=dev), labels), labels).float(), real_logits)
         update(opt_G, scale_G, g_loss)
 
     for _ in range(3):
