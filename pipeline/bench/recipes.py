@@ -1,8 +1,8 @@
 """Training recipes side by side under one protocol: which config trains the better generator
 for the same images shown to D, on the bundled MNIST.
 
-    ganpipe bench recipes                                  # mnist_dcgan vs mnist_rpgan, 40 kimg each
-    ganpipe bench recipes --configs configs/mnist_dcgan.yaml configs/mnist_rpgan.yaml --kimg 100
+    ganpipe bench recipes                                  # mnist_dcgan vs mnist_rpgan, 200 kimg each
+    ganpipe bench recipes --configs configs/mnist_dcgan.yaml configs/mnist_rpgan.yaml --kimg 40
 
 Each config trains through the real `ganpipe train` (the same data, seed and kimg, every
 intermediate snapshot kept), then `ganpipe eval --all` scores every snapshot with the project's
