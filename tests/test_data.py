@@ -415,6 +415,30 @@ def test_in_memory_cache_decodes_each_sample_once(small_dir, monkeypatch):
         assert decoded["n"] == expected, cache_mb
 
 
+def test_in_memory_cache_holds_in_worker_processes(small_dir, monkeypatch, tmp_path):
+    # Loader workers on (a GPU run's default): each worker keeps its own cache, so a sample is
+    # decoded at most once per worker. Forked workers count into a file (one byte per decode).
+    from pipeline.data import shards as shards_module
+    real = shards_module.decode_image
+    tally = tmp_path / "decodes"
+
+    def counting(*args, **kwargs):
+        with open(tally, "ab") as f:
+            f.write(b".")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards_module, "decode_image", counting)
+    counts = {}
+    for cache_mb in (64, 0):
+        tally.write_bytes(b"")
+        ld = loader(small_dir, batch_size=8, shuffle_buffer=0, cache_mb=cache_mb, num_workers=2)
+        for _ in range(35):                 # 280 samples: 3.5 epochs of 80
+            ld.next()
+        ld.close()
+        counts[cache_mb] = tally.stat().st_size
+    assert counts[0] >= 280 and counts[64] <= 2 * 80, counts
+
+
 def test_cifar10_source_reads_the_standard_batches_folder(tmp_path):
     import pickle
 

@@ -73,8 +73,8 @@ CASES = {
                                     "(the figure issue 15 cites); stylegan2-ada-pytorch's README: 21.6-24.2 s/kimg "
                                     "on one V100"}},
     # The demo recipe (configs/mnist_rpgan.yaml: class-conditional, RpGAN + R1 + R2, gamma 1.0, lazy
-    # every 4 D steps) with its exact penalties and with the finite-difference ones (`approximate`, no double backward),
-    # trainer and bare loop alike: `--cases rpgan-mnist rpgan-mnist-approx`.
+    # every 4 D steps) with its exact penalties and with the finite-difference ones (`approximate`,
+    # no double backward), trainer and bare loop alike: `--cases rpgan-mnist rpgan-mnist-approx`.
     "rpgan-mnist": {"config": "configs/mnist_rpgan.yaml", "data": "mnist", "overrides": []},
     "rpgan-mnist-approx": {"config": "configs/mnist_rpgan.yaml", "data": "mnist", "overrides": [
         "loss.penalties=[{name: r1, weight: 1.0, interval: 4, schedule: {kind: cosine, end: 0.1}, approximate: true}, "

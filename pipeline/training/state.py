@@ -105,7 +105,7 @@ class TrainState:
 
     def rank_state_dict(self, loader, device: torch.device) -> dict:
         """What each rank writes: its RNG states, its loader position, a digest of its replicas and
-        (with adaptive ADA) its p, which every rank must agree on."""
+        (with ADA) its p, which every rank must agree on (adaptive p is all-reduced)."""
         state = {"torch_cpu": torch.get_rng_state(), "loader": loader.state_dict(),
                  "param_digest": {name: dist.param_digest(net) for name, net in self.networks.items()}}
         if self.phases.ada is not None:
