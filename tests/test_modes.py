@@ -43,6 +43,21 @@ def test_kl_and_summary_against_hand_formula():
     one[123] = 50
     s = summary(one)
     assert s["modes"] == 1 and math.isclose(s["kl_to_uniform"], math.log(1000), abs_tol=1e-4) and s["max_share"] == 1
+    # A single mode is all favouritism: each channel always shows one digit (log 10 each), and
+    # the channels, being constant, carry no dependence.
+    assert all(math.isclose(k, math.log(10), abs_tol=1e-4) for k in s["channel_kl"])
+    assert math.isclose(s["dependence_kl"], 0.0, abs_tol=1e-3)
+    # Even digits in every channel, but blue always repeats red: all the KL is dependence, log 10.
+    tied = np.zeros((10, 10, 10), dtype=np.int64)
+    for r in range(10):
+        tied[r, :, r] = 3
+    s = summary(tied.reshape(-1))
+    assert s["channel_kl"] == [0.0, 0.0, 0.0] and math.isclose(s["dependence_kl"], math.log(10), abs_tol=1e-4)
+    # Red favours digit 0 (half the images), independently of green and blue: all of it is red's.
+    red = np.array([9] + [1] * 9, dtype=np.int64)
+    s = summary((red[:, None, None] * np.ones((1, 10, 10), dtype=np.int64)).reshape(-1))
+    assert s["channel_kl"][0] > 0.3 and s["channel_kl"][1:] == [0.0, 0.0] and abs(s["dependence_kl"]) < 1e-4
+    assert math.isclose(s["kl_to_uniform"], kl_to_uniform(red), abs_tol=1e-4)
 
 
 class _OneImage(torch.nn.Module):
