@@ -105,6 +105,9 @@ def check(cfg: Config, world_size: int | None = None) -> None:
     if cfg.model.spectral_norm and cfg.model.name in NO_SPECTRAL_NORM:
         raise ConfigError(f"model.spectral_norm: {NO_SPECTRAL_NORM[cfg.model.name]}; leave it unset or choose "
                           "model.name=resnet")
+    if cfg.model.d_head and cfg.model.name != "dcgan":
+        raise ConfigError(f"model.d_head={cfg.model.d_head}: only model.name=dcgan offers a hidden head in D "
+                          f"(the {cfg.model.name} D has its own design); set model.d_head=0")
     if cfg.model.d_norm != "none":
         if cfg.model.name != "dcgan":
             raise ConfigError(f"model.d_norm={cfg.model.d_norm}: only model.name=dcgan offers D normalisation "

@@ -70,6 +70,7 @@ class ModelConfig:
     conditional: bool = opt(False)      # class-conditional G and D; needs labelled data
     spectral_norm: bool | None = opt(None)  # spectral norm in D, and in G for biggan (null = family default: on for resnet and biggan only)
     d_norm: str = opt("none", choices=("none", "batch"))  # dcgan: normalisation of D's layers (batch: BatchNorm after every conv but the first, as Radford et al.; refused with r1, r2, wgan-gp)
+    d_head: int = opt(0, min=0, max=65536)  # dcgan: hidden units of a fully connected LeakyReLU layer between D's last feature map and its logit (0 = the paper's single linear read-out)
     blocks_per_stage: int = opt(0, min=0, max=64)  # r3gan: residual blocks at each side in G and in D (0 = family default: 2)
     expansion: int = opt(0, min=0, max=64)         # r3gan: a residual block's hidden maps per input map (0 = family default: 2)
     group_width: int = opt(0, min=0, max=65536)    # r3gan: maps per group of the grouped 3x3 conv (0 = family default: 16)

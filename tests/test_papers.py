@@ -234,12 +234,35 @@ def test_a_batchnorm_d_refuses_per_sample_penalties_naming_both_keys(penalty):
         from_dict({}, ["model.name=resnet", "model.d_norm=batch"])
 
 
+def test_dcgan_d_head_reads_the_whole_map_nonlinearly_and_keeps_samples_apart():
+    _, paper = tiny_networks(tiny_cfg())
+    assert paper.head is None and isinstance(paper.out, nn.Conv2d)        # the paper's linear read-out
+    _, D = tiny_networks(tiny_cfg("model.d_head=16"))
+    flat, linear, act = D.head
+    assert isinstance(linear, nn.Linear) and linear.out_features == 16 and isinstance(act, nn.LeakyReLU)
+    assert linear.in_features == paper.out.in_channels * paper.out.kernel_size[0] ** 2  # the whole last map
+    x = torch.randn(6, 1, 28, 28)
+    out = D(x)
+    assert out.shape == (6,) and not D.mixes_batch
+    torch.testing.assert_close(D(x[:2]), out[:2])          # one sample's logit is its own: R1 and R2 stay per-sample
+    # A conditional D projects the label onto the head's units.
+    torch.manual_seed(0)
+    _, C = build_networks(tiny_cfg("model.d_head=16", "model.conditional=true").model, resolution=28, channels=1,
+                          num_classes=10)
+    assert C.embed.embedding_dim == 16
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    h = C.head(C.features(x))
+    torch.testing.assert_close(C(x, labels), C.out(h).flatten() + (C.embed(labels) * h).sum(1))
+    with pytest.raises(ConfigError, match="model.d_head.*dcgan"):
+        from_dict({}, ["model.name=resnet", "model.d_head=16"])
+
+
 def test_the_dcgan_paper_configs_use_the_papers_d():
     for name in ("cifar10_dcgan", "stackedmnist_dcgan"):
         assert load_config(f"configs/{name}.yaml").model.d_norm == "batch", name
     for name in ("mnist_dcgan", "mnist_rpgan", "stackedmnist_rpgan", "cifar10_wgan_gp"):
         assert load_config(f"configs/{name}.yaml").model.d_norm == "none", name
-    assert Config().model.d_norm == "none"
+    assert Config().model.d_norm == "none" and Config().model.d_head == 0
 
 
 # ------------------------------------------------------------------------------------------------
